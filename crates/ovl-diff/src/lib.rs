@@ -1,0 +1,1 @@
+//! ovl-diff: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+//! ovl-import: placeholder until its issue lands.

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("ovl-import: not implemented yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,1 @@
+//! ovl-mount: placeholder until its issue lands.

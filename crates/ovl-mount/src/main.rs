@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("ovl-mount: not implemented yet");
+    std::process::exit(2);
+}

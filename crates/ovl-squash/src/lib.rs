@@ -1,0 +1,1 @@
+//! ovl-squash: placeholder until its issue lands.
