@@ -1,1 +1,13 @@
-//! ovl-layer
+//! ovl-layer: the shared core of the ovl tools.
+//!
+//! The data model lives here once: what a whiteout or an opaque directory is in every form
+//! ([`whiteout`]), how names are normalised ([`path`]) and confined to a root ([`root`]), how
+//! ids are mapped for rootless use ([`idmap`], [`userns`]), and how layer tar streams are read
+//! and written ([`compress`], [`extract`]).
+
+pub mod idmap;
+pub mod path;
+pub mod root;
+pub mod userns;
+pub mod whiteout;
+pub mod xattrs;

@@ -1,0 +1,281 @@
+//! A directory root that every write is confined to.
+//!
+//! Owns path safety for all tools: a [`Root`] holds a directory fd, and every path inside it is
+//! resolved from that fd with `openat2(RESOLVE_IN_ROOT)`, so a symlink (relative, absolute,
+//! chained) or a `..` can never lead out of the root, and a path is never re-resolved by name
+//! from `/` (no check-then-use race). The last component of a path is only ever touched with
+//! `*at` calls that do not follow it ([`Leaf`]).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timestamps};
+
+use crate::path::{LayerPath, display_bytes};
+
+const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
+
+/// A directory that paths are resolved in, never out of.
+#[derive(Debug)]
+pub struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Root {
+    /// Open an existing directory as a root. `path` itself may be reached through symlinks: it
+    /// is the caller's choice; what is below it is confined.
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let fd = rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| with_path(e.into(), "open", path))?;
+        Ok(Root { fd, path: path.to_path_buf() })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The host path of `p` for messages (never used to open anything).
+    pub fn display(&self, p: &LayerPath) -> String {
+        if p.is_root() {
+            self.path.display().to_string()
+        } else {
+            format!("{}/{}", self.path.display(), p)
+        }
+    }
+
+    /// Open directory `p` (an `O_PATH` fd), resolved inside the root. With `create`, missing
+    /// directories are made (mode 0755, owned by the caller) on the way, as tar does.
+    pub fn open_dir(&self, p: &LayerPath, create: bool) -> io::Result<OwnedFd> {
+        match self.openat2_dir(p.as_bytes()) {
+            Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => self.create_dirs(p),
+            r => r,
+        }
+    }
+
+    fn openat2_dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
+        rustix::fs::openat2(
+            &self.fd,
+            std::ffi::OsStr::from_bytes(rel),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn create_dirs(&self, p: &LayerPath) -> io::Result<OwnedFd> {
+        let mut cur = self.openat2_dir(b"")?;
+        let mut prefix = LayerPath::root();
+        for comp in p.components() {
+            prefix = prefix.join(comp);
+            cur = match self.openat2_dir(prefix.as_bytes()) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    match rustix::fs::mkdirat(&cur, std::ffi::OsStr::from_bytes(comp), Mode::from_raw_mode(0o755)) {
+                        Ok(()) => {}
+                        Err(rustix::io::Errno::EXIST) => {
+                            // Something is there yet does not resolve: a dangling symlink.
+                            return Err(io::Error::other(format!(
+                                "{} is a symlink that leads nowhere inside the root",
+                                prefix
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    self.openat2_dir(prefix.as_bytes())?
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    return Err(io::Error::other(format!("{prefix} is not a directory")));
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// The parent directory of `p` (resolved inside the root) and `p`'s last component.
+    /// The root itself has no leaf.
+    pub fn leaf(&self, p: &LayerPath, create_parents: bool) -> io::Result<Leaf> {
+        let (parent, name) = p
+            .split_last()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root has no parent"))?;
+        let dir = self.open_dir(&parent, create_parents)?;
+        Leaf::new(dir, name)
+    }
+}
+
+/// One name in an open directory: every operation on it uses the directory fd and never
+/// follows the name if it is a symlink.
+#[derive(Debug)]
+pub struct Leaf {
+    pub dir: OwnedFd,
+    pub name: CString,
+}
+
+impl Leaf {
+    pub fn new(dir: OwnedFd, name: &[u8]) -> io::Result<Leaf> {
+        let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+        Ok(Leaf { dir, name })
+    }
+
+    pub fn name_bytes(&self) -> &[u8] {
+        self.name.as_bytes()
+    }
+
+    /// lstat; `None` when nothing is there.
+    pub fn stat(&self) -> io::Result<Option<Stat>> {
+        match rustix::fs::statat(&self.dir, self.name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A path that reaches this name through the directory fd without following the name
+    /// itself, for the calls that have no fd form (lsetxattr and friends on symlinks and
+    /// devices).
+    pub fn proc_path(&self) -> PathBuf {
+        let mut p = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        p.push(std::ffi::OsStr::from_bytes(self.name.as_bytes()));
+        p
+    }
+
+    /// Remove whatever is at this name (a directory with everything below it).
+    pub fn remove_all(&self) -> io::Result<()> {
+        match self.stat()? {
+            None => Ok(()),
+            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                remove_tree(&self.dir, self.name.as_c_str())
+            }
+            Some(_) => rustix::fs::unlinkat(&self.dir, self.name.as_c_str(), AtFlags::empty()).map_err(Into::into),
+        }
+    }
+
+    /// Open this name as a directory for reading (`O_NOFOLLOW`).
+    pub fn open_dir(&self) -> io::Result<OwnedFd> {
+        rustix::fs::openat(
+            &self.dir,
+            self.name.as_c_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(Into::into)
+    }
+
+    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        rustix::fs::chownat(
+            &self.dir,
+            self.name.as_c_str(),
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(Into::into)
+    }
+
+    /// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        rustix::fs::chmodat(&self.dir, self.name.as_c_str(), Mode::from_raw_mode(mode), AtFlags::empty())
+            .map_err(Into::into)
+    }
+
+    pub fn set_times(&self, times: &Timestamps) -> io::Result<()> {
+        rustix::fs::utimensat(&self.dir, self.name.as_c_str(), times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into)
+    }
+
+    pub fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
+        rustix::fs::lsetxattr(self.proc_path(), name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
+    }
+
+    pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
+        crate::xattrs::list_path(&self.proc_path())
+    }
+}
+
+/// Remove directory `name` in `dir` and everything below it, without following any symlink.
+pub fn remove_tree(dir: &impl AsFd, name: &std::ffi::CStr) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    empty_dir(&fd)?;
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)
+}
+
+/// Remove everything inside the directory open as `fd`.
+pub fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(fd)? {
+        let ent = ent?;
+        let n = ent.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            names.push((n.to_owned(), ent.file_type()));
+        }
+    }
+    for (n, ft) in names {
+        let is_dir = match ft {
+            FileType::Unknown => rustix::fs::statat(fd, n.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)?,
+            ft => ft == FileType::Directory,
+        };
+        if is_dir {
+            remove_tree(fd, &n)?;
+        } else {
+            rustix::fs::unlinkat(fd, n.as_c_str(), AtFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// An io error that names the path it happened on.
+pub fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_never_leave_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root_path = t.path().join("root");
+        std::fs::create_dir(&root_path).unwrap();
+        std::fs::create_dir(t.path().join("outside")).unwrap();
+        std::os::unix::fs::symlink("../..", root_path.join("rel")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("outside"), root_path.join("abs")).unwrap();
+        let root = Root::open(&root_path).unwrap();
+        // `rel` (../..) resolves to the root itself, never above it.
+        let leaf = root.leaf(&LayerPath::parse(b"rel/x").unwrap(), true).unwrap();
+        std::fs::write(leaf.proc_path(), b"hi").unwrap();
+        assert!(root_path.join("x").exists());
+        assert!(!t.path().join("outside/x").exists());
+        // `abs` points at a path that does not exist inside the root: refused, nothing made.
+        let err = root.leaf(&LayerPath::parse(b"abs/y").unwrap(), true).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(std::fs::read_dir(t.path().join("outside")).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn creates_parents_and_removes_trees() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let leaf = root.leaf(&LayerPath::parse(b"a/b/c").unwrap(), true).unwrap();
+        assert!(t.path().join("a/b").is_dir());
+        assert!(leaf.stat().unwrap().is_none());
+        std::fs::write(t.path().join("a/b/f"), b"x").unwrap();
+        root.leaf(&LayerPath::parse(b"a").unwrap(), false).unwrap().remove_all().unwrap();
+        assert!(!t.path().join("a").exists());
+    }
+}

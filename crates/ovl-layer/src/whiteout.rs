@@ -1,0 +1,261 @@
+//! Whiteouts and opaque directories: the OCI layer forms and the overlay upperdir forms.
+//!
+//! Owns every rule about markers so no tool re-derives them:
+//! - OCI names: `.wh.NAME` deletes NAME, `.wh..wh..opq` makes its directory opaque, and the
+//!   names `.wh.`, `.wh..`, `.wh...` are invalid.
+//! - overlay xattrs in the two namespaces (`trusted.overlay.*` as root, `user.overlay.*` for
+//!   rootless `userxattr` mounts), and the kernel's escaping of `overlay.*` xattrs that come from
+//!   outside (`trusted.overlay.X` is stored as `trusted.overlay.overlay.X`).
+//! - how an entry of an upperdir is classified: kernel 0/0 char device whiteouts, xattr
+//!   whiteouts (Linux >= 6.7), and fuse-overlayfs's `.wh.` files and `.wh..opq` devices.
+
+use std::borrow::Cow;
+
+/// Prefix of an OCI whiteout name.
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// The OCI opaque-directory marker (also written by fuse-overlayfs as a regular file).
+pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// fuse-overlayfs's second opaque marker, a 0/0 char device.
+pub const FUSE_OPAQUE_DEVICE: &[u8] = b".wh..opq";
+/// fuse-overlayfs's xattr on opaque directories when it runs rootless.
+pub const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
+/// Prefix of fuse-overlayfs's private xattrs.
+pub const FUSE_PRIVATE_PREFIX: &str = "user.fuseoverlayfs.";
+
+/// What a base name in an OCI layer tar means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OciName<'a> {
+    /// An ordinary entry.
+    Plain,
+    /// `.wh.NAME`: NAME is deleted.
+    Whiteout(&'a [u8]),
+    /// `.wh..wh..opq`: the containing directory is opaque.
+    Opaque,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid whiteout name {name:?}: it names no file to delete")]
+pub struct InvalidWhiteout {
+    pub name: String,
+}
+
+/// Classify the last component of a layer path.
+pub fn classify_oci_name(base: &[u8]) -> Result<OciName<'_>, InvalidWhiteout> {
+    if base == OPAQUE_MARKER {
+        return Ok(OciName::Opaque);
+    }
+    match base.strip_prefix(WH_PREFIX) {
+        None => Ok(OciName::Plain),
+        Some(b"" | b"." | b"..") => Err(InvalidWhiteout { name: String::from_utf8_lossy(base).into_owned() }),
+        Some(target) if target.contains(&b'/') => {
+            Err(InvalidWhiteout { name: String::from_utf8_lossy(base).into_owned() })
+        }
+        Some(target) => Ok(OciName::Whiteout(target)),
+    }
+}
+
+/// The OCI whiteout name for `name`.
+pub fn whiteout_name(name: &[u8]) -> Vec<u8> {
+    [WH_PREFIX, name].concat()
+}
+
+/// Which xattr namespace the overlay markers live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrNs {
+    /// `trusted.overlay.*`: a kernel mount made by real root.
+    Trusted,
+    /// `user.overlay.*`: a rootless kernel mount with `userxattr`.
+    User,
+}
+
+impl XattrNs {
+    pub const ALL: [XattrNs; 2] = [XattrNs::Trusted, XattrNs::User];
+
+    /// `trusted.overlay.` or `user.overlay.`
+    pub fn prefix(self) -> &'static str {
+        match self {
+            XattrNs::Trusted => "trusted.overlay.",
+            XattrNs::User => "user.overlay.",
+        }
+    }
+
+    /// The full name of overlay xattr `key` (e.g. `opaque`) in this namespace.
+    pub fn name(self, key: &str) -> String {
+        format!("{}{key}", self.prefix())
+    }
+
+    /// The namespace a process with these privileges must use: `trusted.*` needs CAP_SYS_ADMIN
+    /// in the initial user namespace.
+    pub fn for_current_process() -> Self {
+        if crate::userns::in_userns() || !rustix::process::geteuid().is_root() {
+            XattrNs::User
+        } else {
+            XattrNs::Trusted
+        }
+    }
+}
+
+/// The overlay xattr keys (after the namespace prefix) the kernel uses.
+pub mod key {
+    pub const OPAQUE: &str = "opaque";
+    pub const WHITEOUT: &str = "whiteout";
+    pub const REDIRECT: &str = "redirect";
+    pub const METACOPY: &str = "metacopy";
+    pub const ORIGIN: &str = "origin";
+}
+
+/// Value of `overlay.opaque` on a directory hidden from below.
+pub const OPAQUE_YES: &[u8] = b"y";
+/// Value of `overlay.opaque` on a directory that holds xattr whiteouts (not itself opaque).
+pub const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
+
+/// Escape an xattr that comes from outside so the kernel never reads it as an overlay marker:
+/// `trusted.overlay.X` -> `trusted.overlay.overlay.X` (same for `user.overlay.`).
+pub fn escape_xattr(name: &str) -> Cow<'_, str> {
+    for ns in XattrNs::ALL {
+        if let Some(rest) = name.strip_prefix(ns.prefix()) {
+            return Cow::Owned(format!("{}overlay.{rest}", ns.prefix()));
+        }
+    }
+    Cow::Borrowed(name)
+}
+
+/// What an xattr read from an upperdir becomes in a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpperXattr<'a> {
+    /// An overlay-private marker: never exported.
+    Private,
+    /// An ordinary xattr, possibly unescaped from `overlay.overlay.*`.
+    Keep(Cow<'a, str>),
+}
+
+/// Classify an xattr of an upperdir entry.
+pub fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
+    if name.starts_with(FUSE_PRIVATE_PREFIX) {
+        return UpperXattr::Private;
+    }
+    for ns in XattrNs::ALL {
+        if let Some(rest) = name.strip_prefix(ns.prefix()) {
+            return match rest.strip_prefix("overlay.") {
+                Some(orig) => UpperXattr::Keep(Cow::Owned(format!("{}{orig}", ns.prefix()))),
+                None => UpperXattr::Private,
+            };
+        }
+    }
+    UpperXattr::Keep(Cow::Borrowed(name))
+}
+
+/// The facts about one upperdir entry that decide what it means.
+#[derive(Clone, Copy)]
+pub struct UpperFacts<'a> {
+    pub name: &'a [u8],
+    pub is_char_device: bool,
+    pub is_regular: bool,
+    pub is_dir: bool,
+    pub rdev: u64,
+    pub size: u64,
+    /// Looks up an xattr of the entry by full name.
+    pub xattr: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+}
+
+/// What one upperdir entry means in the merged view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpperEntry {
+    /// An ordinary entry.
+    Plain,
+    /// This name is deleted (kernel 0/0 char device or xattr whiteout).
+    Whiteout,
+    /// A fuse-overlayfs `.wh.NAME` file: the sibling NAME is deleted.
+    WhiteoutOf(Vec<u8>),
+    /// A marker that makes its parent opaque and is not content itself.
+    OpaqueMarker,
+}
+
+/// Classify an upperdir entry. Decide this before hardlink tracking: kernel whiteouts share one
+/// inode.
+pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
+    if f.name == OPAQUE_MARKER && (f.is_regular || f.is_char_device) {
+        return UpperEntry::OpaqueMarker;
+    }
+    if f.name == FUSE_OPAQUE_DEVICE && f.is_char_device && f.rdev == 0 {
+        return UpperEntry::OpaqueMarker;
+    }
+    if f.is_char_device && f.rdev == 0 {
+        return UpperEntry::Whiteout;
+    }
+    if f.is_regular && f.size == 0 && XattrNs::ALL.iter().any(|ns| (f.xattr)(&ns.name(key::WHITEOUT)).is_some()) {
+        return UpperEntry::Whiteout;
+    }
+    if f.is_regular {
+        if let Some(target) = f.name.strip_prefix(WH_PREFIX) {
+            if !target.is_empty() && target != b"." && target != b".." {
+                return UpperEntry::WhiteoutOf(target.to_vec());
+            }
+        }
+    }
+    UpperEntry::Plain
+}
+
+/// True when an upperdir directory hides everything below it, judged by its own xattrs
+/// (`overlay.opaque=y` in either namespace, or fuse-overlayfs's rootless marker). A child
+/// [`UpperEntry::OpaqueMarker`] also makes it opaque: the caller sees those while listing.
+pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+    XattrNs::ALL.iter().any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
+        || (xattr)(FUSE_OPAQUE_XATTR).is_some_and(|v| v.first() == Some(&b'y') || v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oci_names() {
+        assert_eq!(classify_oci_name(b"foo"), Ok(OciName::Plain));
+        assert_eq!(classify_oci_name(b".wh.foo"), Ok(OciName::Whiteout(b"foo")));
+        assert_eq!(classify_oci_name(b".wh..wh..opq"), Ok(OciName::Opaque));
+        assert_eq!(classify_oci_name(b".wh..wh.foo"), Ok(OciName::Whiteout(b".wh.foo")));
+        for bad in [&b".wh."[..], b".wh..", b".wh..."] {
+            assert!(classify_oci_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_and_upper_xattrs() {
+        assert_eq!(escape_xattr("trusted.overlay.opaque"), "trusted.overlay.overlay.opaque");
+        assert_eq!(escape_xattr("user.overlay.x"), "user.overlay.overlay.x");
+        assert_eq!(escape_xattr("user.foo"), "user.foo");
+        assert_eq!(classify_upper_xattr("trusted.overlay.origin"), UpperXattr::Private);
+        assert_eq!(classify_upper_xattr("user.fuseoverlayfs.opaque"), UpperXattr::Private);
+        assert_eq!(
+            classify_upper_xattr("trusted.overlay.overlay.opaque"),
+            UpperXattr::Keep(Cow::Borrowed("trusted.overlay.opaque"))
+        );
+        assert_eq!(classify_upper_xattr("security.capability"), UpperXattr::Keep(Cow::Borrowed("security.capability")));
+    }
+
+    #[test]
+    fn upper_entries() {
+        let none = |_: &str| None;
+        let facts = |name: &'static [u8], chr: bool, reg: bool| UpperFacts {
+            name,
+            is_char_device: chr,
+            is_regular: reg,
+            is_dir: false,
+            rdev: 0,
+            size: 0,
+            xattr: &none,
+        };
+        assert_eq!(classify_upper(&facts(b"a", true, false)), UpperEntry::Whiteout);
+        assert_eq!(classify_upper(&facts(b".wh..opq", true, false)), UpperEntry::OpaqueMarker);
+        assert_eq!(classify_upper(&facts(b".wh..wh..opq", false, true)), UpperEntry::OpaqueMarker);
+        assert_eq!(classify_upper(&facts(b".wh.x", false, true)), UpperEntry::WhiteoutOf(b"x".to_vec()));
+        assert_eq!(classify_upper(&facts(b"x", false, true)), UpperEntry::Plain);
+        let wh = |n: &str| (n == "user.overlay.whiteout").then(Vec::new);
+        let f = UpperFacts { xattr: &wh, ..facts(b"x", false, true) };
+        assert_eq!(classify_upper(&f), UpperEntry::Whiteout);
+        let opq = |n: &str| (n == "trusted.overlay.opaque").then(|| b"y".to_vec());
+        assert!(dir_is_opaque(&opq));
+        let x = |n: &str| (n == "trusted.overlay.opaque").then(|| b"x".to_vec());
+        assert!(!dir_is_opaque(&x));
+    }
+}

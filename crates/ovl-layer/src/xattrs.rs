@@ -1,0 +1,52 @@
+//! Reading and writing extended attributes without following symlinks.
+//!
+//! Owns the xattr I/O helpers; which xattrs mean what is decided in [`crate::whiteout`].
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+/// Every xattr of `path` (not following a final symlink), sorted by name.
+pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        let Some(name) = name.to_str().map(str::to_owned) else { continue };
+        if let Some(v) = xattr::get(path, &name)? {
+            out.push((name, v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every xattr of an open file, sorted by name.
+pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let fd = fd.as_fd();
+    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+    // The magic link resolves to the open file itself; lgetxattr would read the link, so
+    // follow it deliberately.
+    let mut out = Vec::new();
+    let names = match xattr::list_deref(&path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        let Some(name) = name.to_str().map(str::to_owned) else { continue };
+        if let Some(v) = xattr::get_deref(&path, &name)? {
+            out.push((name, v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Set an xattr on an open file or directory.
+pub fn set_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
+    rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
+}
