@@ -1,1 +1,217 @@
-//! Shared helpers for the cross-tool integration tests.
+//! Shared helpers for the cross-tool integration tests (and the tools' own tests).
+//!
+//! Owns the conventions every test follows: where the built binaries are, how a test that needs
+//! root, a package or the unprivileged test user skips (loudly) or fails (`OVL_REQUIRE_ALL=1`),
+//! and how a command runs as that user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Set (to anything but `0`) to turn every skip into a failure. CI sets it.
+pub const REQUIRE_ALL: &str = "OVL_REQUIRE_ALL";
+/// The name of the unprivileged test user (default `ovltest`).
+pub const TEST_USER: &str = "OVL_TEST_USER";
+
+/// True when skips are failures.
+pub fn require_all() -> bool {
+    std::env::var(REQUIRE_ALL).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Call at the top of a test that needs `what`: returns true when it is there; otherwise says so
+/// loudly and returns false (the test then returns early), or panics under `OVL_REQUIRE_ALL`.
+pub fn require(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if require_all() {
+        panic!("{what} is required ({REQUIRE_ALL} is set) but missing");
+    }
+    eprintln!("\n*** SKIPPED: {what} is missing (set {REQUIRE_ALL}=1 to make this a failure) ***\n");
+    false
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A program in PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    ovl_layer::userns::which(program)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The fixtures/ directory.
+pub fn fixtures() -> PathBuf {
+    workspace_root().join("fixtures")
+}
+
+/// The path of an ovl binary (`ovl-import`, ...), built once per test process and copied into a
+/// directory every user can read, so the unprivileged test user can run it too.
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = workspace_root();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--quiet", "--bins", "-p", "ovl-import", "-p", "ovl-mount", "-p", "ovl-diff", "-p", "ovl-squash"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the ovl binaries failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let built = target.join("debug");
+        let dir = std::env::temp_dir().join(format!("ovl-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for tool in ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"] {
+            let dst = dir.join(tool);
+            std::fs::copy(built.join(tool), &dst).unwrap_or_else(|e| panic!("copy {tool}: {e}"));
+        }
+        set_mode(&dir, 0o755);
+        dir
+    });
+    dir.join(name)
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The unprivileged user rootless tests run as.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn lookup_user(name: &str) -> Option<TestUser> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 4 || f[0] != name {
+            return None;
+        }
+        Some(TestUser { name: name.into(), uid: f[2].parse().ok()?, gid: f[3].parse().ok()? })
+    })
+}
+
+fn add_subids(file: &str, name: &str, start: u32) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    if !text.lines().any(|l| l.split(':').next() == Some(name)) {
+        let mut t = text;
+        if !t.is_empty() && !t.ends_with('\n') {
+            t.push('\n');
+        }
+        t.push_str(&format!("{name}:{start}:65536\n"));
+        std::fs::write(file, t).unwrap();
+    }
+}
+
+/// The unprivileged test user with subordinate ids (`OVL_TEST_USER`, default `ovltest`,
+/// `200000:65536`). As root it is created when missing; otherwise `None`.
+pub fn test_user() -> Option<TestUser> {
+    let name = std::env::var(TEST_USER).unwrap_or_else(|_| "ovltest".into());
+    ensure_user(&name, Some(200_000))
+}
+
+/// A second unprivileged user with no subordinate ids (`ovltest-nosub`), for the single-id paths.
+pub fn test_user_without_subids() -> Option<TestUser> {
+    ensure_user("ovltest-nosub", None)
+}
+
+fn ensure_user(name: &str, subids: Option<u32>) -> Option<TestUser> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if lookup_user(name).is_none() && is_root() {
+        let _ = Command::new("useradd").args(["-m", "-s", "/bin/sh", name]).status();
+    }
+    let user = lookup_user(name)?;
+    if let (Some(start), true) = (subids, is_root()) {
+        add_subids("/etc/subuid", name, start);
+        add_subids("/etc/subgid", name, start);
+    }
+    Some(user)
+}
+
+/// A temporary directory owned by `user` (mode 0755 on the way down so it can reach it).
+pub fn user_tempdir(user: &TestUser) -> tempfile::TempDir {
+    let t = tempfile::Builder::new().prefix("ovl-user-test-").tempdir_in("/tmp").unwrap();
+    rustix::fs::chown(
+        t.path(),
+        Some(rustix::fs::Uid::from_raw(user.uid)),
+        Some(rustix::fs::Gid::from_raw(user.gid)),
+    )
+    .unwrap();
+    set_mode(t.path(), 0o755);
+    t
+}
+
+/// A command that runs `program` as `user` (root runs it through setpriv with the user's groups
+/// and a clean environment).
+pub fn command_as(user: &TestUser, program: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        format!("--reuid={}", user.uid),
+        format!("--regid={}", user.gid),
+        "--init-groups".into(),
+        "--reset-env".into(),
+        "--".into(),
+    ])
+    .arg(program)
+    .env("HOME", format!("/home/{}", user.name));
+    c
+}
+
+/// Run and capture a command, panicking with its output when it could not start.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// Assert a command succeeded, showing its stderr when not; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The Alpine minirootfs fixture, through `cargo xtask fetch` (which honours OVL_FIXTURE_MIRROR).
+/// `None` (after a loud skip or a failure under OVL_REQUIRE_ALL) when it cannot be had.
+pub fn alpine_minirootfs() -> Option<PathBuf> {
+    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let p = PATH
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo).current_dir(workspace_root()).args(["xtask", "fetch"]).output().ok()?;
+            if !out.status.success() {
+                eprintln!("cargo xtask fetch: {}", String::from_utf8_lossy(&out.stderr));
+                return None;
+            }
+            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last()?.trim());
+            path.is_file().then_some(path)
+        })
+        .clone();
+    require("the Alpine minirootfs (cargo xtask fetch; set OVL_FIXTURE_MIRROR)", p.is_some());
+    p
+}
+
+/// Make /dev/fuse usable by unprivileged users (it is 0600 on these machines). Needs root.
+pub fn make_fuse_usable() -> bool {
+    let dev = Path::new("/dev/fuse");
+    if !dev.exists() {
+        return false;
+    }
+    if is_root() {
+        set_mode(dev, 0o666);
+    }
+    rustix::fs::access(dev, rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK).is_ok() || is_root()
+}
