@@ -1,1 +1,215 @@
-//! ovl-import: placeholder until its issue lands.
+//! ovl-import: an image tarball (or an OCI image layout) into exact, safe overlay lowerdirs.
+//!
+//! The extraction itself is [`ovl_layer::extract`]; this crate owns the sources (a file or
+//! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination ([`dest`]), and
+//! the choice of owner policy and opaque-xattr namespace for the privileges it runs with.
+
+pub mod dest;
+pub mod oci;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ovl_layer::compress::{self, ThreadedReader, VerifyingReader};
+use ovl_layer::extract::{ExtractError, ExtractOptions, ExtractStats, OwnerPolicy};
+use ovl_layer::root::Root;
+use ovl_layer::whiteout::XattrNs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{0}: DEST already exists (ovl-import only creates a new directory)")]
+    DestExists(PathBuf),
+    #[error("{path}: {source}")]
+    Dest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Source {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("OCI layout {dir}: {why}")]
+    Oci { dir: PathBuf, why: String },
+    #[error("{source_name}: {err}")]
+    Extract {
+        source_name: String,
+        err: ExtractError,
+    },
+}
+
+/// Where the archive comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Stdin,
+    File(PathBuf),
+    /// An OCI image layout directory and an optional tag.
+    Oci {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+}
+
+impl Source {
+    /// `-`, `oci:DIR[:TAG]`, or a path.
+    pub fn parse(arg: &std::ffi::OsStr) -> Source {
+        use std::os::unix::ffi::OsStrExt;
+        let b = arg.as_bytes();
+        if b == b"-" {
+            return Source::Stdin;
+        }
+        if let Some(rest) = b.strip_prefix(b"oci:") {
+            let rest = std::ffi::OsStr::from_bytes(rest);
+            // DIR:TAG when the part after the last ':' is not itself a path.
+            let s = rest.as_bytes();
+            if let Some(i) = s.iter().rposition(|&c| c == b':') {
+                let (dir, tag) = (&s[..i], &s[i + 1..]);
+                if !tag.is_empty() && !tag.contains(&b'/') {
+                    return Source::Oci {
+                        dir: PathBuf::from(std::ffi::OsStr::from_bytes(dir)),
+                        tag: Some(String::from_utf8_lossy(tag).into_owned()),
+                    };
+                }
+            }
+            return Source::Oci {
+                dir: PathBuf::from(rest),
+                tag: None,
+            };
+        }
+        Source::File(PathBuf::from(arg))
+    }
+}
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub opaque_ns: XattrNs,
+    pub owners: OwnerPolicy,
+    pub quiet: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub stats: ExtractStats,
+    pub elapsed: Duration,
+    /// For an OCI image: the lowerdirs, top layer first, as `lowerdir=` wants them.
+    pub lowerdirs: Option<String>,
+}
+
+impl Summary {
+    pub fn line(&self, dest: &Path) -> String {
+        let s = &self.stats;
+        format!(
+            "ovl-import: {} entries, {:.1} MiB, {} whiteouts, {} opaque dirs, {} skipped ({} devices, {} xattrs) in {:.2}s -> {}",
+            s.entries,
+            s.bytes as f64 / (1024.0 * 1024.0),
+            s.whiteouts,
+            s.opaques,
+            s.skipped_devices + s.skipped_xattrs,
+            s.skipped_devices,
+            s.skipped_xattrs,
+            self.elapsed.as_secs_f64(),
+            dest.display()
+        )
+    }
+}
+
+/// Import `source` into the new directory `dest`.
+pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summary, ImportError> {
+    let start = Instant::now();
+    let staging = dest::Staging::new(dest)?;
+    let ex = ExtractOptions {
+        opaque_ns: opts.opaque_ns,
+        owners: opts.owners,
+    };
+    let (stats, lowerdirs) = match source {
+        Source::Oci { dir, tag } => {
+            let layers = oci::layers(dir, tag.as_deref())?;
+            let total = layers.iter().map(|l| l.size).sum();
+            let bar = ovl_layer::progress::bytes_bar(Some(total), opts.quiet, "import");
+            let mut stats = ExtractStats::default();
+            let mut names = Vec::new();
+            for (i, layer) in layers.iter().enumerate() {
+                let name = i.to_string();
+                let sub = staging.tmp.join(&name);
+                std::fs::create_dir(&sub).map_err(|e| ImportError::Dest {
+                    path: sub.clone(),
+                    source: e,
+                })?;
+                let file = std::fs::File::open(&layer.path).map_err(|e| ImportError::Source {
+                    path: layer.path.display().to_string(),
+                    source: e,
+                })?;
+                let raw = VerifyingReader::new(
+                    ovl_layer::progress::ProgressReader::new(file, bar.clone()),
+                    layer.digest,
+                );
+                let label = format!("{} (layer {i}, {})", layer.path.display(), layer.media_type);
+                stats.add(&extract_stream(raw, &sub, ex, &label)?);
+                names.push(dest.join(name).display().to_string());
+            }
+            bar.finish_and_clear();
+            names.reverse();
+            (stats, Some(names.join(":")))
+        }
+        Source::Stdin => {
+            let bar = ovl_layer::progress::bytes_bar(None, opts.quiet, "import");
+            let r = ovl_layer::progress::ProgressReader::new(std::io::stdin(), bar.clone());
+            let s = extract_stream(r, &staging.tmp, ex, "stdin")?;
+            bar.finish_and_clear();
+            (s, None)
+        }
+        Source::File(path) => {
+            let file = std::fs::File::open(path).map_err(|e| ImportError::Source {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            let total = file
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            let bar = ovl_layer::progress::bytes_bar(total, opts.quiet, "import");
+            let r = ovl_layer::progress::ProgressReader::new(file, bar.clone());
+            let s = extract_stream(r, &staging.tmp, ex, &path.display().to_string())?;
+            bar.finish_and_clear();
+            (s, None)
+        }
+    };
+    staging.commit()?;
+    Ok(Summary {
+        stats,
+        elapsed: start.elapsed(),
+        lowerdirs,
+    })
+}
+
+/// Decompress (on its own thread) and extract one stream into the directory `into`, then read
+/// the stream to its end (so a blob digest is checked over every byte).
+fn extract_stream<R: Read + Send + 'static>(
+    raw: R,
+    into: &Path,
+    ex: ExtractOptions,
+    label: &str,
+) -> Result<ExtractStats, ImportError> {
+    let src_err = |e: std::io::Error| ImportError::Source {
+        path: label.to_string(),
+        source: e,
+    };
+    let (_kind, decoded) = compress::decoder(raw).map_err(src_err)?;
+    let mut reader = ThreadedReader::new(decoded);
+    let root = Root::open(into).map_err(|e| ImportError::Dest {
+        path: into.to_path_buf(),
+        source: e,
+    })?;
+    let stats = ovl_layer::extract::extract(&mut reader, &root, ex).map_err(|err| {
+        ImportError::Extract {
+            source_name: label.to_string(),
+            err,
+        }
+    })?;
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(src_err)?;
+    Ok(stats)
+}

@@ -31,12 +31,20 @@ impl IdMap {
 
     /// The identity map over every id (what real root sees).
     pub fn identity() -> Self {
-        Self::new(vec![IdRange { container: 0, host: 0, count: u32::MAX }])
+        Self::new(vec![IdRange {
+            container: 0,
+            host: 0,
+            count: u32::MAX,
+        }])
     }
 
     /// Container root is `host`, nothing else is mapped.
     pub fn single(host: u32) -> Self {
-        Self::new(vec![IdRange { container: 0, host, count: 1 }])
+        Self::new(vec![IdRange {
+            container: 0,
+            host,
+            count: 1,
+        }])
     }
 
     pub fn ranges(&self) -> &[IdRange] {
@@ -66,24 +74,40 @@ impl IdMap {
     pub fn to_args(&self) -> Vec<String> {
         self.ranges
             .iter()
-            .flat_map(|r| [r.container.to_string(), r.host.to_string(), r.count.to_string()])
+            .flat_map(|r| {
+                [
+                    r.container.to_string(),
+                    r.host.to_string(),
+                    r.count.to_string(),
+                ]
+            })
             .collect()
     }
 
     /// The text of /proc/PID/uid_map for this map.
     pub fn to_proc_text(&self) -> String {
-        self.ranges.iter().map(|r| format!("{} {} {}\n", r.container, r.host, r.count)).collect()
+        self.ranges
+            .iter()
+            .map(|r| format!("{} {} {}\n", r.container, r.host, r.count))
+            .collect()
     }
 
     /// Parse the text of /proc/PID/uid_map.
     pub fn parse_proc(text: &str) -> Option<Self> {
         let mut ranges = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let f: Vec<u32> = line.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
+            let f: Vec<u32> = line
+                .split_whitespace()
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?;
             if f.len() != 3 {
                 return None;
             }
-            ranges.push(IdRange { container: f[0], host: f[1], count: f[2] });
+            ranges.push(IdRange {
+                container: f[0],
+                host: f[1],
+                count: f[2],
+            });
         }
         Some(Self::new(ranges))
     }
@@ -118,7 +142,10 @@ pub fn parse_subordinate(text: &str, user: &str, id: u32) -> Vec<SubRange> {
             if who != user && who != id {
                 return None;
             }
-            Some(SubRange { start: start.parse().ok()?, count: count.parse().ok()? })
+            Some(SubRange {
+                start: start.parse().ok()?,
+                count: count.parse().ok()?,
+            })
         })
         .filter(|r| r.count > 0)
         .collect()
@@ -128,7 +155,11 @@ pub fn parse_subordinate(text: &str, user: &str, id: u32) -> Vec<SubRange> {
 /// [`ROOTLESS_RANGE`] subordinate ids (over several ranges if the file splits them).
 /// Without subordinate ids it is the single-id map.
 pub fn rootless_map(own: u32, subs: &[SubRange]) -> IdMap {
-    let mut ranges = vec![IdRange { container: 0, host: own, count: 1 }];
+    let mut ranges = vec![IdRange {
+        container: 0,
+        host: own,
+        count: 1,
+    }];
     let mut next = 1u32;
     for s in subs {
         let want = ROOTLESS_RANGE + 1 - next;
@@ -136,7 +167,11 @@ pub fn rootless_map(own: u32, subs: &[SubRange]) -> IdMap {
             break;
         }
         let count = s.count.min(want);
-        ranges.push(IdRange { container: next, host: s.start, count });
+        ranges.push(IdRange {
+            container: next,
+            host: s.start,
+            count,
+        });
         next += count;
     }
     IdMap::new(ranges)
@@ -160,17 +195,35 @@ impl RootlessMaps {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let name = user_name(uid).unwrap_or_else(|| uid.to_string());
-        Self::for_user(&name, uid, gid, Path::new("/etc/subuid"), Path::new("/etc/subgid"))
+        Self::for_user(
+            &name,
+            uid,
+            gid,
+            Path::new("/etc/subuid"),
+            Path::new("/etc/subgid"),
+        )
     }
 
-    pub fn for_user(name: &str, uid: u32, gid: u32, subuid: &Path, subgid: &Path) -> std::io::Result<Self> {
+    pub fn for_user(
+        name: &str,
+        uid: u32,
+        gid: u32,
+        subuid: &Path,
+        subgid: &Path,
+    ) -> std::io::Result<Self> {
         let su = subordinate_ranges(subuid, name, uid)?;
         let sg = subordinate_ranges(subgid, name, uid)?;
         if su.is_empty() || sg.is_empty() {
             // A half map (uids but no gids) would make chown fail half the time: use neither.
-            return Ok(Self { uid: IdMap::single(uid), gid: IdMap::single(gid) });
+            return Ok(Self {
+                uid: IdMap::single(uid),
+                gid: IdMap::single(gid),
+            });
         }
-        Ok(Self { uid: rootless_map(uid, &su), gid: rootless_map(gid, &sg) })
+        Ok(Self {
+            uid: rootless_map(uid, &su),
+            gid: rootless_map(gid, &sg),
+        })
     }
 }
 
@@ -192,7 +245,11 @@ mod tests {
 
     #[test]
     fn rootless_map_covers_65536_ids_over_split_ranges() {
-        let subs = parse_subordinate("alice:100000:1000\n1001:300000:70000\nbob:5:5\n", "alice", 1001);
+        let subs = parse_subordinate(
+            "alice:100000:1000\n1001:300000:70000\nbob:5:5\n",
+            "alice",
+            1001,
+        );
         assert_eq!(subs.len(), 2);
         let m = rootless_map(1001, &subs);
         assert_eq!(m.to_host(0), Some(1001));

@@ -5,8 +5,11 @@
 //! ids are mapped for rootless use ([`idmap`], [`userns`]), and how layer tar streams are read
 //! and written ([`compress`], [`extract`]).
 
+pub mod compress;
+pub mod extract;
 pub mod idmap;
 pub mod path;
+pub mod progress;
 pub mod root;
 pub mod userns;
 pub mod whiteout;

@@ -85,7 +85,8 @@ impl LayerPath {
     /// True when `self` is `other` or below it.
     pub fn starts_with(&self, other: &LayerPath) -> bool {
         other.0.is_empty()
-            || (self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+            || (self.0.starts_with(&other.0)
+                && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
     }
 
     /// The path as an OsStr (names are bytes, never decoded).
@@ -126,8 +127,14 @@ mod tests {
 
     #[test]
     fn normalises_and_refuses_dotdot() {
-        assert_eq!(LayerPath::parse(b"./a//b/./c/").unwrap().as_bytes(), b"a/b/c");
-        assert_eq!(LayerPath::parse(b"/etc/passwd").unwrap().as_bytes(), b"etc/passwd");
+        assert_eq!(
+            LayerPath::parse(b"./a//b/./c/").unwrap().as_bytes(),
+            b"a/b/c"
+        );
+        assert_eq!(
+            LayerPath::parse(b"/etc/passwd").unwrap().as_bytes(),
+            b"etc/passwd"
+        );
         assert!(LayerPath::parse(b"./").unwrap().is_root());
         assert_eq!(LayerPath::parse(b"a/../b"), Err(PathError::DotDot));
         assert_eq!(LayerPath::parse(b".."), Err(PathError::DotDot));

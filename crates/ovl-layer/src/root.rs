@@ -29,9 +29,16 @@ impl Root {
     /// Open an existing directory as a root. `path` itself may be reached through symlinks: it
     /// is the caller's choice; what is below it is confined.
     pub fn open(path: &Path) -> io::Result<Root> {
-        let fd = rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| with_path(e.into(), "open", path))?;
-        Ok(Root { fd, path: path.to_path_buf() })
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| with_path(e.into(), "open", path))?;
+        Ok(Root {
+            fd,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -80,7 +87,11 @@ impl Root {
             cur = match self.openat2_dir(prefix.as_bytes()) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    match rustix::fs::mkdirat(&cur, std::ffi::OsStr::from_bytes(comp), Mode::from_raw_mode(0o755)) {
+                    match rustix::fs::mkdirat(
+                        &cur,
+                        std::ffi::OsStr::from_bytes(comp),
+                        Mode::from_raw_mode(0o755),
+                    ) {
                         Ok(()) => {}
                         Err(rustix::io::Errno::EXIST) => {
                             // Something is there yet does not resolve: a dangling symlink.
@@ -123,7 +134,8 @@ pub struct Leaf {
 
 impl Leaf {
     pub fn new(dir: OwnedFd, name: &[u8]) -> io::Result<Leaf> {
-        let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+        let name = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
         Ok(Leaf { dir, name })
     }
 
@@ -156,7 +168,8 @@ impl Leaf {
             Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
                 remove_tree(&self.dir, self.name.as_c_str())
             }
-            Some(_) => rustix::fs::unlinkat(&self.dir, self.name.as_c_str(), AtFlags::empty()).map_err(Into::into),
+            Some(_) => rustix::fs::unlinkat(&self.dir, self.name.as_c_str(), AtFlags::empty())
+                .map_err(Into::into),
         }
     }
 
@@ -184,16 +197,33 @@ impl Leaf {
 
     /// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
     pub fn chmod(&self, mode: u32) -> io::Result<()> {
-        rustix::fs::chmodat(&self.dir, self.name.as_c_str(), Mode::from_raw_mode(mode), AtFlags::empty())
-            .map_err(Into::into)
+        rustix::fs::chmodat(
+            &self.dir,
+            self.name.as_c_str(),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
+        .map_err(Into::into)
     }
 
     pub fn set_times(&self, times: &Timestamps) -> io::Result<()> {
-        rustix::fs::utimensat(&self.dir, self.name.as_c_str(), times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into)
+        rustix::fs::utimensat(
+            &self.dir,
+            self.name.as_c_str(),
+            times,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(Into::into)
     }
 
     pub fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
-        rustix::fs::lsetxattr(self.proc_path(), name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
+        rustix::fs::lsetxattr(
+            self.proc_path(),
+            name,
+            value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(Into::into)
     }
 
     pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
@@ -240,7 +270,10 @@ pub fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
 
 /// An io error that names the path it happened on.
 pub fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())))
+    io::Error::new(
+        e.kind(),
+        format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())),
+    )
 }
 
 #[cfg(test)]
@@ -257,25 +290,39 @@ mod tests {
         std::os::unix::fs::symlink(t.path().join("outside"), root_path.join("abs")).unwrap();
         let root = Root::open(&root_path).unwrap();
         // `rel` (../..) resolves to the root itself, never above it.
-        let leaf = root.leaf(&LayerPath::parse(b"rel/x").unwrap(), true).unwrap();
+        let leaf = root
+            .leaf(&LayerPath::parse(b"rel/x").unwrap(), true)
+            .unwrap();
         std::fs::write(leaf.proc_path(), b"hi").unwrap();
         assert!(root_path.join("x").exists());
         assert!(!t.path().join("outside/x").exists());
         // `abs` points at a path that does not exist inside the root: refused, nothing made.
-        let err = root.leaf(&LayerPath::parse(b"abs/y").unwrap(), true).unwrap_err();
+        let err = root
+            .leaf(&LayerPath::parse(b"abs/y").unwrap(), true)
+            .unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
-        assert!(std::fs::read_dir(t.path().join("outside")).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(t.path().join("outside"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     #[test]
     fn creates_parents_and_removes_trees() {
         let t = tempfile::tempdir().unwrap();
         let root = Root::open(t.path()).unwrap();
-        let leaf = root.leaf(&LayerPath::parse(b"a/b/c").unwrap(), true).unwrap();
+        let leaf = root
+            .leaf(&LayerPath::parse(b"a/b/c").unwrap(), true)
+            .unwrap();
         assert!(t.path().join("a/b").is_dir());
         assert!(leaf.stat().unwrap().is_none());
         std::fs::write(t.path().join("a/b/f"), b"x").unwrap();
-        root.leaf(&LayerPath::parse(b"a").unwrap(), false).unwrap().remove_all().unwrap();
+        root.leaf(&LayerPath::parse(b"a").unwrap(), false)
+            .unwrap()
+            .remove_all()
+            .unwrap();
         assert!(!t.path().join("a").exists());
     }
 }

@@ -31,7 +31,10 @@ pub enum UsernsError {
     #[error("writing the id map of the new user namespace failed: {0}")]
     Map(String),
     #[error("cannot start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
 }
 
 /// What the new namespace looks like.
@@ -45,7 +48,10 @@ pub struct UsernsPlan {
 impl UsernsPlan {
     /// The plan for the calling user: subordinate ids when it has them, else a single-id map.
     pub fn for_current_user(mount_ns: bool) -> std::io::Result<Self> {
-        Ok(Self { maps: RootlessMaps::for_current_user()?, mount_ns })
+        Ok(Self {
+            maps: RootlessMaps::for_current_user()?,
+            mount_ns,
+        })
     }
 }
 
@@ -73,15 +79,18 @@ pub fn reexec_self(plan: &UsernsPlan) -> Result<i32, UsernsError> {
     }
     cmd.args(args).env(ENV_IN_USERNS, "1");
     let mut child = spawn_in_userns(cmd, plan)?;
-    let status = child
-        .wait()
-        .map_err(|source| UsernsError::Spawn { program: "/proc/self/exe".into(), source })?;
+    let status = child.wait().map_err(|source| UsernsError::Spawn {
+        program: "/proc/self/exe".into(),
+        source,
+    })?;
     Ok(exit_code(status))
 }
 
 /// The exit code a shell would report for `status`.
 pub fn exit_code(status: ExitStatus) -> i32 {
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// Spawn `cmd` inside a new user namespace described by `plan`.
@@ -145,7 +154,10 @@ pub fn spawn_in_userns(mut cmd: Command, plan: &UsernsPlan) -> Result<Child, Use
                 Err(e)
             }
             (Err(_), Err(e)) => Err(e),
-            (Err(e), Ok(())) if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::ENOSPC) => {
+            (Err(e), Ok(()))
+                if e.raw_os_error() == Some(libc::EPERM)
+                    || e.raw_os_error() == Some(libc::ENOSPC) =>
+            {
                 Err(UsernsError::Unshare(e))
             }
             (Err(source), Ok(())) => Err(UsernsError::Spawn { program, source }),
@@ -154,11 +166,17 @@ pub fn spawn_in_userns(mut cmd: Command, plan: &UsernsPlan) -> Result<Child, Use
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), UsernsError> {
-    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| UsernsError::Spawn { program: "pipe".into(), source: e.into() })
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| UsernsError::Spawn {
+        program: "pipe".into(),
+        source: e.into(),
+    })
 }
 
-fn write_maps(pid: i32, plan: &UsernsPlan, tools: Option<&(PathBuf, PathBuf)>) -> Result<(), UsernsError> {
+fn write_maps(
+    pid: i32,
+    plan: &UsernsPlan,
+    tools: Option<&(PathBuf, PathBuf)>,
+) -> Result<(), UsernsError> {
     match tools {
         Some((newuidmap, newgidmap)) => {
             run_map_tool(newuidmap, pid, &plan.maps.uid)?;
@@ -199,7 +217,13 @@ fn run_map_tool(tool: &PathBuf, pid: i32, map: &IdMap) -> Result<(), UsernsError
 /// The id maps of the current process, read from /proc/self (identity for real root).
 pub fn current_maps() -> RootlessMaps {
     let read = |f: &str| {
-        std::fs::read_to_string(f).ok().and_then(|t| IdMap::parse_proc(&t)).unwrap_or_else(IdMap::identity)
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| IdMap::parse_proc(&t))
+            .unwrap_or_else(IdMap::identity)
     };
-    RootlessMaps { uid: read("/proc/self/uid_map"), gid: read("/proc/self/gid_map") }
+    RootlessMaps {
+        uid: read("/proc/self/uid_map"),
+        gid: read("/proc/self/gid_map"),
+    }
 }

@@ -46,10 +46,12 @@ pub fn classify_oci_name(base: &[u8]) -> Result<OciName<'_>, InvalidWhiteout> {
     }
     match base.strip_prefix(WH_PREFIX) {
         None => Ok(OciName::Plain),
-        Some(b"" | b"." | b"..") => Err(InvalidWhiteout { name: String::from_utf8_lossy(base).into_owned() }),
-        Some(target) if target.contains(&b'/') => {
-            Err(InvalidWhiteout { name: String::from_utf8_lossy(base).into_owned() })
-        }
+        Some(b"" | b"." | b"..") => Err(InvalidWhiteout {
+            name: String::from_utf8_lossy(base).into_owned(),
+        }),
+        Some(target) if target.contains(&b'/') => Err(InvalidWhiteout {
+            name: String::from_utf8_lossy(base).into_owned(),
+        }),
         Some(target) => Ok(OciName::Whiteout(target)),
     }
 }
@@ -183,7 +185,12 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
     if f.is_char_device && f.rdev == 0 {
         return UpperEntry::Whiteout;
     }
-    if f.is_regular && f.size == 0 && XattrNs::ALL.iter().any(|ns| (f.xattr)(&ns.name(key::WHITEOUT)).is_some()) {
+    if f.is_regular
+        && f.size == 0
+        && XattrNs::ALL
+            .iter()
+            .any(|ns| (f.xattr)(&ns.name(key::WHITEOUT)).is_some())
+    {
         return UpperEntry::Whiteout;
     }
     if f.is_regular {
@@ -200,7 +207,9 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
 /// (`overlay.opaque=y` in either namespace, or fuse-overlayfs's rootless marker). A child
 /// [`UpperEntry::OpaqueMarker`] also makes it opaque: the caller sees those while listing.
 pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
-    XattrNs::ALL.iter().any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
+    XattrNs::ALL
+        .iter()
+        .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
         || (xattr)(FUSE_OPAQUE_XATTR).is_some_and(|v| v.first() == Some(&b'y') || v.is_empty())
 }
 
@@ -213,7 +222,10 @@ mod tests {
         assert_eq!(classify_oci_name(b"foo"), Ok(OciName::Plain));
         assert_eq!(classify_oci_name(b".wh.foo"), Ok(OciName::Whiteout(b"foo")));
         assert_eq!(classify_oci_name(b".wh..wh..opq"), Ok(OciName::Opaque));
-        assert_eq!(classify_oci_name(b".wh..wh.foo"), Ok(OciName::Whiteout(b".wh.foo")));
+        assert_eq!(
+            classify_oci_name(b".wh..wh.foo"),
+            Ok(OciName::Whiteout(b".wh.foo"))
+        );
         for bad in [&b".wh."[..], b".wh..", b".wh..."] {
             assert!(classify_oci_name(bad).is_err(), "{bad:?}");
         }
@@ -221,16 +233,28 @@ mod tests {
 
     #[test]
     fn escaping_and_upper_xattrs() {
-        assert_eq!(escape_xattr("trusted.overlay.opaque"), "trusted.overlay.overlay.opaque");
+        assert_eq!(
+            escape_xattr("trusted.overlay.opaque"),
+            "trusted.overlay.overlay.opaque"
+        );
         assert_eq!(escape_xattr("user.overlay.x"), "user.overlay.overlay.x");
         assert_eq!(escape_xattr("user.foo"), "user.foo");
-        assert_eq!(classify_upper_xattr("trusted.overlay.origin"), UpperXattr::Private);
-        assert_eq!(classify_upper_xattr("user.fuseoverlayfs.opaque"), UpperXattr::Private);
+        assert_eq!(
+            classify_upper_xattr("trusted.overlay.origin"),
+            UpperXattr::Private
+        );
+        assert_eq!(
+            classify_upper_xattr("user.fuseoverlayfs.opaque"),
+            UpperXattr::Private
+        );
         assert_eq!(
             classify_upper_xattr("trusted.overlay.overlay.opaque"),
             UpperXattr::Keep(Cow::Borrowed("trusted.overlay.opaque"))
         );
-        assert_eq!(classify_upper_xattr("security.capability"), UpperXattr::Keep(Cow::Borrowed("security.capability")));
+        assert_eq!(
+            classify_upper_xattr("security.capability"),
+            UpperXattr::Keep(Cow::Borrowed("security.capability"))
+        );
     }
 
     #[test]
@@ -245,13 +269,28 @@ mod tests {
             size: 0,
             xattr: &none,
         };
-        assert_eq!(classify_upper(&facts(b"a", true, false)), UpperEntry::Whiteout);
-        assert_eq!(classify_upper(&facts(b".wh..opq", true, false)), UpperEntry::OpaqueMarker);
-        assert_eq!(classify_upper(&facts(b".wh..wh..opq", false, true)), UpperEntry::OpaqueMarker);
-        assert_eq!(classify_upper(&facts(b".wh.x", false, true)), UpperEntry::WhiteoutOf(b"x".to_vec()));
+        assert_eq!(
+            classify_upper(&facts(b"a", true, false)),
+            UpperEntry::Whiteout
+        );
+        assert_eq!(
+            classify_upper(&facts(b".wh..opq", true, false)),
+            UpperEntry::OpaqueMarker
+        );
+        assert_eq!(
+            classify_upper(&facts(b".wh..wh..opq", false, true)),
+            UpperEntry::OpaqueMarker
+        );
+        assert_eq!(
+            classify_upper(&facts(b".wh.x", false, true)),
+            UpperEntry::WhiteoutOf(b"x".to_vec())
+        );
         assert_eq!(classify_upper(&facts(b"x", false, true)), UpperEntry::Plain);
         let wh = |n: &str| (n == "user.overlay.whiteout").then(Vec::new);
-        let f = UpperFacts { xattr: &wh, ..facts(b"x", false, true) };
+        let f = UpperFacts {
+            xattr: &wh,
+            ..facts(b"x", false, true)
+        };
         assert_eq!(classify_upper(&f), UpperEntry::Whiteout);
         let opq = |n: &str| (n == "trusted.overlay.opaque").then(|| b"y".to_vec());
         assert!(dir_is_opaque(&opq));

@@ -15,7 +15,9 @@ pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
         Err(e) => return Err(e),
     };
     for name in names {
-        let Some(name) = name.to_str().map(str::to_owned) else { continue };
+        let Some(name) = name.to_str().map(str::to_owned) else {
+            continue;
+        };
         if let Some(v) = xattr::get(path, &name)? {
             out.push((name, v));
         }
@@ -27,7 +29,10 @@ pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 /// Every xattr of an open file, sorted by name.
 pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<(String, Vec<u8>)>> {
     let fd = fd.as_fd();
-    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+    let path = std::path::PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ));
     // The magic link resolves to the open file itself; lgetxattr would read the link, so
     // follow it deliberately.
     let mut out = Vec::new();
@@ -37,7 +42,9 @@ pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<(String, Vec<u8>)>> {
         Err(e) => return Err(e),
     };
     for name in names {
-        let Some(name) = name.to_str().map(str::to_owned) else { continue };
+        let Some(name) = name.to_str().map(str::to_owned) else {
+            continue;
+        };
         if let Some(v) = xattr::get_deref(&path, &name)? {
             out.push((name, v));
         }

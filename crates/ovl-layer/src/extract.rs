@@ -1,0 +1,947 @@
+//! Extracting a layer tar stream into a root, exactly and safely.
+//!
+//! Owns the one extractor every tool uses (tar-rs parses the stream; its `unpack` is never
+//! used: it makes no device nodes, drops xattrs on directories and symlinks and truncates
+//! mtimes). Every path is resolved inside the [`Root`] and every final component is touched
+//! with `*at` calls that do not follow it. OCI whiteouts become overlay whiteouts on the way
+//! in: `.wh.NAME` a 0/0 char device, `.wh..wh..opq` the opaque xattr on its directory, and a
+//! whiteout plus entries for the same path in one layer an opaque directory.
+//!
+//! Metadata order per entry: data, owner, xattrs, mode (chown clears setuid and capabilities,
+//! so it comes first), times. Directories get their mode and times at the end, after
+//! everything below them was written.
+
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{FileType, Mode, OFlags, Timespec, Timestamps};
+
+use crate::path::{LayerPath, PathError, display_bytes};
+use crate::root::{Leaf, Root};
+use crate::whiteout::{self, OciName, XattrNs};
+
+/// What to do with the owners the archive names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerPolicy {
+    /// chown to the archive's ids (real root, or a user namespace that maps them).
+    Preserve,
+    /// Leave files to the caller and record the archive's owner in the
+    /// `user.rootlesscontainers` xattr, as umoci does (no subordinate ids).
+    Record,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ExtractOptions {
+    /// Where opaque-directory xattrs go.
+    pub opaque_ns: XattrNs,
+    pub owners: OwnerPolicy,
+}
+
+/// What an extraction did, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtractStats {
+    pub entries: u64,
+    /// Bytes of file data written.
+    pub bytes: u64,
+    pub whiteouts: u64,
+    pub opaques: u64,
+    /// Device nodes that could not be created (rootless).
+    pub skipped_devices: u64,
+    /// xattrs the filesystem or our privileges refused (e.g. `trusted.*` rootless, `user.*` on
+    /// symlinks).
+    pub skipped_xattrs: u64,
+}
+
+impl ExtractStats {
+    pub fn add(&mut self, o: &ExtractStats) {
+        self.entries += o.entries;
+        self.bytes += o.bytes;
+        self.whiteouts += o.whiteouts;
+        self.opaques += o.opaques;
+        self.skipped_devices += o.skipped_devices;
+        self.skipped_xattrs += o.skipped_xattrs;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("reading the archive: {0}")]
+    Read(#[source] io::Error),
+    #[error("entry {entry:?}: {reason}")]
+    Entry { entry: String, reason: String },
+}
+
+fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
+    ExtractError::Entry {
+        entry: display_bytes(raw),
+        reason: reason.to_string(),
+    }
+}
+
+/// The xattr umoci uses to record the owner of a rootless file (a protobuf `Resource`).
+pub const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+
+/// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
+pub fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u32) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = Vec::new();
+    if uid != 0 {
+        out.push(0x08);
+        varint(&mut out, uid);
+    }
+    if gid != 0 {
+        out.push(0x10);
+        varint(&mut out, gid);
+    }
+    out
+}
+
+/// The metadata of one entry, gathered from its header and PAX records.
+struct Meta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: Timespec,
+    atime: Timespec,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+struct DeferredDir {
+    path: LayerPath,
+    mode: u32,
+    times: Timestamps,
+}
+
+struct Extractor<'a> {
+    root: &'a Root,
+    opts: ExtractOptions,
+    stats: ExtractStats,
+    dirs: Vec<DeferredDir>,
+    /// Whiteouts this layer made: an entry for the same path later turns them into content
+    /// (and a directory into an opaque one).
+    whiteouts: HashSet<LayerPath>,
+    buf: Vec<u8>,
+}
+
+/// Extract the tar stream `reader` into `root`.
+pub fn extract<R: Read>(
+    reader: R,
+    root: &Root,
+    opts: ExtractOptions,
+) -> Result<ExtractStats, ExtractError> {
+    let mut ex = Extractor {
+        root,
+        opts,
+        stats: ExtractStats::default(),
+        dirs: Vec::new(),
+        whiteouts: HashSet::new(),
+        buf: vec![0; 256 * 1024],
+    };
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(ExtractError::Read)? {
+        let entry = entry.map_err(ExtractError::Read)?;
+        ex.entry(entry)?;
+    }
+    ex.finish_dirs()?;
+    Ok(ex.stats)
+}
+
+fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut nsec: i64 = 0;
+    for (i, c) in frac.bytes().take(9).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        nsec += i64::from(c - b'0') * 10i64.pow(8 - i as u32);
+    }
+    Some(if neg {
+        if nsec == 0 {
+            Timespec {
+                tv_sec: -secs,
+                tv_nsec: 0,
+            }
+        } else {
+            Timespec {
+                tv_sec: -secs - 1,
+                tv_nsec: (1_000_000_000 - nsec) as _,
+            }
+        }
+    } else {
+        Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec as _,
+        }
+    })
+}
+
+/// Decode libarchive's xattr name (%-escaped) and value (base64).
+fn libarchive_xattr(name: &[u8], value: &[u8]) -> Option<(String, Vec<u8>)> {
+    let mut n = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        if name[i] == b'%' && i + 2 < name.len() {
+            let h = std::str::from_utf8(name.get(i + 1..i + 3)?).ok()?;
+            n.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            n.push(name[i]);
+            i += 1;
+        }
+    }
+    Some((String::from_utf8(n).ok()?, base64_decode(value)?))
+}
+
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s: Vec<u8> = s
+        .iter()
+        .copied()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+fn is_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::ENOTSUP | libc::EACCES | libc::EINVAL)
+    )
+}
+
+impl Extractor<'_> {
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ExtractError> {
+        let raw = entry.path_bytes().into_owned();
+        let kind = entry.header().entry_type();
+        if matches!(kind, tar::EntryType::XGlobalHeader) {
+            return Ok(());
+        }
+        let meta = self.meta(&mut entry, &raw)?;
+        let mut pax_sparse = None;
+        let mut raw = raw;
+        if let Some(pax) = entry.pax_extensions().map_err(|e| entry_err(&raw, e))? {
+            let mut major = None;
+            let mut name = None;
+            let mut size = None;
+            for ext in pax.flatten() {
+                match ext.key_bytes() {
+                    b"GNU.sparse.major" => major = Some(ext.value_bytes().to_vec()),
+                    b"GNU.sparse.name" => name = Some(ext.value_bytes().to_vec()),
+                    b"GNU.sparse.realsize" => {
+                        size = std::str::from_utf8(ext.value_bytes())
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok())
+                    }
+                    _ => {}
+                }
+            }
+            if major.as_deref() == Some(b"1") {
+                raw = name.unwrap_or(raw);
+                pax_sparse = Some(size.ok_or_else(|| {
+                    entry_err(&raw, "PAX sparse file without GNU.sparse.realsize")
+                })?);
+            }
+        }
+        let path = LayerPath::parse(&raw).map_err(|e: PathError| entry_err(&raw, e))?;
+        self.stats.entries += 1;
+
+        let (parent, base) = match path.split_last() {
+            Some(x) => x,
+            None => return self.root_entry(kind, meta, &raw),
+        };
+        match whiteout::classify_oci_name(base).map_err(|e| entry_err(&raw, e))? {
+            OciName::Opaque => return self.opaque_marker(&parent, &raw),
+            OciName::Whiteout(target) => return self.whiteout(&parent.join(target), &raw),
+            OciName::Plain => {}
+        }
+
+        let leaf = self
+            .root
+            .leaf(&path, true)
+            .map_err(|e| entry_err(&raw, e))?;
+        let existing = leaf.stat().map_err(|e| entry_err(&raw, e))?;
+        let was_whiteout = self.whiteouts.remove(&path);
+        let existing_dir = existing
+            .as_ref()
+            .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+        if kind == tar::EntryType::Directory {
+            if existing.is_some() && !existing_dir {
+                leaf.remove_all()
+                    .map_err(|e| entry_err(&raw, format!("replacing what was there: {e}")))?;
+            }
+            return self.directory(leaf, path, meta, was_whiteout, existing_dir, &raw);
+        }
+        if existing.is_some() {
+            leaf.remove_all()
+                .map_err(|e| entry_err(&raw, format!("replacing what was there: {e}")))?;
+        }
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let sparse = kind == tar::EntryType::GNUSparse || pax_sparse.is_some();
+                self.regular(&leaf, &mut entry, meta, sparse, pax_sparse, &raw)
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| entry_err(&raw, "symlink without a target"))?
+                    .into_owned();
+                rustix::fs::symlinkat(
+                    std::ffi::OsStr::from_bytes(&target),
+                    &leaf.dir,
+                    leaf.name.as_c_str(),
+                )
+                .map_err(|e| entry_err(&raw, format!("symlink: {e}")))?;
+                self.owner_and_xattrs_by_name(&leaf, &meta, &raw)?;
+                leaf.set_times(&Timestamps {
+                    last_access: meta.atime,
+                    last_modification: meta.mtime,
+                })
+                .map_err(|e| entry_err(&raw, format!("set times: {e}")))
+            }
+            tar::EntryType::Link => self.hardlink(&leaf, &entry, &raw),
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                self.special(&leaf, &entry, meta, &raw)
+            }
+            other => Err(entry_err(&raw, format!("unsupported entry type {other:?}"))),
+        }
+    }
+
+    fn meta<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        raw: &[u8],
+    ) -> Result<Meta, ExtractError> {
+        let h = entry.header();
+        let bad = |what: &str, e: io::Error| entry_err(raw, format!("bad {what} field: {e}"));
+        let uid = h.uid().map_err(|e| bad("uid", e))?;
+        let gid = h.gid().map_err(|e| bad("gid", e))?;
+        let mode = h.mode().map_err(|e| bad("mode", e))? & 0o7777;
+        let secs = h.mtime().map_err(|e| bad("mtime", e))?;
+        let mut m = Meta {
+            uid: u32::try_from(uid)
+                .map_err(|_| entry_err(raw, format!("uid {uid} does not fit in 32 bits")))?,
+            gid: u32::try_from(gid)
+                .map_err(|_| entry_err(raw, format!("gid {gid} does not fit in 32 bits")))?,
+            mode,
+            mtime: Timespec {
+                tv_sec: secs as i64,
+                tv_nsec: 0,
+            },
+            atime: Timespec {
+                tv_sec: secs as i64,
+                tv_nsec: 0,
+            },
+            xattrs: Vec::new(),
+        };
+        let mut atime = None;
+        if let Some(pax) = entry.pax_extensions().map_err(|e| entry_err(raw, e))? {
+            for ext in pax {
+                let ext = ext.map_err(|e| entry_err(raw, format!("bad PAX record: {e}")))?;
+                let key = ext.key_bytes();
+                if key == b"mtime" {
+                    m.mtime = parse_pax_time(ext.value_bytes())
+                        .ok_or_else(|| entry_err(raw, "bad PAX mtime"))?;
+                } else if key == b"atime" {
+                    atime = parse_pax_time(ext.value_bytes());
+                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    let name = String::from_utf8(name.to_vec())
+                        .map_err(|_| entry_err(raw, "xattr name is not UTF-8"))?;
+                    m.xattrs.push((name, ext.value_bytes().to_vec()));
+                } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                    let x = libarchive_xattr(name, ext.value_bytes())
+                        .ok_or_else(|| entry_err(raw, "bad LIBARCHIVE.xattr record"))?;
+                    m.xattrs.push(x);
+                }
+            }
+        }
+        m.atime = atime.unwrap_or(m.mtime);
+        // An archive never sets overlay markers on disk: escape them as the kernel documents.
+        for (name, _) in &mut m.xattrs {
+            if let std::borrow::Cow::Owned(escaped) = whiteout::escape_xattr(name) {
+                *name = escaped;
+            }
+        }
+        m.xattrs.sort();
+        m.xattrs.dedup_by(|a, b| a.0 == b.0);
+        Ok(m)
+    }
+
+    fn root_entry(
+        &mut self,
+        kind: tar::EntryType,
+        meta: Meta,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        if kind != tar::EntryType::Directory {
+            return Err(entry_err(
+                raw,
+                format!("the root of a layer must be a directory, not a {kind:?} entry"),
+            ));
+        }
+        let fd = rustix::fs::openat(
+            self.root.fd(),
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| entry_err(raw, e))?;
+        self.owner_and_xattrs_fd(&fd, &meta, raw)?;
+        self.dirs.push(DeferredDir {
+            path: LayerPath::root(),
+            mode: meta.mode,
+            times: Timestamps {
+                last_access: meta.atime,
+                last_modification: meta.mtime,
+            },
+        });
+        Ok(())
+    }
+
+    fn opaque_marker(&mut self, dir: &LayerPath, raw: &[u8]) -> Result<(), ExtractError> {
+        let fd = self
+            .root
+            .open_dir(dir, true)
+            .map_err(|e| entry_err(raw, e))?;
+        set_opaque(&fd, self.opts.opaque_ns)
+            .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
+        self.stats.opaques += 1;
+        Ok(())
+    }
+
+    fn whiteout(&mut self, target: &LayerPath, raw: &[u8]) -> Result<(), ExtractError> {
+        let leaf = self
+            .root
+            .leaf(target, true)
+            .map_err(|e| entry_err(raw, e))?;
+        self.stats.whiteouts += 1;
+        match leaf.stat().map_err(|e| entry_err(raw, e))? {
+            // Same-layer entries for the path come first here: a directory becomes opaque, and
+            // anything else already hides what is below.
+            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
+                set_opaque(&fd, self.opts.opaque_ns)
+                    .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))
+            }
+            Some(_) => Ok(()),
+            None => {
+                rustix::fs::mknodat(
+                    &leaf.dir,
+                    leaf.name.as_c_str(),
+                    FileType::CharacterDevice,
+                    Mode::empty(),
+                    0,
+                )
+                .map_err(|e| entry_err(raw, format!("make the whiteout device: {e}")))?;
+                self.whiteouts.insert(target.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn directory(
+        &mut self,
+        leaf: Leaf,
+        path: LayerPath,
+        meta: Meta,
+        opaque: bool,
+        existed: bool,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        if !existed {
+            rustix::fs::mkdirat(&leaf.dir, leaf.name.as_c_str(), Mode::from_raw_mode(0o700))
+                .map_err(|e| entry_err(raw, format!("mkdir: {e}")))?;
+        }
+        let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
+        self.owner_and_xattrs_fd(&fd, &meta, raw)?;
+        if opaque {
+            set_opaque(&fd, self.opts.opaque_ns)
+                .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
+            self.stats.opaques += 1;
+        }
+        self.dirs.push(DeferredDir {
+            path,
+            mode: meta.mode,
+            times: Timestamps {
+                last_access: meta.atime,
+                last_modification: meta.mtime,
+            },
+        });
+        Ok(())
+    }
+
+    fn regular<R: Read>(
+        &mut self,
+        leaf: &Leaf,
+        entry: &mut tar::Entry<'_, R>,
+        meta: Meta,
+        sparse: bool,
+        pax_sparse: Option<u64>,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        let fd = rustix::fs::openat(
+            &leaf.dir,
+            leaf.name.as_c_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| entry_err(raw, format!("create: {e}")))?;
+        let mut file = std::fs::File::from(fd);
+        let written = match pax_sparse {
+            Some(real) => self.write_pax_sparse(&mut file, entry, real, raw)?,
+            None => {
+                let expected = entry.size();
+                let n = self
+                    .copy_data(&mut file, entry, sparse)
+                    .map_err(|e| data_err(raw, e))?;
+                if n != expected {
+                    return Err(entry_err(
+                        raw,
+                        format!("the archive is truncated: {n} of {expected} bytes of data"),
+                    ));
+                }
+                n
+            }
+        };
+        self.stats.bytes += written;
+        self.owner_and_xattrs_fd(&file, &meta, raw)?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
+        rustix::fs::futimens(
+            &file,
+            &Timestamps {
+                last_access: meta.atime,
+                last_modification: meta.mtime,
+            },
+        )
+        .map_err(|e| entry_err(raw, format!("set times: {e}")))
+    }
+
+    /// Copy an entry's data into `file`; with `sparse`, runs of zero blocks become holes.
+    fn copy_data(
+        &mut self,
+        file: &mut std::fs::File,
+        r: &mut impl Read,
+        sparse: bool,
+    ) -> io::Result<u64> {
+        let mut total = 0u64;
+        let mut hole = false;
+        loop {
+            let n = match r.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if sparse && self.buf[..n].iter().all(|&b| b == 0) {
+                rustix::fs::seek(&*file, rustix::fs::SeekFrom::Current(n as i64))?;
+                hole = true;
+            } else {
+                file.write_all(&self.buf[..n])?;
+                hole = false;
+            }
+            total += n as u64;
+        }
+        if hole {
+            file.set_len(total)?;
+        }
+        Ok(total)
+    }
+
+    /// GNU PAX sparse format 1.0: the data starts with a decimal map (count, then offset and
+    /// size per chunk, one number a line), padded to 512 bytes; then the chunks back to back.
+    fn write_pax_sparse(
+        &mut self,
+        file: &mut std::fs::File,
+        entry: &mut impl Read,
+        real: u64,
+        raw: &[u8],
+    ) -> Result<u64, ExtractError> {
+        let mut consumed = 0u64;
+        let mut read_number = |entry: &mut dyn Read| -> Result<u64, ExtractError> {
+            let mut digits = Vec::new();
+            loop {
+                let mut b = [0u8; 1];
+                entry.read_exact(&mut b).map_err(|e| data_err(raw, e))?;
+                consumed += 1;
+                if b[0] == b'\n' {
+                    break;
+                }
+                if !b[0].is_ascii_digit() || digits.len() > 20 {
+                    return Err(entry_err(raw, "bad PAX sparse map"));
+                }
+                digits.push(b[0]);
+            }
+            std::str::from_utf8(&digits)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| entry_err(raw, "bad PAX sparse map"))
+        };
+        let count = read_number(entry)?;
+        let mut chunks = Vec::new();
+        for _ in 0..count {
+            let off = read_number(entry)?;
+            let len = read_number(entry)?;
+            chunks.push((off, len));
+        }
+        let pad = (512 - consumed % 512) % 512;
+        io::copy(&mut entry.take(pad), &mut io::sink()).map_err(|e| data_err(raw, e))?;
+        let mut written = 0;
+        for (off, len) in chunks {
+            if off.checked_add(len).is_none_or(|end| end > real) {
+                return Err(entry_err(raw, "PAX sparse chunk beyond the file's size"));
+            }
+            rustix::fs::seek(&*file, rustix::fs::SeekFrom::Start(off))
+                .map_err(|e| entry_err(raw, e))?;
+            let n = io::copy(&mut entry.take(len), file).map_err(|e| data_err(raw, e))?;
+            if n != len {
+                return Err(entry_err(
+                    raw,
+                    "the archive is truncated inside a sparse file",
+                ));
+            }
+            written += n;
+        }
+        file.set_len(real).map_err(|e| entry_err(raw, e))?;
+        Ok(written)
+    }
+
+    fn hardlink<R: Read>(
+        &mut self,
+        leaf: &Leaf,
+        entry: &tar::Entry<'_, R>,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        let target_raw = entry
+            .link_name_bytes()
+            .ok_or_else(|| entry_err(raw, "hardlink without a target"))?
+            .into_owned();
+        let target = LayerPath::parse(&target_raw).map_err(|e| {
+            entry_err(
+                raw,
+                format!("hardlink target {:?}: {e}", display_bytes(&target_raw)),
+            )
+        })?;
+        let missing = || {
+            entry_err(
+                raw,
+                format!(
+                    "hardlink target {:?} is not in the layer",
+                    display_bytes(&target_raw)
+                ),
+            )
+        };
+        let tleaf = self.root.leaf(&target, false).map_err(|_| missing())?;
+        let st = tleaf
+            .stat()
+            .map_err(|e| entry_err(raw, e))?
+            .ok_or_else(missing)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            return Err(entry_err(
+                raw,
+                format!(
+                    "hardlink target {:?} is a directory",
+                    display_bytes(&target_raw)
+                ),
+            ));
+        }
+        // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+        rustix::fs::linkat(
+            &tleaf.dir,
+            tleaf.name.as_c_str(),
+            &leaf.dir,
+            leaf.name.as_c_str(),
+            rustix::fs::AtFlags::empty(),
+        )
+        .map_err(|e| entry_err(raw, format!("hardlink: {e}")))
+    }
+
+    fn special<R: Read>(
+        &mut self,
+        leaf: &Leaf,
+        entry: &tar::Entry<'_, R>,
+        meta: Meta,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        let h = entry.header();
+        let (ft, dev) = match h.entry_type() {
+            tar::EntryType::Fifo => (FileType::Fifo, 0),
+            t => {
+                let major = h
+                    .device_major()
+                    .map_err(|e| entry_err(raw, e))?
+                    .unwrap_or(0);
+                let minor = h
+                    .device_minor()
+                    .map_err(|e| entry_err(raw, e))?
+                    .unwrap_or(0);
+                let ft = if t == tar::EntryType::Char {
+                    FileType::CharacterDevice
+                } else {
+                    FileType::BlockDevice
+                };
+                (ft, rustix::fs::makedev(major, minor))
+            }
+        };
+        match rustix::fs::mknodat(
+            &leaf.dir,
+            leaf.name.as_c_str(),
+            ft,
+            Mode::from_raw_mode(0o600),
+            dev,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
+                // Rootless: real devices can't be made. Counted and reported, never silent.
+                self.stats.skipped_devices += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(entry_err(raw, format!("mknod: {e}"))),
+        }
+        self.owner_and_xattrs_by_name(leaf, &meta, raw)?;
+        leaf.chmod(meta.mode)
+            .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
+        leaf.set_times(&Timestamps {
+            last_access: meta.atime,
+            last_modification: meta.mtime,
+        })
+        .map_err(|e| entry_err(raw, format!("set times: {e}")))
+    }
+
+    fn owner_and_xattrs_fd(
+        &mut self,
+        fd: &impl AsFd,
+        meta: &Meta,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        match self.opts.owners {
+            OwnerPolicy::Preserve => rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+            )
+            .map_err(|e| owner_err(raw, meta, e))?,
+            OwnerPolicy::Record => {
+                if meta.uid != 0 || meta.gid != 0 {
+                    self.apply_xattr(
+                        raw,
+                        ROOTLESS_XATTR,
+                        &encode_rootless_owner(meta.uid, meta.gid),
+                        |n, v| crate::xattrs::set_fd(fd, n, v),
+                    )?;
+                }
+            }
+        }
+        for (name, value) in &meta.xattrs {
+            self.apply_xattr(raw, name, value, |n, v| crate::xattrs::set_fd(fd, n, v))?;
+        }
+        Ok(())
+    }
+
+    fn owner_and_xattrs_by_name(
+        &mut self,
+        leaf: &Leaf,
+        meta: &Meta,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        match self.opts.owners {
+            OwnerPolicy::Preserve => leaf
+                .chown(meta.uid, meta.gid)
+                .map_err(|e| owner_err(raw, meta, e))?,
+            OwnerPolicy::Record => {
+                if meta.uid != 0 || meta.gid != 0 {
+                    self.apply_xattr(
+                        raw,
+                        ROOTLESS_XATTR,
+                        &encode_rootless_owner(meta.uid, meta.gid),
+                        |n, v| leaf.set_xattr(n, v),
+                    )?;
+                }
+            }
+        }
+        for (name, value) in &meta.xattrs {
+            self.apply_xattr(raw, name, value, |n, v| leaf.set_xattr(n, v))?;
+        }
+        Ok(())
+    }
+
+    fn apply_xattr(
+        &mut self,
+        raw: &[u8],
+        name: &str,
+        value: &[u8],
+        set: impl Fn(&str, &[u8]) -> io::Result<()>,
+    ) -> Result<(), ExtractError> {
+        match set(name, value) {
+            Ok(()) => Ok(()),
+            Err(e) if is_refusal(&e) => {
+                self.stats.skipped_xattrs += 1;
+                Ok(())
+            }
+            Err(e) => Err(entry_err(raw, format!("set xattr {name}: {e}"))),
+        }
+    }
+
+    fn finish_dirs(&mut self) -> Result<(), ExtractError> {
+        for d in std::mem::take(&mut self.dirs) {
+            let raw = d.path.as_bytes().to_vec();
+            let fd: OwnedFd = if d.path.is_root() {
+                rustix::fs::openat(
+                    self.root.fd(),
+                    c".",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| entry_err(&raw, e))?
+            } else {
+                let leaf = self
+                    .root
+                    .leaf(&d.path, false)
+                    .map_err(|e| entry_err(&raw, e))?;
+                match leaf.open_dir() {
+                    Ok(fd) => fd,
+                    // A later entry replaced the directory: its metadata went with it.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(entry_err(&raw, e)),
+                }
+            };
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))
+                .map_err(|e| entry_err(&raw, format!("chmod: {e}")))?;
+            rustix::fs::futimens(&fd, &d.times)
+                .map_err(|e| entry_err(&raw, format!("set times: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn owner_err(raw: &[u8], meta: &Meta, e: impl Into<io::Error>) -> ExtractError {
+    let e: io::Error = e.into();
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        entry_err(
+            raw,
+            format!(
+                "owner {}:{} is not mapped in this user namespace",
+                meta.uid, meta.gid
+            ),
+        )
+    } else {
+        entry_err(raw, format!("chown {}:{}: {e}", meta.uid, meta.gid))
+    }
+}
+
+fn data_err(raw: &[u8], e: io::Error) -> ExtractError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        entry_err(raw, "the archive is truncated inside this entry's data")
+    } else {
+        entry_err(raw, format!("reading data: {e}"))
+    }
+}
+
+/// Mark the directory open as `fd` opaque in namespace `ns`.
+pub fn set_opaque(fd: &OwnedFd, ns: XattrNs) -> io::Result<()> {
+    // `fd` may be an O_PATH fd, which fsetxattr refuses: go through its /proc entry.
+    let path = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(fd));
+    rustix::fs::lsetxattr(
+        path.as_str(),
+        ns.name(whiteout::key::OPAQUE).as_str(),
+        whiteout::OPAQUE_YES,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(
+            parse_pax_time(b"1700000000.123456789"),
+            Some(Timespec {
+                tv_sec: 1700000000,
+                tv_nsec: 123456789
+            })
+        );
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some(Timespec {
+                tv_sec: 1700000000,
+                tv_nsec: 500000000
+            })
+        );
+        assert_eq!(
+            parse_pax_time(b"12"),
+            Some(Timespec {
+                tv_sec: 12,
+                tv_nsec: 0
+            })
+        );
+        assert_eq!(
+            parse_pax_time(b"-1.25"),
+            Some(Timespec {
+                tv_sec: -2,
+                tv_nsec: 750000000
+            })
+        );
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+
+    #[test]
+    fn rootless_owner_encoding_matches_umoci() {
+        assert_eq!(encode_rootless_owner(0, 0), Vec::<u8>::new());
+        assert_eq!(encode_rootless_owner(42, 0), vec![0x08, 42]);
+        assert_eq!(
+            encode_rootless_owner(1000, 300),
+            vec![0x08, 0xe8, 0x07, 0x10, 0xac, 0x02]
+        );
+    }
+
+    #[test]
+    fn libarchive_xattrs() {
+        assert_eq!(
+            libarchive_xattr(b"user.a%3Db", b"aGVsbG8="),
+            Some(("user.a=b".into(), b"hello".to_vec()))
+        );
+        assert_eq!(base64_decode(b"AAEC"), Some(vec![0, 1, 2]));
+        assert_eq!(base64_decode(b"AA"), Some(vec![0]));
+    }
+}
