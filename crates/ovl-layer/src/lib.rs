@@ -11,6 +11,7 @@ pub mod idmap;
 pub mod path;
 pub mod progress;
 pub mod root;
+pub mod snapshot;
 pub mod userns;
 pub mod whiteout;
 pub mod xattrs;
