@@ -1,1 +1,39 @@
-fn main() {}
+//! `cargo xtask <command>`: project automation (see `cargo xtask --help`).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ovl project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the pinned test fixtures into target/fixtures/ and verify their sha256
+    /// (set OVL_FIXTURE_MIRROR=DIR to copy them from DIR instead of downloading).
+    Fetch,
+    /// Benchmark the ovl tools against their baselines (tar, bsdtar, ...) on a real-sized rootfs.
+    Bench(xtask::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Cmd::Fetch => fetch(),
+        Cmd::Bench(args) => xtask::bench::run(&args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn fetch() -> Result<()> {
+    for fixture in xtask::fixtures::ALL {
+        println!("{}", xtask::fixtures::fetch(fixture)?.display());
+    }
+    Ok(())
+}

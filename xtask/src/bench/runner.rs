@@ -1,0 +1,588 @@
+//! Runs each contender of a case N times (alternating A B A B ...), each run in a fresh directory,
+//! measuring wall time and peak RSS, and prints the results table.
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// What one run executes: a command, or a pipeline of commands (`a | b | c`), with stdin from
+/// /dev/null, stdout of the last stage to /dev/null or a file, stderr of all stages to a log.
+#[derive(Debug)]
+pub struct Job {
+    stages: Vec<Command>,
+    stdout: Option<PathBuf>,
+}
+
+impl Job {
+    pub fn new(cmd: Command) -> Self {
+        Job {
+            stages: vec![cmd],
+            stdout: None,
+        }
+    }
+
+    /// Pipes the output of the job so far into `cmd`.
+    pub fn pipe(mut self, cmd: Command) -> Self {
+        self.stages.push(cmd);
+        self
+    }
+
+    /// Sends the last stage's stdout to `path` (created or truncated).
+    pub fn stdout_to(mut self, path: impl Into<PathBuf>) -> Self {
+        self.stdout = Some(path.into());
+        self
+    }
+}
+
+/// `Command::new(program).args(args)`, for short job definitions: args may mix `&str` and paths,
+/// e.g. `cmd("tar", &[&"-xzf", &tar_gz, &"-C", &dest])`.
+pub fn cmd(program: impl AsRef<OsStr>, args: &[&dyn AsRef<OsStr>]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args.iter().map(|a| a.as_ref()));
+    c
+}
+
+type JobFn = Box<dyn Fn(&Path) -> Result<Job>>;
+
+/// One tool in a case: how to build its job for a run directory, and what it is held to.
+pub struct Contender {
+    pub tool: &'static str,
+    pub baseline: bool,
+    /// (program, Debian package): the contender is skipped when a program is not in $PATH.
+    pub requires: Vec<(&'static str, &'static str)>,
+    /// Target: median wall time at most this many times the baseline's.
+    pub max_ratio: Option<f64>,
+    /// Target: peak RSS (max over runs) at most this many MiB.
+    pub max_rss_mib: Option<f64>,
+    job: JobFn,
+}
+
+impl Contender {
+    /// `job` gets a fresh, empty directory for the run (under target/bench/runs/) and returns
+    /// what to execute; it may prepare files in the directory first (untimed).
+    pub fn new(tool: &'static str, job: impl Fn(&Path) -> Result<Job> + 'static) -> Self {
+        Contender {
+            tool,
+            baseline: false,
+            requires: Vec::new(),
+            max_ratio: None,
+            max_rss_mib: None,
+            job: Box::new(job),
+        }
+    }
+
+    /// Marks this contender as the one the ratios are computed against.
+    pub fn baseline(mut self) -> Self {
+        self.baseline = true;
+        self
+    }
+
+    pub fn requires(mut self, program: &'static str, package: &'static str) -> Self {
+        self.requires.push((program, package));
+        self
+    }
+
+    pub fn target_ratio(mut self, max: f64) -> Self {
+        self.max_ratio = Some(max);
+        self
+    }
+
+    pub fn target_rss_mib(mut self, max: f64) -> Self {
+        self.max_rss_mib = Some(max);
+        self
+    }
+
+    fn missing(&self) -> Option<String> {
+        let missing: Vec<String> = self
+            .requires
+            .iter()
+            .filter(|(program, _)| crate::which(program).is_none())
+            .map(|(program, package)| format!("{program} not found (apt-get install {package})"))
+            .collect();
+        (!missing.is_empty()).then(|| missing.join(", "))
+    }
+}
+
+/// A benchmark case: the same work done by each contender.
+pub struct Case {
+    pub name: &'static str,
+    pub contenders: Vec<Contender>,
+}
+
+/// One run's measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct Measurement {
+    pub wall: Duration,
+    /// Peak RSS in KiB: the max over the job's processes (and their descendants).
+    pub max_rss_kib: u64,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Skipped(String),
+    Failed { run: usize, error: String },
+    Measured(Vec<Measurement>),
+}
+
+/// One row of the results table.
+#[derive(Debug)]
+pub struct Row {
+    pub case: &'static str,
+    pub tool: &'static str,
+    pub baseline: bool,
+    pub max_ratio: Option<f64>,
+    pub max_rss_mib: Option<f64>,
+    pub outcome: Outcome,
+}
+
+pub struct Runner {
+    /// Where run directories go: `<runs_dir>/<case>/<tool>-<run>/`.
+    pub runs_dir: PathBuf,
+    pub runs: usize,
+    /// A run still going after this long is killed and reported as failed.
+    pub timeout: Duration,
+}
+
+impl Runner {
+    /// Runs every available contender `self.runs` times, alternating between them.
+    pub fn run_case(&self, case: &Case) -> Vec<Row> {
+        let mut outcomes: Vec<Outcome> = case
+            .contenders
+            .iter()
+            .map(|c| match c.missing() {
+                Some(why) => Outcome::Skipped(why),
+                None => Outcome::Measured(Vec::new()),
+            })
+            .collect();
+        for run in 1..=self.runs {
+            for (contender, outcome) in case.contenders.iter().zip(outcomes.iter_mut()) {
+                let Outcome::Measured(ms) = outcome else {
+                    continue;
+                };
+                let label = format!("{} / {} run {run}/{}", case.name, contender.tool, self.runs);
+                match self.run_once(case, contender, run) {
+                    Ok(m) => {
+                        println!(
+                            "  {label}: {:.2} s, peak RSS {:.1} MiB",
+                            m.wall.as_secs_f64(),
+                            m.max_rss_kib as f64 / 1024.0
+                        );
+                        ms.push(m);
+                    }
+                    Err(err) => {
+                        let error = format!("{err:#}");
+                        println!("  {label}: FAILED: {}", first_line(&error));
+                        *outcome = Outcome::Failed { run, error };
+                    }
+                }
+            }
+        }
+        case.contenders
+            .iter()
+            .zip(outcomes)
+            .map(|(c, outcome)| Row {
+                case: case.name,
+                tool: c.tool,
+                baseline: c.baseline,
+                max_ratio: c.max_ratio,
+                max_rss_mib: c.max_rss_mib,
+                outcome,
+            })
+            .collect()
+    }
+
+    fn run_once(&self, case: &Case, contender: &Contender, run: usize) -> Result<Measurement> {
+        let dir = self
+            .runs_dir
+            .join(case.name)
+            .join(format!("{}-{run}", slug(contender.tool)));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let job = (contender.job)(&dir)?;
+        // Start each run with no dirty pages left over from the previous one (untimed).
+        sync();
+        measure(job, &dir.join("stderr.log"), self.timeout)
+    }
+}
+
+/// Runs `job`, returning its wall time and peak RSS; an error (with the job's stderr) if any
+/// stage fails or the job outlives `timeout`.
+pub fn measure(job: Job, stderr_path: &Path, timeout: Duration) -> Result<Measurement> {
+    let stderr = File::create(stderr_path)
+        .with_context(|| format!("cannot create {}", stderr_path.display()))?;
+    let last_stdout = match &job.stdout {
+        Some(path) => Stdio::from(
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let described: Vec<String> = job.stages.iter().map(describe).collect();
+    let n = job.stages.len();
+    let mut last_stdout = Some(last_stdout);
+    let mut pids: Vec<libc::pid_t> = Vec::with_capacity(n);
+    let mut prev: Option<ChildStdout> = None;
+
+    reset_peak_rss();
+    let start = Instant::now();
+    for (i, mut cmd) in job.stages.into_iter().enumerate() {
+        cmd.stdin(prev.take().map_or_else(Stdio::null, Stdio::from));
+        cmd.stderr(stderr.try_clone()?);
+        if i + 1 < n {
+            cmd.stdout(Stdio::piped());
+        } else {
+            cmd.stdout(last_stdout.take().expect("one last stage"));
+        }
+        match cmd.spawn() {
+            Ok(mut child) => {
+                prev = child.stdout.take();
+                pids.push(child.id() as libc::pid_t);
+            }
+            Err(err) => {
+                for &pid in &pids {
+                    // SAFETY: plain syscalls on pids we spawned and have not reaped.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let _ = wait4(pid);
+                }
+                bail!("cannot start {}: {err}", described[i]);
+            }
+        }
+    }
+    drop(prev);
+
+    let reaped: Arc<Vec<AtomicBool>> =
+        Arc::new(pids.iter().map(|_| AtomicBool::new(false)).collect());
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (pids, reaped, timed_out, done) = (
+            pids.clone(),
+            reaped.clone(),
+            timed_out.clone(),
+            done.clone(),
+        );
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while !done.load(Ordering::Acquire) {
+                if Instant::now() >= deadline {
+                    timed_out.store(true, Ordering::Release);
+                    for (pid, reaped) in pids.iter().zip(reaped.iter()) {
+                        if !reaped.load(Ordering::Acquire) {
+                            // SAFETY: a pid we spawned and have not reaped yet.
+                            unsafe { libc::kill(*pid, libc::SIGKILL) };
+                        }
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    let mut max_rss_kib = 0u64;
+    let mut failures = Vec::new();
+    for (i, &pid) in pids.iter().enumerate() {
+        let (status, rusage) = wait4(pid)?;
+        reaped[i].store(true, Ordering::Release);
+        max_rss_kib = max_rss_kib.max(rusage.ru_maxrss.max(0) as u64);
+        if let Some(why) = failure(status) {
+            failures.push(format!("{} {why}", described[i]));
+        }
+    }
+    let wall = start.elapsed();
+    done.store(true, Ordering::Release);
+    let _ = watchdog.join();
+
+    if timed_out.load(Ordering::Acquire) {
+        failures.insert(
+            0,
+            format!("killed after the {} s timeout", timeout.as_secs()),
+        );
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{}\n--- stderr ({}) ---\n{}",
+            failures.join("; "),
+            stderr_path.display(),
+            tail(stderr_path, 20)
+        );
+    }
+    Ok(Measurement { wall, max_rss_kib })
+}
+
+/// A child's peak RSS starts at its parent's peak RSS (the kernel counts the parent's memory
+/// image that the child replaces at exec), so lower ours to our current RSS before spawning:
+/// then a child's figure is its own unless it stays below our few MiB.
+fn reset_peak_rss() {
+    // "5" resets the peak RSS of the process (Linux >= 4.0); without it the figures are only
+    // upper bounds, still good enough for an "RSS <= N MiB" target.
+    let _ = fs::write("/proc/self/clear_refs", "5");
+}
+
+fn wait4(pid: libc::pid_t) -> Result<(libc::c_int, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: valid pointers to locals; pid is our own child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
+        if r == pid {
+            return Ok((status, rusage));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            bail!("wait4({pid}): {err}");
+        }
+    }
+}
+
+fn failure(status: libc::c_int) -> Option<String> {
+    if libc::WIFEXITED(status) {
+        match libc::WEXITSTATUS(status) {
+            0 => None,
+            code => Some(format!("exited with status {code}")),
+        }
+    } else if libc::WIFSIGNALED(status) {
+        Some(format!("killed by signal {}", libc::WTERMSIG(status)))
+    } else {
+        Some(format!("ended with wait status {status:#x}"))
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// The last `n` lines of a (log) file.
+fn tail(path: &Path, n: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) if bytes.is_empty() => "(empty)".to_string(),
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(err) => format!("(cannot read: {err})"),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+fn slug(tool: &str) -> String {
+    tool.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Flushes dirty pages to disk.
+pub fn sync() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+    rss_mib: f64,
+}
+
+fn stats(ms: &[Measurement]) -> Option<Stats> {
+    if ms.is_empty() {
+        return None;
+    }
+    let mut walls: Vec<f64> = ms.iter().map(|m| m.wall.as_secs_f64()).collect();
+    walls.sort_by(f64::total_cmp);
+    Some(Stats {
+        median: median(&walls),
+        min: walls[0],
+        max: walls[walls.len() - 1],
+        rss_mib: ms.iter().map(|m| m.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+    })
+}
+
+/// What the table found: targets met, missed, and errors (failed runs).
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub pass: usize,
+    pub fail: usize,
+    pub errors: usize,
+}
+
+/// Prints the results table (then the stderr of failed runs) and returns the verdict.
+pub fn print_table(rows: &[Row]) -> Verdict {
+    let header = [
+        "case",
+        "tool",
+        "median s",
+        "min s",
+        "max s",
+        "peak RSS MiB",
+        "ratio",
+        "target",
+        "result",
+    ];
+    let mut table: Vec<[String; 9]> = Vec::new();
+    let mut verdict = Verdict::default();
+    let mut errors = String::new();
+    for row in rows {
+        let base = rows
+            .iter()
+            .find(|r| r.case == row.case && r.baseline)
+            .and_then(|r| match &r.outcome {
+                Outcome::Measured(ms) => stats(ms),
+                _ => None,
+            });
+        let mut target = Vec::new();
+        if row.baseline {
+            target.push("baseline".to_string());
+        }
+        if let Some(r) = row.max_ratio {
+            target.push(format!("<= {r:.2}x"));
+        }
+        if let Some(m) = row.max_rss_mib {
+            target.push(format!("RSS <= {m:.0} MiB"));
+        }
+        let target = if target.is_empty() {
+            "-".to_string()
+        } else {
+            target.join(", ")
+        };
+        let dash = || "-".to_string();
+        let cells = match &row.outcome {
+            Outcome::Skipped(why) => [
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+                target,
+                format!("skipped: {why}"),
+            ],
+            Outcome::Failed { run, error } => {
+                verdict.errors += 1;
+                let _ = writeln!(
+                    errors,
+                    "\n{} / {} failed on run {run}:\n{error}",
+                    row.case, row.tool
+                );
+                [
+                    dash(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    target,
+                    "ERROR (below)".to_string(),
+                ]
+            }
+            Outcome::Measured(ms) => {
+                let s = stats(ms).expect("a measured row has runs");
+                let ratio = base.as_ref().map(|b| s.median / b.median);
+                let mut result = "-".to_string();
+                if row.max_ratio.is_some() || row.max_rss_mib.is_some() {
+                    let ratio_ok = match (row.max_ratio, ratio) {
+                        (None, _) => Some(true),
+                        (Some(max), Some(r)) => Some(r <= max),
+                        (Some(_), None) => None,
+                    };
+                    let rss_ok = row.max_rss_mib.is_none_or(|max| s.rss_mib <= max);
+                    result = match (ratio_ok, rss_ok) {
+                        (Some(true), true) => {
+                            verdict.pass += 1;
+                            "PASS".to_string()
+                        }
+                        (None, true) => "n/a (no baseline)".to_string(),
+                        _ => {
+                            verdict.fail += 1;
+                            "FAIL".to_string()
+                        }
+                    };
+                }
+                [
+                    format!("{:.3}", s.median),
+                    format!("{:.3}", s.min),
+                    format!("{:.3}", s.max),
+                    format!("{:.1}", s.rss_mib),
+                    ratio.map_or_else(dash, |r| format!("{r:.2}x")),
+                    target,
+                    result,
+                ]
+            }
+        };
+        let [a, b, c, d, e, f, g] = cells;
+        table.push([
+            row.case.to_string(),
+            row.tool.to_string(),
+            a,
+            b,
+            c,
+            d,
+            e,
+            f,
+            g,
+        ]);
+    }
+
+    let mut widths = header.map(str::len);
+    for line in &table {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let fmt_line = |cells: &[&str]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            // Text columns left-aligned, numbers right-aligned; no padding after the last one.
+            match i {
+                0 | 1 | 7 => out.push_str(&format!("{cell:<w$}  ")),
+                8 => out.push_str(cell),
+                _ => out.push_str(&format!("{cell:>w$}  ")),
+            }
+        }
+        out
+    };
+    println!();
+    println!("{}", fmt_line(&header));
+    println!(
+        "{}",
+        fmt_line(&widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str))
+    );
+    for line in &table {
+        println!("{}", fmt_line(&line.each_ref().map(String::as_str)));
+    }
+    if !errors.is_empty() {
+        print!("{errors}");
+    }
+    verdict
+}
