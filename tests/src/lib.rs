@@ -27,7 +27,9 @@ pub fn require(what: &str, present: bool) -> bool {
     if require_all() {
         panic!("{what} is required ({REQUIRE_ALL} is set) but missing");
     }
-    eprintln!("\n*** SKIPPED: {what} is missing (set {REQUIRE_ALL}=1 to make this a failure) ***\n");
+    eprintln!(
+        "\n*** SKIPPED: {what} is missing (set {REQUIRE_ALL}=1 to make this a failure) ***\n"
+    );
     false
 }
 
@@ -41,7 +43,10 @@ pub fn which(program: &str) -> Option<PathBuf> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The fixtures/ directory.
@@ -58,11 +63,25 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--quiet", "--bins", "-p", "ovl-import", "-p", "ovl-mount", "-p", "ovl-diff", "-p", "ovl-squash"])
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "ovl-import",
+                "-p",
+                "ovl-mount",
+                "-p",
+                "ovl-diff",
+                "-p",
+                "ovl-squash",
+            ])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build of the ovl binaries failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         let built = target.join("debug");
         let dir = std::env::temp_dir().join(format!("ovl-test-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -96,7 +115,11 @@ fn lookup_user(name: &str) -> Option<TestUser> {
         if f.len() < 4 || f[0] != name {
             return None;
         }
-        Some(TestUser { name: name.into(), uid: f[2].parse().ok()?, gid: f[3].parse().ok()? })
+        Some(TestUser {
+            name: name.into(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+        })
     })
 }
 
@@ -112,8 +135,34 @@ fn add_subids(file: &str, name: &str, start: u32) {
     }
 }
 
-/// The unprivileged test user with subordinate ids (`OVL_TEST_USER`, default `ovltest`,
-/// `200000:65536`). As root it is created when missing; otherwise `None`.
+fn remove_subids(file: &str, name: &str) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| l.split(':').next() != Some(name))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        std::fs::write(file, kept).unwrap();
+    }
+}
+
+/// The user's rootless id maps as ovl computes them from /etc/subuid and /etc/subgid.
+pub fn rootless_maps(user: &TestUser) -> ovl_layer::idmap::RootlessMaps {
+    ovl_layer::idmap::RootlessMaps::for_user(
+        &user.name,
+        user.uid,
+        user.gid,
+        Path::new("/etc/subuid"),
+        Path::new("/etc/subgid"),
+    )
+    .unwrap()
+}
+
+/// The unprivileged test user with subordinate ids (`OVL_TEST_USER`, default `ovltest`; given
+/// `200000:65536` when it has none). As root it is created when missing; otherwise `None`.
 pub fn test_user() -> Option<TestUser> {
     let name = std::env::var(TEST_USER).unwrap_or_else(|_| "ovltest".into());
     ensure_user(&name, Some(200_000))
@@ -128,19 +177,29 @@ fn ensure_user(name: &str, subids: Option<u32>) -> Option<TestUser> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if lookup_user(name).is_none() && is_root() {
-        let _ = Command::new("useradd").args(["-m", "-s", "/bin/sh", name]).status();
+        let _ = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", name])
+            .status();
     }
     let user = lookup_user(name)?;
-    if let (Some(start), true) = (subids, is_root()) {
-        add_subids("/etc/subuid", name, start);
-        add_subids("/etc/subgid", name, start);
+    if is_root() {
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            match subids {
+                Some(start) => add_subids(file, name, start),
+                // useradd hands out subordinate ids by itself (login.defs SUB_UID_COUNT).
+                None => remove_subids(file, name),
+            }
+        }
     }
     Some(user)
 }
 
 /// A temporary directory owned by `user` (mode 0755 on the way down so it can reach it).
 pub fn user_tempdir(user: &TestUser) -> tempfile::TempDir {
-    let t = tempfile::Builder::new().prefix("ovl-user-test-").tempdir_in("/tmp").unwrap();
+    let t = tempfile::Builder::new()
+        .prefix("ovl-user-test-")
+        .tempdir_in("/tmp")
+        .unwrap();
     rustix::fs::chown(
         t.path(),
         Some(rustix::fs::Uid::from_raw(user.uid)),
@@ -191,16 +250,26 @@ pub fn alpine_minirootfs() -> Option<PathBuf> {
     let p = PATH
         .get_or_init(|| {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo).current_dir(workspace_root()).args(["xtask", "fetch"]).output().ok()?;
+            let out = Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["xtask", "fetch"])
+                .output()
+                .ok()?;
             if !out.status.success() {
-                eprintln!("cargo xtask fetch: {}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "cargo xtask fetch: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 return None;
             }
             let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last()?.trim());
             path.is_file().then_some(path)
         })
         .clone();
-    require("the Alpine minirootfs (cargo xtask fetch; set OVL_FIXTURE_MIRROR)", p.is_some());
+    require(
+        "the Alpine minirootfs (cargo xtask fetch; set OVL_FIXTURE_MIRROR)",
+        p.is_some(),
+    );
     p
 }
 
@@ -213,5 +282,10 @@ pub fn make_fuse_usable() -> bool {
     if is_root() {
         set_mode(dev, 0o666);
     }
-    rustix::fs::access(dev, rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK).is_ok() || is_root()
+    rustix::fs::access(
+        dev,
+        rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+    )
+    .is_ok()
+        || is_root()
 }

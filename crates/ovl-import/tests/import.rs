@@ -1,0 +1,611 @@
+//! ovl-import end to end: exactness against GNU tar, stdin, whiteouts, OCI layouts, rootless.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ovl_layer::snapshot::{SnapshotOptions, differences, snapshot};
+use ovl_tests::{bin, command_as, is_root, output, require, run_ok, which};
+
+fn import_cmd() -> Command {
+    Command::new(bin("ovl-import"))
+}
+
+fn gnu_tar_extract(archive: &Path, into: &Path) {
+    std::fs::create_dir(into).unwrap();
+    run_ok(
+        Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--same-owner",
+                "--numeric-owner",
+                "-xpf",
+            ])
+            .arg(archive)
+            .arg("-C")
+            .arg(into),
+    );
+}
+
+fn strict() -> SnapshotOptions {
+    SnapshotOptions::default()
+}
+
+fn assert_same_tree(a: &Path, b: &Path, opts: &SnapshotOptions) {
+    let diff = differences(&snapshot(a, opts).unwrap(), &snapshot(b, opts).unwrap());
+    assert!(
+        diff.is_empty(),
+        "{} and {} differ:\n{}",
+        a.display(),
+        b.display(),
+        diff.join("\n")
+    );
+}
+
+#[test]
+fn alpine_as_root_is_identical_to_gnu_tar_from_file_and_stdin() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let Some(alpine) = ovl_tests::alpine_minirootfs() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let (ours, stdin_dest, gnu) = (
+        t.path().join("ours"),
+        t.path().join("stdin"),
+        t.path().join("gnu"),
+    );
+    let out = output(import_cmd().arg(&alpine).arg(&ours));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a terminal: no bar, only the one-line summary.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(" entries, ") && stderr.contains("whiteouts") && stderr.contains("skipped"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes on a non-terminal: {stderr:?}"
+    );
+    run_ok(
+        import_cmd()
+            .args(["--quiet", "-"])
+            .arg(&stdin_dest)
+            .stdin(std::fs::File::open(&alpine).unwrap()),
+    );
+    gnu_tar_extract(&alpine, &gnu);
+    assert_same_tree(&ours, &gnu, &strict());
+    assert_same_tree(&stdin_dest, &gnu, &strict());
+    let n = snapshot(&ours, &strict()).unwrap().len();
+    assert!(n > 500, "only {n} entries: is this the minirootfs?");
+}
+
+/// A tree with every kind of entry and metadata GNU tar can carry.
+fn rich_tree(dir: &Path) {
+    let sh = |script: &str| run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+    sh(
+        "mkdir -p d/sub e && echo hi > d/f && chown 42:4242 d/f && chmod 4755 d/f && ln d/f d/hard && ln -s f d/sym && ln -s /abs/target d/abs \
+        && mkfifo d/fifo && mknod d/chr c 1 3 && mknod d/blk b 7 0 && chmod 2775 e && chmod 1777 d/sub \
+        && chown -h 7:8 d/sym && chown 100:101 e \
+        && setfattr -n user.test -v val d/f && setfattr -n trusted.t -v tv d && setfattr -n trusted.s -v sv -h d/sym \
+        && setfattr -n user.dir -v dv e \
+        && dd if=/dev/zero of=sparse bs=1M seek=10 count=0 2>/dev/null && echo tail >> sparse \
+        && touch -h -d '2020-01-02 03:04:05.123456789' d/sym d/f d/fifo d e",
+    );
+    let long = "l".repeat(120);
+    let deep = format!("{long}/{long}/{long}");
+    std::fs::create_dir_all(dir.join(&deep)).unwrap();
+    std::fs::write(dir.join(&deep).join("file"), b"deep").unwrap();
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(
+        dir.join(std::ffi::OsStr::from_bytes(b"non-utf8-\xff\xfe")),
+        b"bytes",
+    )
+    .unwrap();
+}
+
+#[test]
+fn every_entry_type_and_metadata_matches_gnu_tar_in_pax_and_gnu_formats() {
+    if !require("root", is_root())
+        || !require("setfattr (package attr)", which("setfattr").is_some())
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    rich_tree(&src);
+    for (format, sparse_flag) in [("pax", "--sparse"), ("gnu", "--sparse")] {
+        let archive = t.path().join(format!("{format}.tar"));
+        run_ok(
+            Command::new("tar")
+                .args([
+                    &format!("--format={format}"),
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    sparse_flag,
+                    "--numeric-owner",
+                    "-cf",
+                ])
+                .arg(&archive)
+                .arg("-C")
+                .arg(&src)
+                .arg("."),
+        );
+        let (ours, gnu) = (
+            t.path().join(format!("ours-{format}")),
+            t.path().join(format!("gnu-{format}")),
+        );
+        run_ok(import_cmd().arg("--quiet").arg(&archive).arg(&ours));
+        gnu_tar_extract(&archive, &gnu);
+        // The GNU format has no sub-second mtimes; PAX must keep nanoseconds exactly.
+        assert_same_tree(&ours, &gnu, &strict());
+        let f = std::fs::symlink_metadata(ours.join("d/f")).unwrap();
+        assert_eq!(
+            (f.mode() & 0o7777, f.uid(), f.gid(), f.nlink()),
+            (0o4755, 42, 4242, 2)
+        );
+        if format == "pax" {
+            assert_eq!(f.mtime_nsec(), 123456789);
+        }
+        assert!(
+            std::fs::symlink_metadata(ours.join("d/chr"))
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+        let sp = std::fs::symlink_metadata(ours.join("sparse")).unwrap();
+        assert_eq!(sp.len(), 10 * 1024 * 1024 + 5);
+        assert!(
+            sp.blocks() < 64,
+            "the sparse file was written densely: {} blocks",
+            sp.blocks()
+        );
+    }
+}
+
+/// A layer tar built entry by entry.
+struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    fn new() -> Self {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+    fn header() -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_mode(0o644);
+        h
+    }
+    fn dir(mut self, path: &str) -> Self {
+        let mut h = Self::header();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        self.0.append_data(&mut h, path, std::io::empty()).unwrap();
+        self
+    }
+    fn file(mut self, path: &str, data: &[u8]) -> Self {
+        let mut h = Self::header();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+    fn bytes(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
+}
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    xattr::get(p, name).unwrap()
+}
+
+#[test]
+fn oci_whiteouts_become_overlay_whiteouts_and_stack_in_a_real_mount() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let l1 = Layer::new()
+        .dir("etc")
+        .file("etc/motd", b"hello")
+        .file("etc/keep", b"keep")
+        .dir("var/cache")
+        .file("var/cache/old", b"old")
+        .dir("opt/app")
+        .file("opt/app/old", b"old")
+        .bytes();
+    // Whiteouts before and after their siblings, an opaque marker before its directory entry,
+    // and a whiteout plus re-creation of the same directory (opaque by the OCI rules).
+    let l2 = Layer::new()
+        .file("etc/.wh.motd", b"")
+        .file("var/cache/.wh..wh..opq", b"")
+        .dir("var/cache")
+        .file("var/cache/new", b"new")
+        .file(".wh.opt", b"")
+        .dir("opt")
+        .dir("opt/app")
+        .file("opt/app/new", b"new")
+        .bytes();
+    let (a1, a2) = (t.path().join("l1.tar"), t.path().join("l2.tar"));
+    std::fs::write(&a1, l1).unwrap();
+    std::fs::write(&a2, l2).unwrap();
+    let (d1, d2) = (t.path().join("L1"), t.path().join("L2"));
+    run_ok(import_cmd().arg("--quiet").arg(&a1).arg(&d1));
+    let out = run_ok(import_cmd().arg(&a2).arg(&d2).stderr(Stdio::piped()));
+    assert!(out.is_empty());
+    assert!(is_whiteout(&d2.join("etc/motd")));
+    assert_eq!(
+        xattr(&d2.join("var/cache"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        xattr(&d2.join("opt"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(!d2.join(".wh.opt").exists() && !d2.join("etc/.wh.motd").exists());
+
+    // The rootless namespace on request.
+    let d2u = t.path().join("L2u");
+    run_ok(
+        import_cmd()
+            .args(["--quiet", "--opaque-xattr", "user"])
+            .arg(&a2)
+            .arg(&d2u),
+    );
+    assert_eq!(
+        xattr(&d2u.join("var/cache"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        xattr(&d2u.join("var/cache"), "trusted.overlay.opaque"),
+        None
+    );
+
+    // The kernel agrees: the merged view is what the two OCI layers mean.
+    let merged = t.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    let opts = format!("lowerdir={}:{}", d2.display(), d1.display());
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged),
+    );
+    let listing = |p: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(merged.join(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let got = (listing("etc"), listing("var/cache"), listing("opt/app"));
+    run_ok(Command::new("umount").arg(&merged));
+    assert_eq!(
+        got,
+        (
+            vec!["keep".to_string()],
+            vec!["new".to_string()],
+            vec!["new".to_string()]
+        )
+    );
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Write an OCI image layout holding `layers` (already compressed blobs) under `tag`.
+fn oci_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)]) -> Vec<PathBuf> {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let d = sha256(data);
+        std::fs::write(blobs.join(&d), data).unwrap();
+        d
+    };
+    let mut descs = Vec::new();
+    let mut paths = Vec::new();
+    for (data, media) in layers {
+        let d = put(data);
+        paths.push(blobs.join(&d));
+        descs.push(format!(
+            r#"{{"mediaType":"{media}","digest":"sha256:{d}","size":{}}}"#,
+            data.len()
+        ));
+    }
+    let config =
+        put(br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config}","size":1}},"layers":[{}]}}"#,
+        descs.join(",")
+    );
+    let m = put(manifest.as_bytes());
+    std::fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    paths
+}
+
+#[test]
+fn oci_layout_layers_become_lowerdirs_and_bad_digests_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let base = Layer::new()
+        .dir("etc")
+        .file("etc/a", b"a")
+        .file("etc/b", b"b")
+        .bytes();
+    let top = Layer::new()
+        .file("etc/.wh.a", b"")
+        .file("etc/c", b"c")
+        .bytes();
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&base).unwrap();
+        e.finish().unwrap()
+    };
+    let zs = zstd::encode_all(&top[..], 3).unwrap();
+    let layout = t.path().join("image");
+    let blobs = oci_layout(
+        &layout,
+        "v1",
+        &[
+            (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (zs, "application/vnd.oci.image.layer.v1.tar+zstd"),
+        ],
+    );
+    let dest = t.path().join("lowers");
+    let stdout = run_ok(
+        import_cmd()
+            .arg("--quiet")
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(&dest),
+    );
+    let lower = String::from_utf8(stdout).unwrap();
+    assert_eq!(
+        lower.trim(),
+        format!("{}:{}", dest.join("1").display(), dest.join("0").display())
+    );
+    assert_eq!(std::fs::read(dest.join("0/etc/a")).unwrap(), b"a");
+    assert_eq!(std::fs::read(dest.join("1/etc/c")).unwrap(), b"c");
+    // Rootless imports cannot make 0/0 devices outside a namespace; as root or in one they can.
+    assert!(is_whiteout(&dest.join("1/etc/a")));
+
+    // An unknown tag names the ones there are.
+    let out = output(
+        import_cmd()
+            .arg(format!("oci:{}:v2", layout.display()))
+            .arg(t.path().join("x")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("v1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A blob whose bytes do not match its digest: an error naming the digest, and no DEST.
+    let mut data = std::fs::read(&blobs[1]).unwrap();
+    let n = data.len();
+    data[n - 1] ^= 0xff;
+    std::fs::write(&blobs[1], &data).unwrap();
+    let bad = t.path().join("bad");
+    let out = output(
+        import_cmd()
+            .arg(format!("oci:{}", layout.display()))
+            .arg(&bad),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("digest mismatch") || err.contains("zstd") || err.contains("Unknown frame"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+    assert!(std::fs::read_dir(t.path()).unwrap().all(|e| {
+        !e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".ovl-import-")
+    }));
+}
+
+#[test]
+fn an_existing_dest_is_refused_and_left_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let archive = t.path().join("a.tar");
+    std::fs::write(&archive, Layer::new().file("f", b"x").bytes()).unwrap();
+    let dest = t.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::write(dest.join("mine"), b"mine").unwrap();
+    let out = output(import_cmd().arg(&archive).arg(&dest));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 1);
+}
+
+#[test]
+fn a_dead_imports_leftover_is_cleaned_by_the_next_run() {
+    let t = tempfile::tempdir().unwrap();
+    let archive = t.path().join("a.tar");
+    std::fs::write(&archive, Layer::new().file("f", b"x").bytes()).unwrap();
+    // pid 2^22+1 is above the default pid_max ceiling of most machines: never alive.
+    let leftover = t.path().join(".dest.ovl-import-4194305");
+    std::fs::create_dir_all(leftover.join("half/written")).unwrap();
+    run_ok(
+        import_cmd()
+            .arg("--quiet")
+            .arg(&archive)
+            .arg(t.path().join("dest")),
+    );
+    assert!(!leftover.exists());
+    assert_eq!(std::fs::read(t.path().join("dest/f")).unwrap(), b"x");
+}
+
+#[test]
+fn rootless_with_subordinate_ids_keeps_owners_through_the_map() {
+    if !require("root (to set up the unprivileged test user)", is_root())
+        || !require("newuidmap (package uidmap)", which("newuidmap").is_some())
+    {
+        return;
+    }
+    let Some(user) = ovl_tests::test_user() else {
+        require("the unprivileged test user", false);
+        return;
+    };
+    let Some(alpine) = ovl_tests::alpine_minirootfs() else {
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let rich_src = t.path().join("src");
+    std::fs::create_dir(&rich_src).unwrap();
+    rich_tree(&rich_src);
+    let rich = t.path().join("rich.tar");
+    run_ok(
+        Command::new("tar")
+            .args([
+                "--format=pax",
+                "--xattrs",
+                "--xattrs-include=user.*",
+                "--sparse",
+                "--numeric-owner",
+                "-cf",
+            ])
+            .arg(&rich)
+            .arg("-C")
+            .arg(&rich_src)
+            .arg("."),
+    );
+    let alpine_copy = t.path().join("alpine.tar.gz");
+    std::fs::copy(&alpine, &alpine_copy).unwrap();
+    for (archive, name) in [(&alpine_copy, "alpine"), (&rich, "rich")] {
+        let ours = t.path().join(format!("ours-{name}"));
+        let out = output(
+            command_as(&user, &bin("ovl-import"))
+                .arg(archive)
+                .arg(&ours),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let gnu = t.path().join(format!("gnu-{name}"));
+        gnu_tar_extract(archive, &gnu);
+        // GNU tar as root gives container ids; ours are those ids through the user's map.
+        // Rootless can't make real devices (counted as skipped) nor set trusted.* xattrs.
+        let opts = SnapshotOptions {
+            ignore_xattr_prefixes: vec!["trusted.".into()],
+            ..Default::default()
+        };
+        let mut want = snapshot(&gnu, &opts).unwrap();
+        want.retain(|_, e| e.kind != 'c' && e.kind != 'b');
+        let maps = ovl_tests::rootless_maps(&user);
+        assert!(maps.has_subordinate_ids());
+        for e in want.values_mut() {
+            e.uid = maps.uid.to_host(e.uid).unwrap();
+            e.gid = maps.gid.to_host(e.gid).unwrap();
+        }
+        let got = snapshot(&ours, &opts).unwrap();
+        let diff = differences(&got, &want);
+        assert!(
+            diff.is_empty(),
+            "rootless {name} import differs from GNU tar through the id map:\n{}",
+            diff.join("\n")
+        );
+        if name == "rich" {
+            assert!(
+                stderr.contains("(2 devices"),
+                "the two devices must be counted as skipped: {stderr}"
+            );
+        }
+        if name == "alpine" {
+            let shadow = std::fs::symlink_metadata(ours.join("etc/shadow")).unwrap();
+            assert_eq!(
+                Some(shadow.gid()),
+                maps.gid.to_host(42),
+                "/etc/shadow (gid 42) lands as the mapped gid"
+            );
+            assert_ne!(shadow.gid(), 42);
+        }
+    }
+}
+
+#[test]
+fn rootless_without_subordinate_ids_records_owners_in_the_rootlesscontainers_xattr() {
+    if !require("root (to set up the unprivileged test user)", is_root()) {
+        return;
+    }
+    let Some(user) = ovl_tests::test_user_without_subids() else {
+        require("the unprivileged test user without subordinate ids", false);
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, uid, gid) in [
+        ("owned-by-root", 0, 0),
+        ("shadow", 0, 42),
+        ("bob", 1000, 300),
+    ] {
+        let mut h = Layer::header();
+        h.set_mode(0o640);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(1);
+        b.append_data(&mut h, path, &b"x"[..]).unwrap();
+    }
+    let mut h = Layer::header();
+    h.set_size(0);
+    b.append_data(&mut h, ".wh.gone", std::io::empty()).unwrap();
+    let archive = t.path().join("a.tar");
+    std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    let dest = t.path().join("dest");
+    let out = output(
+        command_as(&user, &bin("ovl-import"))
+            .arg(&archive)
+            .arg(&dest),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no subordinate ids"),
+        "the single-id map must be said: {stderr}"
+    );
+    for f in ["owned-by-root", "shadow", "bob"] {
+        let m = std::fs::symlink_metadata(dest.join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (user.uid, user.gid), "{f}");
+    }
+    assert_eq!(
+        xattr(&dest.join("owned-by-root"), "user.rootlesscontainers"),
+        None
+    );
+    assert_eq!(
+        xattr(&dest.join("shadow"), "user.rootlesscontainers"),
+        Some(vec![0x10, 42])
+    );
+    assert_eq!(
+        xattr(&dest.join("bob"), "user.rootlesscontainers"),
+        Some(vec![0x08, 0xe8, 0x07, 0x10, 0xac, 0x02])
+    );
+    // Whiteouts still work: mknod 0/0 is allowed in a user namespace.
+    assert!(is_whiteout(&dest.join("gone")));
+}
