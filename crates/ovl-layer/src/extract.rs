@@ -7,6 +7,13 @@
 //! in: `.wh.NAME` a 0/0 char device, `.wh..wh..opq` the opaque xattr on its directory, and a
 //! whiteout plus entries for the same path in one layer an opaque directory.
 //!
+//! Path rules (each has a hostile fixture in fixtures/hostile): a leading `/` is dropped from
+//! names and hardlink targets; a `..` component in either is refused; symlink targets are
+//! stored as written and, when a later entry's parent goes through them, followed only inside
+//! the root; missing parents are created, but never through a dangling symlink; an entry
+//! replaces whatever was at its path (a directory entry keeps an existing directory); the
+//! root entry must be a directory; the stream must end with its end-of-archive block.
+//!
 //! Metadata order per entry: data, owner, xattrs, mode (chown clears setuid and capabilities,
 //! so it comes first), times. Directories get their mode and times at the end, after
 //! everything below them was written.
@@ -145,13 +152,43 @@ pub fn extract<R: Read>(
         whiteouts: HashSet::new(),
         buf: vec![0; 256 * 1024],
     };
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(EndMarkerReader {
+        inner: reader,
+        last: [1; 512],
+    });
     for entry in archive.entries().map_err(ExtractError::Read)? {
         let entry = entry.map_err(ExtractError::Read)?;
         ex.entry(entry)?;
     }
+    // tar-rs ends quietly at EOF on a block boundary; a stream cut there would silently lose
+    // every entry after the cut, so the end-of-archive zero block is required.
+    if archive.into_inner().last != [0; 512] {
+        return Err(ExtractError::Read(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the archive ends without its end-of-archive blocks: it is truncated",
+        )));
+    }
     ex.finish_dirs()?;
     Ok(ex.stats)
+}
+
+/// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF.
+struct EndMarkerReader<R> {
+    inner: R,
+    last: [u8; 512],
+}
+
+impl<R: Read> Read for EndMarkerReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n >= 512 {
+            self.last.copy_from_slice(&buf[n - 512..n]);
+        } else if n > 0 {
+            self.last.copy_within(n.., 0);
+            self.last[512 - n..].copy_from_slice(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
