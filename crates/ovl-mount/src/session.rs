@@ -1,0 +1,235 @@
+//! The three ways ovl-mount runs, start to end.
+//!
+//! Owns the order of things: a persistent mount as root; a command run as root in a private
+//! mount namespace; and the rootless form, which checks what it can as the user, takes the work
+//! directory lock, then re-executes itself inside a new user + mount namespace (unshare of a user
+//! namespace fails in a multithreaded process) where it mounts and runs the command. Also owns
+//! `--unmount`.
+
+use std::path::Path;
+
+use ovl_layer::idmap::{IdMap, RootlessMaps};
+use ovl_layer::userns::{UsernsPlan, in_userns, reexec_self};
+use rustix::mount::MountPropagationFlags;
+
+use crate::driver::{self, Mounted};
+use crate::error::{MountError, Result};
+use crate::inuse::{self, WorkLock};
+use crate::layout::Layout;
+use crate::spec::{DriverChoice, IdmapChoice, MountSpec};
+use crate::{chroot, command, fuse, host, kernel};
+
+/// Do what `spec` asks; returns the exit code for the process (the command's, or 0).
+pub fn run(spec: &MountSpec) -> Result<i32> {
+    if spec.chroot && spec.persistent() {
+        return Err(MountError::ChrootNeedsCmd);
+    }
+    if in_userns() {
+        return inside_userns(spec);
+    }
+    if !rustix::process::geteuid().is_root() {
+        return rootless(spec);
+    }
+    if spec.persistent() {
+        persistent(spec).map(|()| 0)
+    } else {
+        root_command(spec)
+    }
+}
+
+fn note(spec: &MountSpec, msg: &str) {
+    if spec.verbose {
+        eprintln!("ovl-mount: {msg}");
+    }
+}
+
+/// Refuse an upper/work pair in use, and lock the work directory for as long as we live.
+fn claim(layout: &Layout) -> Result<Option<WorkLock>> {
+    match (&layout.upper, &layout.work) {
+        (Some(u), Some(w)) => {
+            inuse::check_not_mounted(u, w)?;
+            Ok(Some(WorkLock::take(w)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One line that says what is mounted where.
+pub fn summary(layout: &Layout) -> String {
+    let mut lowers: Vec<String> = layout
+        .lowers
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect();
+    if lowers.len() > 4 {
+        let n = lowers.len();
+        lowers = vec![
+            lowers[0].clone(),
+            format!("...({} more)...", n - 2),
+            lowers[n - 1].clone(),
+        ];
+    }
+    match (&layout.upper, &layout.work) {
+        (Some(u), Some(w)) => format!(
+            "overlay on {} (lower={}, upper={}, work={})",
+            layout.merged.display(),
+            lowers.join(":"),
+            u.display(),
+            w.display()
+        ),
+        _ => format!(
+            "overlay on {} (lower={}, read-only)",
+            layout.merged.display(),
+            lowers.join(":")
+        ),
+    }
+}
+
+fn persistent(spec: &MountSpec) -> Result<()> {
+    let layout = Layout::resolve(spec)?;
+    let _lock = claim(&layout)?;
+    let t = std::time::Instant::now();
+    let how = if spec.driver == DriverChoice::Fuse {
+        let program = host::fuse_usable(spec.fuse_program.as_deref(), spec.fuse_device.as_deref())?;
+        fuse::mount_persistent(&program, &layout)?;
+        "fuse-overlayfs".to_string()
+    } else {
+        format!(
+            "kernel overlayfs via {}",
+            kernel::mount(&layout, false, spec.legacy_mount_api)?
+        )
+    };
+    note(
+        spec,
+        &format!(
+            "driver: {how}; mounted in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+    );
+    println!("mounted {}", summary(&layout));
+    Ok(())
+}
+
+/// Make every mount of this (new) mount namespace private, so nothing we mount leaks out.
+fn private_namespace() -> Result<()> {
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .map_err(|e| MountError::Setup {
+        what: "making the mount namespace private".into(),
+        source: e.into(),
+    })
+}
+
+fn mount_and_run(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<i32> {
+    let mounted: Mounted = driver::mount(spec, layout, rootless)?;
+    note(spec, &mounted.describe());
+    note(spec, &format!("mounted {}", summary(layout)));
+    let result = (|| {
+        if spec.chroot {
+            chroot::prepare(&layout.merged, layout.upper.is_some())?;
+        }
+        command::ignore_terminal_signals();
+        command::run(&spec.command, &layout.merged, spec.chroot)
+    })();
+    let down = mounted.unmount();
+    let code = result?;
+    down?;
+    Ok(code)
+}
+
+fn root_command(spec: &MountSpec) -> Result<i32> {
+    let layout = Layout::resolve(spec)?;
+    let _lock = claim(&layout)?;
+    // SAFETY: a new mount namespace only changes what this process sees of the filesystem; no
+    // other thread exists yet (unshare of CLONE_NEWNS fails in a multithreaded process anyway).
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.map_err(
+        |e| MountError::Setup {
+            what: "unshare(CLONE_NEWNS)".into(),
+            source: e.into(),
+        },
+    )?;
+    private_namespace()?;
+    mount_and_run(spec, &layout, false)
+}
+
+/// The id maps for the rootless namespace, by `--idmap`.
+fn rootless_maps(spec: &MountSpec) -> Result<RootlessMaps> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let user = ovl_layer::idmap::user_name(uid).unwrap_or_else(|| uid.to_string());
+    let single = RootlessMaps {
+        uid: IdMap::single(uid),
+        gid: IdMap::single(gid),
+    };
+    if spec.idmap == IdmapChoice::Single {
+        return Ok(single);
+    }
+    let maps = RootlessMaps::for_current_user().map_err(|source| MountError::Io {
+        what: "reading subordinate ids",
+        path: "/etc/subuid".into(),
+        source,
+    })?;
+    if maps.has_subordinate_ids() {
+        note(
+            spec,
+            &format!("id map: container 0 is {user}, 1..=65536 are {user}'s subordinate ids"),
+        );
+        return Ok(maps);
+    }
+    if spec.idmap == IdmapChoice::Subids {
+        return Err(MountError::NoSubordinateIds { user });
+    }
+    eprintln!(
+        "ovl-mount: warning: {user} has no subordinate ids in /etc/subuid and /etc/subgid: using a \
+         single-id map (only container root is mapped; files of other owners show as nobody and \
+         cannot be chowned). Add a range to map 65536 ids."
+    );
+    Ok(single)
+}
+
+fn rootless(spec: &MountSpec) -> Result<i32> {
+    if spec.persistent() {
+        return Err(MountError::PersistentNeedsRoot);
+    }
+    host::userns_enabled()?;
+    let layout = Layout::resolve(spec)?;
+    driver::precheck_rootless(spec)?;
+    let _lock = claim(&layout)?;
+    let maps = rootless_maps(spec)?;
+    command::ignore_terminal_signals();
+    Ok(reexec_self(&UsernsPlan {
+        maps,
+        mount_ns: true,
+    })?)
+}
+
+fn inside_userns(spec: &MountSpec) -> Result<i32> {
+    if spec.persistent() {
+        return Err(MountError::PersistentNeedsRoot);
+    }
+    private_namespace()?;
+    // The outer process checked and locked; resolving again only re-reads the same paths.
+    let layout = Layout::resolve(spec)?;
+    mount_and_run(spec, &layout, true)
+}
+
+/// `--unmount MERGED`: take down a persistent mount.
+pub fn unmount(merged: &Path) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(MountError::UnmountNeedsRoot);
+    }
+    let path = std::fs::canonicalize(merged).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => MountError::MergedMissing(merged.to_path_buf()),
+        _ => MountError::Io {
+            what: "mount point",
+            path: merged.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if inuse::mounted_at(&inuse::mounts(), &path).is_none() {
+        return Err(MountError::NotMounted(path));
+    }
+    kernel::unmount(&path, false)
+}

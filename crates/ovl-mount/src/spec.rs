@@ -1,0 +1,142 @@
+//! What the user asked for: the layers, the mount point, the driver and id-map choices.
+//!
+//! Owns the parsing of `--lower DIR[:DIR...]` (leftmost is the top layer, as in overlayfs'
+//! `lowerdir=`) and the plain data every other module reads; it makes no system calls.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::error::{MountError, Result};
+
+/// Which overlay implementation mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DriverChoice {
+    /// Kernel overlayfs as root; as a user, kernel overlayfs with `userxattr` in the user
+    /// namespace when the kernel allows it, else fuse-overlayfs.
+    #[default]
+    Auto,
+    Kernel,
+    Fuse,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kernel" => Ok(Self::Kernel),
+            "fuse" => Ok(Self::Fuse),
+            _ => Err(format!("unknown driver {s:?}: use auto, kernel or fuse")),
+        }
+    }
+}
+
+/// Which id map a rootless mount uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdmapChoice {
+    /// Subordinate ids when the user has them, else a single-id map (with a warning).
+    #[default]
+    Auto,
+    /// Subordinate ids, or an error.
+    Subids,
+    /// Only the user's own id (container root).
+    Single,
+}
+
+impl std::str::FromStr for IdmapChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "subids" => Ok(Self::Subids),
+            "single" => Ok(Self::Single),
+            _ => Err(format!("unknown id map {s:?}: use auto, subids or single")),
+        }
+    }
+}
+
+/// One mount request.
+#[derive(Debug, Clone, Default)]
+pub struct MountSpec {
+    /// Lower directories, top first.
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub merged: PathBuf,
+    pub driver: DriverChoice,
+    pub idmap: IdmapChoice,
+    /// Run the command with MERGED as its root (with /proc and a minimal /dev).
+    pub chroot: bool,
+    /// The command to run inside; empty for a persistent mount.
+    pub command: Vec<OsString>,
+    /// Say which driver and why, and what was mounted.
+    pub verbose: bool,
+    /// Use mount(2) with one option page even where `lowerdir+` exists (tests the fallback).
+    pub legacy_mount_api: bool,
+    /// The fuse-overlayfs program (default: looked up in PATH).
+    pub fuse_program: Option<PathBuf>,
+    /// The fuse device to check (default /dev/fuse).
+    pub fuse_device: Option<PathBuf>,
+}
+
+impl MountSpec {
+    /// Split every `--lower` value on `:` and append the parts, top first.
+    pub fn parse_lowers<I, S>(values: I) -> Result<Vec<PathBuf>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut out = Vec::new();
+        for v in values {
+            for part in v.as_ref().split(':') {
+                if part.is_empty() {
+                    return Err(MountError::NoLower);
+                }
+                out.push(PathBuf::from(part));
+            }
+        }
+        if out.is_empty() {
+            return Err(MountError::NoLower);
+        }
+        Ok(out)
+    }
+
+    /// The mount is read-only when there is no upper directory.
+    pub fn read_only(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    /// True for the persistent form (no command).
+    pub fn persistent(&self) -> bool {
+        self.command.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowers_split_on_colons_top_first_and_repeat() {
+        let l = MountSpec::parse_lowers(["a:b", "/c"]).unwrap();
+        assert_eq!(
+            l,
+            [PathBuf::from("a"), PathBuf::from("b"), PathBuf::from("/c")]
+        );
+        assert!(matches!(
+            MountSpec::parse_lowers(["a::b"]),
+            Err(MountError::NoLower)
+        ));
+        assert!(matches!(
+            MountSpec::parse_lowers(Vec::<String>::new()),
+            Err(MountError::NoLower)
+        ));
+    }
+
+    #[test]
+    fn choices_parse() {
+        assert_eq!("fuse".parse::<DriverChoice>(), Ok(DriverChoice::Fuse));
+        assert!("zfs".parse::<DriverChoice>().is_err());
+        assert_eq!("single".parse::<IdmapChoice>(), Ok(IdmapChoice::Single));
+    }
+}
