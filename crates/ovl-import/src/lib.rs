@@ -119,7 +119,7 @@ impl Summary {
 /// Import `source` into the new directory `dest`.
 pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summary, ImportError> {
     let start = Instant::now();
-    let staging = dest::Staging::new(dest)?;
+    let staging = dest::begin(dest)?;
     let ex = ExtractOptions {
         opaque_ns: opts.opaque_ns,
         owners: opts.owners,

@@ -12,6 +12,7 @@ pub mod path;
 pub mod progress;
 pub mod root;
 pub mod snapshot;
+pub mod staging;
 pub mod upper;
 pub mod userns;
 pub mod whiteout;
