@@ -56,8 +56,13 @@ pub fn cache_dir() -> PathBuf {
 /// when it is missing or does not match its digest. Safe to call from several threads or
 /// processes at once: a new file is written under a unique name and renamed into place.
 pub fn fetch(fixture: &Fixture) -> Result<PathBuf> {
-    let dir = cache_dir();
-    let dest = dir.join(fixture.name);
+    let mirror = std::env::var_os(MIRROR_ENV).filter(|m| !m.is_empty());
+    fetch_with(fixture, &cache_dir(), mirror.as_deref().map(Path::new))
+}
+
+/// [`fetch`] with the cache directory and the mirror (relative to the current directory) given.
+pub fn fetch_with(fixture: &Fixture, cache: &Path, mirror: Option<&Path>) -> Result<PathBuf> {
+    let dest = cache.join(fixture.name);
     if dest.exists() {
         let actual = sha256_file(&dest)?;
         if actual == fixture.sha256 {
@@ -69,9 +74,9 @@ pub fn fetch(fixture: &Fixture) -> Result<PathBuf> {
             fixture.sha256
         );
     }
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
     let tmp = unique_tmp(&dest);
-    let result = fetch_into(fixture, &tmp).and_then(|source| {
+    let result = fetch_into(fixture, &tmp, mirror).and_then(|source| {
         let actual = sha256_file(&tmp)?;
         if actual != fixture.sha256 {
             bail!(
@@ -90,10 +95,10 @@ pub fn fetch(fixture: &Fixture) -> Result<PathBuf> {
 }
 
 /// Writes the fixture to `tmp` from the mirror or upstream; returns a description of the source.
-fn fetch_into(fixture: &Fixture, tmp: &Path) -> Result<String> {
-    if let Some(mirror) = std::env::var_os(MIRROR_ENV).filter(|m| !m.is_empty()) {
-        let mirror = std::path::absolute(&mirror)
-            .with_context(|| format!("bad {MIRROR_ENV}={}", Path::new(&mirror).display()))?;
+fn fetch_into(fixture: &Fixture, tmp: &Path, mirror: Option<&Path>) -> Result<String> {
+    if let Some(mirror) = mirror {
+        let mirror = std::path::absolute(mirror)
+            .with_context(|| format!("bad {MIRROR_ENV}={}", mirror.display()))?;
         let src = mirror.join(fixture.name);
         if !src.is_file() {
             bail!(
@@ -188,4 +193,65 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A fixture's content (its digest is computed below).
+    const GOOD: &[u8] = b"fixture\n";
+
+    fn fixture(sha256: &'static str) -> Fixture {
+        Fixture {
+            name: "xtask-test.bin",
+            sha256,
+            // Nothing listens on port 9 of the loopback: the download fails at once.
+            url: "http://127.0.0.1:9/xtask-test.bin",
+        }
+    }
+
+    fn good_sha() -> &'static str {
+        Box::leak(hex::encode(Sha256::digest(GOOD)).into_boxed_str())
+    }
+
+    #[test]
+    fn copies_from_mirror_verifies_and_replaces_a_bad_cached_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cache, mirror) = (tmp.path().join("cache"), tmp.path().join("mirror"));
+        fs::create_dir(&mirror).unwrap();
+        fs::write(mirror.join("xtask-test.bin"), GOOD).unwrap();
+        let f = fixture(good_sha());
+
+        let path = fetch_with(&f, &cache, Some(&mirror)).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), GOOD);
+
+        fs::write(&path, b"corrupt").unwrap();
+        let again = fetch_with(&f, &cache, Some(&mirror)).unwrap();
+        assert_eq!(again, path);
+        assert_eq!(fs::read(&path).unwrap(), GOOD);
+        // Nothing left behind but the file itself.
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_mismatch_names_both_digests() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("xtask-test.bin"), GOOD).unwrap();
+        let want = "0000000000000000000000000000000000000000000000000000000000000000";
+        let err = fetch_with(&fixture(want), &tmp.path().join("cache"), Some(tmp.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want) && err.contains(good_sha()), "{err}");
+        assert_eq!(fs::read_dir(tmp.path().join("cache")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_failed_download_names_the_url_and_both_ways_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = fixture(good_sha());
+        let err = format!("{:#}", fetch_with(&f, tmp.path(), None).unwrap_err());
+        assert!(err.contains(f.url), "{err}");
+        assert!(err.contains("connect") && err.contains(MIRROR_ENV), "{err}");
+    }
 }

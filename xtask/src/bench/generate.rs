@@ -297,3 +297,54 @@ fn set_mtimes(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (path, kind, size or link target) of every entry, sorted.
+    fn listing(root: &Path) -> Vec<(PathBuf, String)> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                let what = if meta.is_dir() {
+                    walk(root, &path, out);
+                    "dir".to_string()
+                } else if meta.is_symlink() {
+                    format!("-> {}", fs::read_link(&path).unwrap().display())
+                } else {
+                    let data = fs::read(&path).unwrap();
+                    format!("{} bytes, {:x}", data.len(), crc(&data))
+                };
+                out.push((rel, what));
+            }
+        }
+        fn crc(data: &[u8]) -> u64 {
+            data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            })
+        }
+        let mut out = Vec::new();
+        walk(root, root, &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let made = generate(&a, 4 << 20, 7, true).unwrap();
+        generate(&b, 4 << 20, 7, true).unwrap();
+        assert!(
+            made.bytes >= 4 << 20 && made.dirs >= 20 && made.files > 50,
+            "{made:?}"
+        );
+        assert!(made.symlinks > 4, "{made:?}");
+        let la = listing(&a);
+        assert_eq!(la, listing(&b));
+        assert!(la.iter().any(|(p, _)| p == Path::new("usr/bin")));
+    }
+}

@@ -586,3 +586,67 @@ pub fn print_table(rows: &[Row]) -> Verdict {
     }
     verdict
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        cmd("sh", &[&"-c", &script])
+    }
+
+    #[test]
+    fn a_pipeline_runs_and_its_peak_rss_is_the_max_over_its_processes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        // dd fills a 64 MiB buffer: the pipeline's peak is dd's, not the small first stage's.
+        let job = Job::new(sh("printf hello"))
+            .pipe(cmd("tr", &[&"a-z", &"A-Z"]))
+            .pipe(sh(
+                "cat; dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null",
+            ))
+            .stdout_to(&out);
+        let m = measure(job, &tmp.path().join("err"), Duration::from_secs(60)).unwrap();
+        assert_eq!(fs::read_to_string(&out).unwrap(), "HELLO");
+        assert!(m.max_rss_kib >= 60 * 1024, "{m:?}");
+
+        let small = measure(
+            Job::new(sh("true")),
+            &tmp.path().join("err"),
+            Duration::from_secs(60),
+        );
+        assert!(small.unwrap().max_rss_kib < 32 * 1024);
+    }
+
+    #[test]
+    fn a_failing_stage_is_an_error_with_its_stderr() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = Job::new(sh("echo hi")).pipe(sh("cat >/dev/null; echo oops >&2; exit 3"));
+        let err = measure(job, &tmp.path().join("err"), Duration::from_secs(60)).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("exited with status 3") && err.contains("oops"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_run_past_the_timeout_is_killed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let start = Instant::now();
+        let err = measure(
+            Job::new(sh("sleep 30")),
+            &tmp.path().join("err"),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(format!("{err:#}").contains("timeout"), "{err:#}");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[1.0, 2.0, 10.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), 3.0);
+    }
+}
