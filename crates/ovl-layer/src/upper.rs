@@ -478,7 +478,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 )
             }
             FileType::RegularFile => {
-                if let Some(e) = self.hardlink(path, &node.st) {
+                if let Some(e) = self.hardlink(path, &node)? {
                     return self.emit(Change::Entry(e));
                 }
                 let mut meta = self.meta(path, &node)?;
@@ -507,7 +507,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 }))
             }
             _ => {
-                if let Some(e) = self.hardlink(path, &node.st) {
+                if let Some(e) = self.hardlink(path, &node)? {
                     return self.emit(Change::Entry(e));
                 }
                 let name = CString::new(node.name.clone()).expect("no NUL in a dirent name");
@@ -595,30 +595,25 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         }
     }
 
-    /// A hardlink entry when this inode was emitted before; records it otherwise.
-    fn hardlink(&mut self, path: &LayerPath, st: &Stat) -> Option<Entry> {
+    /// A hardlink entry when this inode was emitted before; records it otherwise. The link
+    /// carries the file's metadata (what GNU tar writes) without its xattrs.
+    fn hardlink(&mut self, path: &LayerPath, node: &Node) -> Result<Option<Entry>, E> {
+        let st = &node.st;
         if st.st_nlink <= 1 {
-            return None;
+            return Ok(None);
         }
         let key = (st.st_dev, st.st_ino);
-        if let Some(target) = self.links.get(&key) {
-            return Some(Entry {
+        if let Some(target) = self.links.get(&key).cloned() {
+            let mut meta = self.meta(path, node)?;
+            meta.xattrs.clear();
+            return Ok(Some(Entry {
                 path: path.clone(),
-                kind: Kind::Hardlink {
-                    target: target.clone(),
-                },
-                meta: Meta {
-                    mode: st.st_mode & 0o7777,
-                    uid: 0,
-                    gid: 0,
-                    mtime: (0, 0),
-                    size: 0,
-                    xattrs: Vec::new(),
-                },
-            });
+                kind: Kind::Hardlink { target },
+                meta,
+            }));
         }
         self.links.insert(key, path.clone());
-        None
+        Ok(None)
     }
 
     /// An entry (and, for a directory, everything below it) that only the lowers provide,
@@ -637,7 +632,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
             source: e,
         };
         if ft != FileType::Directory {
-            if let Some(e) = self.hardlink(path, &node.node.st) {
+            if let Some(e) = self.hardlink(path, &node.node)? {
                 return self.emit(Change::Entry(e));
             }
         }

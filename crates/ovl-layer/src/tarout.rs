@@ -1,0 +1,761 @@
+//! Writing layer tar streams: a deterministic PAX writer.
+//!
+//! Owns the byte format of every layer ovl writes, so the same input always gives the same
+//! bytes: ustar headers with PAX extended headers where ustar falls short (a `path` or
+//! `linkpath` longer than 100 bytes or not UTF-8, ns mtimes, sizes and ids too large for octal,
+//! `SCHILY.xattr.*` for xattrs), empty uname/gname, no atime/ctime, PAX header names that do
+//! not depend on a pid, sparse files as GNU PAX sparse 1.0 (what GNU tar, bsdtar, Go's
+//! archive/tar and our extractor read), and mtimes clamped to `SOURCE_DATE_EPOCH` when asked.
+//! The sha256 of everything written is the layer's diffID.
+//!
+//! The order of entries is the caller's (see [`crate::upper`]); this module writes one entry
+//! at a time.
+
+use std::io::{self, Read, Write};
+
+use sha2::Digest;
+
+/// What an entry is, with what its header needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TarKind<'a> {
+    Dir,
+    /// A regular file of `size` bytes; its data is passed to [`TarWriter::append`].
+    File {
+        size: u64,
+    },
+    Hardlink {
+        target: &'a [u8],
+    },
+    Symlink {
+        target: &'a [u8],
+    },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// One entry's header.
+#[derive(Debug, Clone)]
+pub struct TarEntry<'a> {
+    /// The layer path, without a leading `./` or trailing `/` (added for directories).
+    pub name: &'a [u8],
+    pub kind: TarKind<'a>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, u32),
+    pub xattrs: &'a [(String, Vec<u8>)],
+}
+
+/// A regular file's data: read in order, or (sparse) the data chunks of a file with holes.
+pub enum Data<'a> {
+    None,
+    Stream(&'a mut dyn Read),
+    /// `(offset, length)` data chunks in order, and a reader positioned anywhere: each chunk is
+    /// read with `read_at`.
+    Sparse {
+        chunks: Vec<(u64, u64)>,
+        file: &'a std::fs::File,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TarOptions {
+    /// `SOURCE_DATE_EPOCH`: no mtime in the layer is later than this.
+    pub clamp_mtime: Option<i64>,
+}
+
+impl TarOptions {
+    /// Options from the environment (`SOURCE_DATE_EPOCH`).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.trim().is_empty() => v
+                .trim()
+                .parse::<i64>()
+                .map(|t| TarOptions {
+                    clamp_mtime: Some(t),
+                })
+                .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+            _ => Ok(TarOptions::default()),
+        }
+    }
+}
+
+/// A tar stream being written; the diffID is computed on the way.
+pub struct TarWriter<W: Write> {
+    out: W,
+    hasher: sha2::Sha256,
+    written: u64,
+    opts: TarOptions,
+    buf: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+const BLOCK: usize = 512;
+/// How much file data is read at once.
+const READ_BUF: usize = 1 << 20;
+/// Bytes buffered before a write to the output.
+const FLUSH_AT: usize = 1 << 20;
+
+/// What a finished stream was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TarSummary {
+    /// sha256 of the uncompressed stream.
+    pub diff_id: [u8; 32],
+    pub size: u64,
+}
+
+impl<W: Write> TarWriter<W> {
+    pub fn new(out: W, opts: TarOptions) -> Self {
+        TarWriter {
+            out,
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            opts,
+            buf: vec![0; READ_BUF],
+            pending: Vec::with_capacity(FLUSH_AT + READ_BUF),
+        }
+    }
+
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(b);
+        if self.pending.len() >= FLUSH_AT {
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.hasher.update(&self.pending);
+            self.out.write_all(&self.pending)?;
+            self.written += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    fn pad(&mut self, len: u64) -> io::Result<()> {
+        let rem = (len % BLOCK as u64) as usize;
+        if rem != 0 {
+            self.put(&[0u8; BLOCK][..BLOCK - rem])?;
+        }
+        Ok(())
+    }
+
+    fn clamp(&self, t: (i64, u32)) -> (i64, u32) {
+        match self.opts.clamp_mtime {
+            Some(c) if t > (c, 0) => (c, 0),
+            _ => t,
+        }
+    }
+
+    /// Write one entry (for a file, with its data).
+    pub fn append(&mut self, e: &TarEntry<'_>, data: Data<'_>) -> io::Result<()> {
+        let mut pax = Vec::new();
+        let mut name = e.name.to_vec();
+        if e.kind == TarKind::Dir {
+            name.push(b'/');
+        }
+        let (sec, nsec) = self.clamp(e.mtime);
+        let size = match (&e.kind, &data) {
+            (TarKind::File { size }, _) => *size,
+            _ => 0,
+        };
+        let sparse = match &data {
+            Data::Sparse { chunks, .. } => Some(chunks.clone()),
+            _ => None,
+        };
+        let mut header_name = name.clone();
+        if let Some(chunks) = &sparse {
+            // GNU PAX sparse 1.0: the real name and size in PAX records, a placeholder name in
+            // the header, the map at the start of the data.
+            pax_record(&mut pax, b"GNU.sparse.major", b"1");
+            pax_record(&mut pax, b"GNU.sparse.minor", b"0");
+            pax_record(&mut pax, b"GNU.sparse.name", &name);
+            pax_record(
+                &mut pax,
+                b"GNU.sparse.realsize",
+                size.to_string().as_bytes(),
+            );
+            header_name = sparse_placeholder(&name);
+            let _ = chunks;
+        } else if needs_pax_string(&name, 100) {
+            if std::str::from_utf8(&name).is_err() {
+                pax_record(&mut pax, b"hdrcharset", b"BINARY");
+            }
+            pax_record(&mut pax, b"path", &name);
+        }
+        let link = match &e.kind {
+            TarKind::Hardlink { target } | TarKind::Symlink { target } => Some(*target),
+            _ => None,
+        };
+        if let Some(t) = link {
+            if needs_pax_string(t, 100) {
+                if std::str::from_utf8(t).is_err() && !pax_has(&pax, b"hdrcharset") {
+                    pax_record(&mut pax, b"hdrcharset", b"BINARY");
+                }
+                pax_record(&mut pax, b"linkpath", t);
+            }
+        }
+        if nsec != 0 || !(0..=OCTAL_11).contains(&sec) {
+            pax_record(&mut pax, b"mtime", format_time(sec, nsec).as_bytes());
+        }
+        let map = sparse.as_ref().map(|c| sparse_map(c, size));
+        let stored = match (&sparse, &map) {
+            (Some(chunks), Some(m)) => m.len() as u64 + chunks.iter().map(|c| c.1).sum::<u64>(),
+            _ => size,
+        };
+        if stored > OCTAL_11 as u64 {
+            pax_record(&mut pax, b"size", stored.to_string().as_bytes());
+        }
+        if u64::from(e.uid) > OCTAL_7 {
+            pax_record(&mut pax, b"uid", e.uid.to_string().as_bytes());
+        }
+        if u64::from(e.gid) > OCTAL_7 {
+            pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
+        }
+        for (k, v) in e.xattrs {
+            let key = [b"SCHILY.xattr.", k.as_bytes()].concat();
+            pax_record(&mut pax, &key, v);
+        }
+
+        if !pax.is_empty() {
+            let mut h = Header::new();
+            h.name(&pax_header_name(&name));
+            h.octal(100, 8, 0o644);
+            h.octal(108, 8, 0);
+            h.octal(116, 8, 0);
+            h.octal(124, 12, pax.len() as u64);
+            h.octal(136, 12, 0);
+            h.0[156] = b'x';
+            let block = h.finish();
+            self.put(&block)?;
+            self.put(&pax)?;
+            self.pad(pax.len() as u64)?;
+        }
+
+        let mut h = Header::new();
+        h.name(&header_name);
+        h.octal(100, 8, u64::from(e.mode & 0o7777));
+        h.octal(
+            108,
+            8,
+            if u64::from(e.uid) > OCTAL_7 {
+                0
+            } else {
+                e.uid.into()
+            },
+        );
+        h.octal(
+            116,
+            8,
+            if u64::from(e.gid) > OCTAL_7 {
+                0
+            } else {
+                e.gid.into()
+            },
+        );
+        h.octal(124, 12, if stored > OCTAL_11 as u64 { 0 } else { stored });
+        h.octal(
+            136,
+            12,
+            if (0..=OCTAL_11).contains(&sec) {
+                sec as u64
+            } else {
+                0
+            },
+        );
+        h.0[156] = match e.kind {
+            TarKind::Dir => b'5',
+            TarKind::File { .. } => b'0',
+            TarKind::Hardlink { .. } => b'1',
+            TarKind::Symlink { .. } => b'2',
+            TarKind::Char { .. } => b'3',
+            TarKind::Block { .. } => b'4',
+            TarKind::Fifo => b'6',
+        };
+        if let Some(t) = link {
+            let n = t.len().min(100);
+            h.0[157..157 + n].copy_from_slice(&t[..n]);
+        }
+        if let TarKind::Char { major, minor } | TarKind::Block { major, minor } = e.kind {
+            if u64::from(major) > OCTAL_7 || u64::from(minor) > OCTAL_7 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "device number too large for a tar header",
+                ));
+            }
+            h.octal(329, 8, major.into());
+            h.octal(337, 8, minor.into());
+        }
+        let block = h.finish();
+        self.put(&block)?;
+
+        match data {
+            Data::None => {
+                if size != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a file entry with a size needs its data",
+                    ));
+                }
+            }
+            Data::Stream(r) => {
+                self.copy_exact(r, size)?;
+                self.pad(size)?;
+            }
+            Data::Sparse { chunks, file } => {
+                let map = map.expect("sparse map");
+                self.put(&map)?;
+                for (off, len) in chunks {
+                    self.copy_range(file, off, len)?;
+                }
+                self.pad(stored)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy exactly `size` bytes from `r`: a file that shrank or grew meanwhile is an error,
+    /// never a corrupt stream.
+    fn copy_exact(&mut self, r: &mut dyn Read, size: u64) -> io::Result<()> {
+        let mut left = size;
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = (|| {
+            while left > 0 {
+                let want = (buf.len() as u64).min(left) as usize;
+                let n = match r.read(&mut buf[..want]) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the file shrank while it was read ({left} bytes missing)"),
+                        ));
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                self.put(&buf[..n])?;
+                left -= n as u64;
+            }
+            let mut probe = [0u8; 1];
+            if r.read(&mut probe)? != 0 {
+                return Err(io::Error::other("the file grew while it was read"));
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        res
+    }
+
+    fn copy_range(&mut self, file: &std::fs::File, mut off: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut left = len;
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = (|| {
+            while left > 0 {
+                let want = (buf.len() as u64).min(left) as usize;
+                let n = file.read_at(&mut buf[..want], off)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was read",
+                    ));
+                }
+                self.put(&buf[..n])?;
+                off += n as u64;
+                left -= n as u64;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        res
+    }
+
+    /// The end-of-archive blocks; returns the output, the diffID and the size.
+    pub fn finish(mut self) -> io::Result<(W, TarSummary)> {
+        self.put(&[0u8; 2 * BLOCK])?;
+        self.flush_pending()?;
+        self.out.flush()?;
+        Ok((
+            self.out,
+            TarSummary {
+                diff_id: self.hasher.finalize().into(),
+                size: self.written,
+            },
+        ))
+    }
+}
+
+/// The data chunks of an open file, found with SEEK_DATA/SEEK_HOLE: `None` when it has no
+/// holes (or the filesystem cannot tell).
+pub fn data_chunks(file: &std::fs::File, size: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+    use rustix::fs::SeekFrom;
+    let mut chunks = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start))
+            .map_err(io::Error::from)?
+            .min(size);
+        chunks.push((start, end - start));
+        pos = end;
+    }
+    if chunks.len() == 1 && chunks[0] == (0, size) {
+        return Ok(None);
+    }
+    Ok(Some(chunks))
+}
+
+/// The GNU sparse 1.0 map: the count, then offset and length per chunk, one decimal number a
+/// line, padded to a block. A file that ends in a hole gets a last empty chunk at its size, as
+/// GNU tar writes it.
+fn sparse_map(chunks: &[(u64, u64)], size: u64) -> Vec<u8> {
+    let mut all = chunks.to_vec();
+    if all.last().is_none_or(|&(o, l)| o + l < size) {
+        all.push((size, 0));
+    }
+    let mut m = format!("{}\n", all.len());
+    for (o, l) in &all {
+        m.push_str(&format!("{o}\n{l}\n"));
+    }
+    let mut m = m.into_bytes();
+    let rem = m.len() % BLOCK;
+    if rem != 0 {
+        m.resize(m.len() + BLOCK - rem, 0);
+    }
+    m
+}
+
+const OCTAL_11: i64 = 0o77777777777;
+const OCTAL_7: u64 = 0o7777777;
+
+/// True when a name cannot go into a ustar field of `field` bytes as is.
+fn needs_pax_string(s: &[u8], field: usize) -> bool {
+    s.len() > field || std::str::from_utf8(s).is_err() || s.contains(&0)
+}
+
+fn pax_has(pax: &[u8], key: &[u8]) -> bool {
+    let needle = [b" ", key, b"="].concat();
+    pax.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
+/// A PAX record: `LEN KEY=VALUE\n`, LEN counting itself.
+fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    let body = key.len() + value.len() + 3;
+    let mut len = body + body.to_string().len();
+    if len.to_string().len() != body.to_string().len() {
+        len = body + len.to_string().len();
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+/// `SEC[.FRAC]` with trailing zeros of the fraction dropped; negative times as PAX writes them.
+fn format_time(sec: i64, nsec: u32) -> String {
+    let (neg, s, n) = if sec < 0 && nsec > 0 {
+        (true, -(sec + 1), 1_000_000_000 - nsec)
+    } else if sec < 0 {
+        (true, -sec, 0)
+    } else {
+        (false, sec, nsec)
+    };
+    let mut out = format!("{}{s}", if neg { "-" } else { "" });
+    if n != 0 {
+        let frac = format!("{n:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    out
+}
+
+/// The name of a PAX header block: fixed (no pid), ASCII, within 100 bytes.
+fn pax_header_name(name: &[u8]) -> Vec<u8> {
+    let base = name
+        .strip_suffix(b"/")
+        .unwrap_or(name)
+        .rsplit(|&b| b == b'/')
+        .next()
+        .unwrap_or(b"");
+    let clean: Vec<u8> = base
+        .iter()
+        .take(80)
+        .map(|&b| {
+            if b.is_ascii_graphic() && b != b'/' {
+                b
+            } else {
+                b'_'
+            }
+        })
+        .collect();
+    [b"PaxHeaders.0/".as_slice(), &clean].concat()
+}
+
+/// The header name of a sparse file: `DIR/GNUSparseFile.0/BASE`, as GNU tar (with its pid
+/// fixed to 0), cut to fit.
+fn sparse_placeholder(name: &[u8]) -> Vec<u8> {
+    let (dir, base) = match name.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&name[..=i], &name[i + 1..]),
+        None => (&b""[..], name),
+    };
+    let mut out = [dir, b"GNUSparseFile.0/", base].concat();
+    out.truncate(100);
+    out
+}
+
+struct Header([u8; BLOCK]);
+
+impl Header {
+    fn new() -> Self {
+        let mut h = Header([0; BLOCK]);
+        h.0[257..263].copy_from_slice(b"ustar\0");
+        h.0[263..265].copy_from_slice(b"00");
+        h
+    }
+
+    fn name(&mut self, n: &[u8]) {
+        let k = n.len().min(100);
+        self.0[..k].copy_from_slice(&n[..k]);
+    }
+
+    /// A zero-padded octal number filling `len - 1` digits and a NUL.
+    fn octal(&mut self, at: usize, len: usize, v: u64) {
+        let s = format!("{v:0width$o}", width = len - 1);
+        self.0[at..at + len - 1].copy_from_slice(&s.as_bytes()[s.len() - (len - 1)..]);
+        self.0[at + len - 1] = 0;
+    }
+
+    fn finish(mut self) -> [u8; BLOCK] {
+        self.0[148..156].fill(b' ');
+        let sum: u32 = self.0.iter().map(|&b| u32::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        self.0[148..156].copy_from_slice(s.as_bytes());
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn entry<'a>(name: &'a [u8], kind: TarKind<'a>) -> TarEntry<'a> {
+        TarEntry {
+            name,
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (1_700_000_000, 0),
+            xattrs: &[],
+        }
+    }
+
+    #[test]
+    fn pax_records_count_themselves() {
+        let mut v = Vec::new();
+        pax_record(&mut v, b"path", b"a");
+        assert_eq!(v, b"9 path=a\n");
+        let mut v = Vec::new();
+        // A 99-byte body plus a 2-digit length is 101 bytes: the length needs 3 digits.
+        pax_record(&mut v, b"k", &[b'x'; 95]);
+        assert!(v.starts_with(b"102 k="), "{:?}", &v[..8]);
+        assert_eq!(v.len(), 102);
+        assert_eq!(format_time(5, 500_000_000), "5.5");
+        assert_eq!(format_time(-2, 750_000_000), "-1.25");
+        assert_eq!(format_time(7, 0), "7");
+    }
+
+    /// Everything read back by tar-rs (which our extractor uses) and by GNU tar.
+    #[test]
+    fn round_trips_through_tar_readers() {
+        let long = vec![b'n'; 150];
+        let nonutf8 = b"dir/caf\xe9".to_vec();
+        let xattrs = vec![("user.k".to_string(), b"\x00\xffbin".to_vec())];
+        let mut w = TarWriter::new(Vec::new(), TarOptions::default());
+        w.append(&entry(b"dir", TarKind::Dir), Data::None).unwrap();
+        let mut e = entry(&long, TarKind::File { size: 3 });
+        e.mtime = (1_700_000_000, 123_456_789);
+        e.xattrs = &xattrs;
+        e.mode = 0o4755;
+        e.uid = 3_000_000;
+        w.append(&e, Data::Stream(&mut &b"abc"[..])).unwrap();
+        w.append(&entry(&nonutf8, TarKind::File { size: 0 }), Data::None)
+            .unwrap();
+        w.append(
+            &entry(b"dir/l", TarKind::Hardlink { target: &long }),
+            Data::None,
+        )
+        .unwrap();
+        w.append(
+            &entry(b"dir/s", TarKind::Symlink { target: b"../x" }),
+            Data::None,
+        )
+        .unwrap();
+        w.append(
+            &entry(b"dir/c", TarKind::Char { major: 1, minor: 3 }),
+            Data::None,
+        )
+        .unwrap();
+        w.append(&entry(b"dir/p", TarKind::Fifo), Data::None)
+            .unwrap();
+        // A file that shrank: an error, not a short entry.
+        let err = w
+            .append(
+                &entry(b"dir/short", TarKind::File { size: 10 }),
+                Data::Stream(&mut &b"abc"[..]),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("shrank"), "{err}");
+        let mut w = TarWriter::new(Vec::new(), TarOptions::default());
+        w.append(&entry(b"dir", TarKind::Dir), Data::None).unwrap();
+        w.append(&e, Data::Stream(&mut &b"abc"[..])).unwrap();
+        w.append(&entry(&nonutf8, TarKind::File { size: 0 }), Data::None)
+            .unwrap();
+        w.append(
+            &entry(b"dir/l", TarKind::Hardlink { target: &long }),
+            Data::None,
+        )
+        .unwrap();
+        let (bytes, sum) = w.finish().unwrap();
+        assert_eq!(sum.size, bytes.len() as u64);
+        assert_eq!(sum.diff_id, <[u8; 32]>::from(sha2::Sha256::digest(&bytes)));
+
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut seen = Vec::new();
+        for ent in ar.entries().unwrap() {
+            let mut ent = ent.unwrap();
+            let path = ent.path_bytes().into_owned();
+            if path == long {
+                assert_eq!(ent.header().mode().unwrap(), 0o4755);
+                let mut s = String::new();
+                let mut mtime = None;
+                let mut uid = None;
+                let mut x = None;
+                for p in ent.pax_extensions().unwrap().unwrap() {
+                    let p = p.unwrap();
+                    match p.key().unwrap() {
+                        "mtime" => mtime = Some(p.value().unwrap().to_string()),
+                        "uid" => uid = Some(p.value().unwrap().to_string()),
+                        "SCHILY.xattr.user.k" => x = Some(p.value_bytes().to_vec()),
+                        _ => {}
+                    }
+                }
+                assert_eq!(mtime.as_deref(), Some("1700000000.123456789"));
+                assert_eq!(uid.as_deref(), Some("3000000"));
+                assert_eq!(x.as_deref(), Some(&b"\x00\xffbin"[..]));
+                ent.read_to_string(&mut s).unwrap();
+                assert_eq!(s, "abc");
+            }
+            if path == b"dir/l" {
+                assert_eq!(ent.link_name_bytes().unwrap().as_ref(), &long[..]);
+            }
+            seen.push(path);
+        }
+        assert_eq!(
+            seen,
+            vec![b"dir/".to_vec(), long.clone(), nonutf8, b"dir/l".to_vec()]
+        );
+
+        if let Some(tar) = crate::userns::which("tar") {
+            let t = tempfile::tempdir().unwrap();
+            std::fs::write(t.path().join("l.tar"), &bytes).unwrap();
+            let out = std::process::Command::new(tar)
+                .args(["-tvf", "l.tar"])
+                .current_dir(t.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(&"n".repeat(150)), "{text}");
+            assert!(text.contains("dir/p") || text.contains("dir/l"), "{text}");
+        }
+    }
+
+    #[test]
+    fn sparse_files_round_trip_through_the_extractor() {
+        use std::io::{Seek, SeekFrom};
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("sparse");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(b"middle").unwrap();
+        f.set_len(4 << 20).unwrap();
+        drop(f);
+        let f = std::fs::File::open(&p).unwrap();
+        let size = 4 << 20;
+        let Some(chunks) = data_chunks(&f, size).unwrap() else {
+            eprintln!("SKIPPED: this filesystem reports no holes");
+            return;
+        };
+        assert_eq!(chunks.len(), 1);
+        let mut w = TarWriter::new(Vec::new(), TarOptions::default());
+        w.append(
+            &entry(b"sparse", TarKind::File { size }),
+            Data::Sparse { chunks, file: &f },
+        )
+        .unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        assert!(bytes.len() < 64 * 1024, "{} bytes", bytes.len());
+        let dest = t.path().join("out");
+        std::fs::create_dir(&dest).unwrap();
+        let root = crate::root::Root::open(&dest).unwrap();
+        crate::extract::extract(
+            &bytes[..],
+            &root,
+            crate::extract::ExtractOptions {
+                opaque_ns: crate::whiteout::XattrNs::User,
+                owners: crate::extract::OwnerPolicy::Record,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(dest.join("sparse")).unwrap(),
+            std::fs::read(&p).unwrap()
+        );
+    }
+
+    #[test]
+    fn mtimes_clamp_to_source_date_epoch() {
+        let mut w = TarWriter::new(
+            Vec::new(),
+            TarOptions {
+                clamp_mtime: Some(1000),
+            },
+        );
+        let mut e = entry(b"f", TarKind::File { size: 0 });
+        e.mtime = (5000, 7);
+        w.append(&e, Data::None).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let ent = ar.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(ent.header().mtime().unwrap(), 1000);
+        assert_eq!(
+            bytes[0], b'f',
+            "no PAX header for a clamped whole-second mtime"
+        );
+    }
+}
