@@ -1,4 +1,203 @@
+//! The `ovl-diff` command line: a thin shim over [`ovl_diff::diff`].
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use ovl_diff::oci::LayoutRef;
+use ovl_diff::{Compression, DiffOptions, LayerInfo, Stats};
+use ovl_layer::userns::{self, UsernsPlan};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Compress {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Write the upper layer of an overlay (UPPER, the upperdir) as an OCI layer tar: whiteouts and
+/// opaque directories in OCI form, exact metadata, container ids, reproducible bytes.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The upperdir.
+    upper: PathBuf,
+    /// The lowerdirs the upper was mounted on, top first (`DIR[:DIR...]`, repeatable). Needed
+    /// for uppers written with redirect_dir=on or metacopy=on.
+    #[arg(long, value_name = "DIR[:DIR...]")]
+    lower: Vec<OsString>,
+    /// Compression of the layer.
+    #[arg(long, value_enum, default_value = "none")]
+    compress: Compress,
+    /// Write the layer to FILE (through a temporary sibling, renamed when complete) instead of
+    /// stdout.
+    #[arg(short, long, value_name = "FILE", conflicts_with = "oci_layout")]
+    output: Option<PathBuf>,
+    /// Print the layer's OCI descriptor (mediaType, digest, size) and its diffID as JSON, to
+    /// stderr or to FILE.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+    /// Append the layer to the image TAG (or the only image) of an OCI image layout, making a
+    /// new config and manifest; the layout is created if DIR does not exist.
+    #[arg(long, value_name = "DIR[:TAG]")]
+    oci_layout: Option<OsString>,
+    /// Compression threads (default: every core; the output is the same for any count).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No summary line.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
 fn main() {
-    eprintln!("ovl-diff: not implemented yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    // Run by the unprivileged owner of a rootless upper: read it as container root in a user
+    // namespace mapped to our subordinate ids, so host ids read back as container ids and
+    // every file is readable.
+    if !rustix::process::geteuid().is_root() && !in_a_user_namespace() {
+        std::process::exit(reexec_rootless());
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("ovl-diff: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// True inside any user namespace but the initial one (ours, ovl-mount's, or another's).
+fn in_a_user_namespace() -> bool {
+    userns::in_userns()
+        || std::fs::read_to_string("/proc/self/uid_map")
+            .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+            .unwrap_or(false)
+}
+
+fn reexec_rootless() -> i32 {
+    let plan = match UsernsPlan::for_current_user(false) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ovl-diff: error: reading /etc/subuid and /etc/subgid: {e}");
+            return 1;
+        }
+    };
+    match userns::reexec_self(&plan) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ovl-diff: error: {e}");
+            1
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut opts = DiffOptions::new(cli.upper.clone());
+    for l in &cli.lower {
+        opts.lowers.extend(std::env::split_paths(l));
+    }
+    opts.compression = match cli.compress {
+        Compress::None => Compression::None,
+        Compress::Gzip => Compression::Gzip,
+        Compress::Zstd => Compression::Zstd,
+    };
+    opts.tar = ovl_layer::tarout::TarOptions::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(t) = cli.threads {
+        opts.threads = t.max(1);
+    }
+    let upper = cli.upper.display().to_string();
+    let what = || format!("exporting the upper {upper}");
+
+    let (info, stats, dest) = if let Some(layout) = &cli.oci_layout {
+        let layout = LayoutRef::parse(layout);
+        let mut blob = ovl_diff::oci::begin(&layout)
+            .with_context(|| format!("opening the OCI layout {}", layout.dir.display()))?;
+        let file = blob
+            .file()
+            .try_clone()
+            .context("duplicating a file handle")?;
+        let (_, info, stats) = ovl_diff::diff(&opts, file).with_context(what)?;
+        let created_by = format!(
+            "ovl-diff {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        );
+        let appended =
+            ovl_diff::oci::finish(&layout, blob, &info, &created_by, opts.tar.clamp_mtime)
+                .with_context(|| format!("updating the OCI layout {}", layout.dir.display()))?;
+        let tag = layout.tag.as_deref().unwrap_or("(untagged)");
+        (
+            info,
+            stats,
+            format!(
+                "{}:{tag} ({} layers, manifest {})",
+                layout.dir.display(),
+                appended.layers,
+                appended.manifest_digest
+            ),
+        )
+    } else if let Some(path) = &cli.output {
+        let mut f = ovl_diff::output::AtomicFile::create(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let file = f.file().try_clone().context("duplicating a file handle")?;
+        let (_, info, stats) = ovl_diff::diff(&opts, file).with_context(what)?;
+        f.commit()
+            .with_context(|| format!("writing {}", path.display()))?;
+        (info, stats, path.display().to_string())
+    } else {
+        if std::io::stdout().is_terminal() {
+            bail!(
+                "refusing to write a layer to a terminal: redirect stdout (ovl-diff UPPER > layer.tar) or use -o FILE"
+            );
+        }
+        let fd = rustix::io::dup(std::io::stdout()).context("duplicating stdout")?;
+        let (_, info, stats) = ovl_diff::diff(&opts, std::fs::File::from(fd)).with_context(what)?;
+        (info, stats, "stdout".to_string())
+    };
+
+    if let Some(j) = &cli.json {
+        let text = serde_json::to_string_pretty(&info.descriptor_json())? + "\n";
+        if j.as_os_str() == "-" {
+            eprint!("{text}");
+        } else {
+            std::fs::write(j, text).with_context(|| format!("writing {}", j.display()))?;
+        }
+    }
+    if !cli.quiet {
+        eprintln!("{}", summary(&info, &stats, &dest));
+    }
+    Ok(())
+}
+
+fn summary(info: &LayerInfo, s: &Stats, dest: &str) -> String {
+    let mut extra = Vec::new();
+    if s.redirects > 0 {
+        extra.push(format!("{} renamed dirs", s.redirects));
+    }
+    if s.from_lowers > 0 {
+        extra.push(format!("{} files read from the lowers", s.from_lowers));
+    }
+    if s.skipped_sockets > 0 {
+        extra.push(format!(
+            "{} sockets skipped (tar cannot hold them)",
+            s.skipped_sockets
+        ));
+    }
+    format!(
+        "ovl-diff: {} entries ({} files, {:.1} MiB, {} hardlinks, {} sparse), {} whiteouts, {} opaque dirs{} -> {} ({}, {} bytes, diffID {})",
+        s.entries,
+        s.files,
+        s.bytes as f64 / (1024.0 * 1024.0),
+        s.hardlinks,
+        s.sparse,
+        s.whiteouts,
+        s.opaque_dirs,
+        if extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", extra.join(", "))
+        },
+        dest,
+        info.digest_str(),
+        info.size,
+        info.diff_id_str(),
+    )
 }

@@ -1,0 +1,188 @@
+//! From upper changes to OCI layer entries.
+//!
+//! Owns the OCI form of each change: a whiteout is `DIR/.wh.NAME`, an opaque directory is its
+//! entry followed by `DIR/.wh..wh..opq` (right after it, before anything in it, so an applier
+//! that acts on markers in stream order cannot hide this layer's own entries), a redirected
+//! directory is already a whiteout of its old path (the upper holds one) plus an opaque
+//! directory with its full content ([`ovl_layer::upper`] expands it), and a file's data comes
+//! from wherever the upper says (the upper, or a lower for metacopy). The layer root itself is
+//! not an entry: its metadata is the mount's, not the image's (as in `docker save` layers).
+//! Sockets cannot be in a tar and are counted, not written.
+
+use std::io::Write;
+
+use ovl_layer::path::LayerPath;
+use ovl_layer::tarout::{Data, TarEntry, TarKind, TarWriter};
+use ovl_layer::upper::{Change, Entry, Kind, Upper};
+use ovl_layer::whiteout::{self, OciName};
+
+use crate::DiffError;
+
+/// What a layer holds, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub whiteouts: u64,
+    pub opaque_dirs: u64,
+    pub hardlinks: u64,
+    pub redirects: u64,
+    /// Files whose data came from a lower (metacopy, or inside a renamed directory).
+    pub from_lowers: u64,
+    pub sparse: u64,
+    pub skipped_sockets: u64,
+}
+
+/// Write every change of `upper` to `tw`.
+pub fn emit<W: Write>(upper: &Upper, tw: &mut TarWriter<W>) -> Result<Stats, DiffError> {
+    let mut st = Stats::default();
+    upper.walk(&mut |c| change(upper, tw, &mut st, c))?;
+    Ok(st)
+}
+
+fn change<W: Write>(
+    upper: &Upper,
+    tw: &mut TarWriter<W>,
+    st: &mut Stats,
+    c: Change,
+) -> Result<(), DiffError> {
+    match c {
+        Change::Redirect { .. } => {
+            st.redirects += 1;
+            Ok(())
+        }
+        Change::Whiteout(p) => {
+            let (parent, name) = p.split_last().expect("a whiteout is never the root");
+            st.whiteouts += 1;
+            marker(upper, tw, &parent.join(&whiteout::whiteout_name(name)))
+        }
+        Change::Entry(e) if e.path.is_root() => Ok(()),
+        Change::Entry(e) => entry(upper, tw, st, e),
+    }
+}
+
+/// A zero-size marker file (whiteout or opaque marker): no owner, mode or time to speak of.
+fn marker<W: Write>(upper: &Upper, tw: &mut TarWriter<W>, p: &LayerPath) -> Result<(), DiffError> {
+    let e = TarEntry {
+        name: p.as_bytes(),
+        kind: TarKind::File { size: 0 },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: (0, 0),
+        xattrs: &[],
+    };
+    tw.append(&e, Data::None)
+        .map_err(|err| write_err(upper, p, err))
+}
+
+fn write_err(upper: &Upper, p: &LayerPath, err: std::io::Error) -> DiffError {
+    // Errors of the output itself (a closed pipe, a full disk) are not about this entry.
+    if matches!(
+        err.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::StorageFull
+    ) || err.raw_os_error() == Some(libc::ENOSPC)
+    {
+        return DiffError::Write(err);
+    }
+    DiffError::Entry {
+        path: upper.display(p),
+        reason: err.to_string(),
+    }
+}
+
+fn entry<W: Write>(
+    upper: &Upper,
+    tw: &mut TarWriter<W>,
+    st: &mut Stats,
+    e: Entry,
+) -> Result<(), DiffError> {
+    let name = e.path.file_name();
+    // A name that means something else in a layer cannot be written as content.
+    if whiteout::classify_oci_name(name) != Ok(OciName::Plain) {
+        return Err(DiffError::Entry {
+            path: upper.display(&e.path),
+            reason: "this name is reserved for whiteouts in OCI layers and cannot be exported"
+                .into(),
+        });
+    }
+    let mut t = TarEntry {
+        name: e.path.as_bytes(),
+        kind: TarKind::Dir,
+        mode: e.meta.mode,
+        uid: e.meta.uid,
+        gid: e.meta.gid,
+        mtime: e.meta.mtime,
+        xattrs: &e.meta.xattrs,
+    };
+    st.entries += 1;
+    let err = |err| write_err(upper, &e.path, err);
+    match &e.kind {
+        Kind::Dir { opaque } => {
+            tw.append(&t, Data::None).map_err(err)?;
+            if *opaque {
+                st.opaque_dirs += 1;
+                marker(upper, tw, &e.path.join(whiteout::OPAQUE_MARKER))?;
+            }
+            Ok(())
+        }
+        Kind::File { source, sparse } => {
+            st.files += 1;
+            st.bytes += e.meta.size;
+            if source.layer != ovl_layer::upper::Layer::Upper {
+                st.from_lowers += 1;
+            }
+            let size = e.meta.size;
+            t.kind = TarKind::File { size };
+            let mut f = upper.open_source(source)?;
+            let chunks = if *sparse && size > 0 {
+                ovl_layer::tarout::data_chunks(&f, size).map_err(err)?
+            } else {
+                None
+            };
+            match chunks {
+                Some(chunks) => {
+                    st.sparse += 1;
+                    tw.append(&t, Data::Sparse { chunks, file: &f })
+                }
+                None => tw.append(&t, Data::Stream(&mut f)),
+            }
+            .map_err(err)
+        }
+        Kind::Hardlink { target } => {
+            st.hardlinks += 1;
+            t.kind = TarKind::Hardlink {
+                target: target.as_bytes(),
+            };
+            tw.append(&t, Data::None).map_err(err)
+        }
+        Kind::Symlink { target } => {
+            t.kind = TarKind::Symlink { target };
+            tw.append(&t, Data::None).map_err(err)
+        }
+        Kind::CharDevice { major, minor } => {
+            t.kind = TarKind::Char {
+                major: *major,
+                minor: *minor,
+            };
+            tw.append(&t, Data::None).map_err(err)
+        }
+        Kind::BlockDevice { major, minor } => {
+            t.kind = TarKind::Block {
+                major: *major,
+                minor: *minor,
+            };
+            tw.append(&t, Data::None).map_err(err)
+        }
+        Kind::Fifo => {
+            t.kind = TarKind::Fifo;
+            tw.append(&t, Data::None).map_err(err)
+        }
+        Kind::Socket => {
+            st.entries -= 1;
+            st.skipped_sockets += 1;
+            Ok(())
+        }
+    }
+}

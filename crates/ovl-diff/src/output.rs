@@ -1,0 +1,242 @@
+//! The layer's bytes: tar, then (optionally) compression, with both digests on the way.
+//!
+//! Owns the pipeline and what it yields: the diffID (sha256 of the tar, computed by
+//! [`TarWriter`]), the blob's digest and size (sha256 of the bytes as stored), and the media
+//! type. gzip is [`ovl_layer::pgzip`] on every core; zstd runs its own worker threads, always
+//! at least one so its output is the same whatever the count (zstd's single-threaded mode
+//! frames differently). Also owns writing to a file: a temporary sibling, synced, renamed.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+
+use ovl_layer::tarout::{TarSummary, TarWriter};
+
+use crate::{DiffError, DiffOptions, Stats};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The zstd level layers are written with.
+pub const ZSTD_LEVEL: i32 = 3;
+
+impl Compression {
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+/// What a written layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub compression: Compression,
+    /// sha256 of the blob as stored.
+    pub digest: [u8; 32],
+    /// Bytes of the blob as stored.
+    pub size: u64,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: [u8; 32],
+    /// Bytes of the uncompressed tar.
+    pub tar_size: u64,
+}
+
+impl LayerInfo {
+    pub fn digest_str(&self) -> String {
+        format!("sha256:{}", hex::encode(self.digest))
+    }
+
+    pub fn diff_id_str(&self) -> String {
+        format!("sha256:{}", hex::encode(self.diff_id))
+    }
+
+    /// The OCI descriptor of the blob, plus its diffID.
+    pub fn descriptor_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mediaType": self.compression.media_type(),
+            "digest": self.digest_str(),
+            "size": self.size,
+            "diffID": self.diff_id_str(),
+        })
+    }
+}
+
+/// Hashes and counts what passes through.
+struct Hashing<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Write a layer to `out`: `emit` writes the entries into the tar writer it is given.
+pub fn write_layer<W, F>(
+    out: W,
+    opts: &DiffOptions,
+    emit: F,
+) -> Result<(W, LayerInfo, Stats), DiffError>
+where
+    W: Write + Send,
+    F: FnOnce(&mut TarWriter<&mut dyn Write>) -> Result<Stats, DiffError>,
+{
+    // The tar stage runs inside the compressor's closure, which speaks io::Error: carry our
+    // own error out beside it.
+    let mut failure: Option<DiffError> = None;
+    let run_tar = |w: &mut dyn Write| -> io::Result<(TarSummary, Stats)> {
+        let mut tw = TarWriter::new(w, opts.tar);
+        match emit(&mut tw) {
+            Ok(stats) => {
+                let (_, sum) = tw.finish()?;
+                Ok((sum, stats))
+            }
+            Err(e) => {
+                failure = Some(e);
+                Err(io::Error::other("the layer could not be written"))
+            }
+        }
+    };
+    let res = match opts.compression {
+        Compression::None => {
+            let mut out = out;
+            run_tar(&mut out).map(|(sum, stats)| {
+                let info = LayerInfo {
+                    compression: Compression::None,
+                    digest: sum.diff_id,
+                    size: sum.size,
+                    diff_id: sum.diff_id,
+                    tar_size: sum.size,
+                };
+                (out, info, stats)
+            })
+        }
+        Compression::Gzip => {
+            let h = Hashing {
+                inner: out,
+                hasher: sha2::Sha256::new(),
+                count: 0,
+            };
+            let gz = ovl_layer::pgzip::GzOptions {
+                threads: opts.threads.max(1),
+                ..Default::default()
+            };
+            ovl_layer::pgzip::compress(h, &gz, run_tar)
+                .map(|(h, (sum, stats))| finish_hashing(h, Compression::Gzip, sum, stats))
+        }
+        Compression::Zstd => {
+            let h = Hashing {
+                inner: out,
+                hasher: sha2::Sha256::new(),
+                count: 0,
+            };
+            (|| {
+                let mut enc = zstd::stream::write::Encoder::new(h, ZSTD_LEVEL)?;
+                enc.multithread(opts.threads.max(1) as u32)?;
+                let r = run_tar(&mut enc)?;
+                let h = enc.finish()?;
+                Ok((h, r))
+            })()
+            .map(|(h, (sum, stats))| finish_hashing(h, Compression::Zstd, sum, stats))
+        }
+    };
+    match (res, failure) {
+        (_, Some(e)) => Err(e),
+        (Ok(r), None) => Ok(r),
+        (Err(e), None) => Err(DiffError::Write(e)),
+    }
+}
+
+fn finish_hashing<W: Write>(
+    mut h: Hashing<W>,
+    compression: Compression,
+    sum: TarSummary,
+    stats: Stats,
+) -> (W, LayerInfo, Stats) {
+    let _ = h.flush();
+    let info = LayerInfo {
+        compression,
+        digest: h.hasher.finalize().into(),
+        size: h.count,
+        diff_id: sum.diff_id,
+        tar_size: sum.size,
+    };
+    (h.inner, info, stats)
+}
+
+/// A file written through a temporary sibling (`.NAME.ovl-diff-PID`), renamed over `dest`
+/// only when complete and synced: a failed run never leaves a partial layer under the name.
+#[derive(Debug)]
+pub struct AtomicFile {
+    pub dest: PathBuf,
+    pub tmp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl AtomicFile {
+    pub fn create(dest: &Path) -> Result<AtomicFile, DiffError> {
+        let name = dest.file_name().ok_or_else(|| DiffError::Io {
+            path: dest.to_path_buf(),
+            source: io::Error::other("the output needs a file name"),
+        })?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".ovl-diff-{}", std::process::id()));
+        let tmp = dest.with_file_name(tmp_name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| DiffError::Io {
+                path: tmp.clone(),
+                source: e,
+            })?;
+        Ok(AtomicFile {
+            dest: dest.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    pub fn file(&mut self) -> &mut std::fs::File {
+        self.file.as_mut().expect("open until committed")
+    }
+
+    pub fn commit(mut self) -> Result<(), DiffError> {
+        let f = self.file.take().expect("open until committed");
+        let io = |e, p: &Path| DiffError::Io {
+            path: p.to_path_buf(),
+            source: e,
+        };
+        f.sync_all().map_err(|e| io(e, &self.tmp))?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| io(e, &self.dest))?;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
