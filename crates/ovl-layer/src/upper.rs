@@ -1001,6 +1001,75 @@ impl Lowers {
     }
 }
 
+/// A lower stack read as the merged view it makes on its own (top first), with the same
+/// overlay semantics the walk uses for redirects and metacopy. For tools that flatten lowers
+/// (ovl-squash `--output`).
+#[derive(Debug)]
+pub struct LowerStack {
+    lowers: Lowers,
+}
+
+/// One entry of a merged lower directory: the layer it shows from and its raw facts (xattrs as
+/// on disk, unfiltered).
+pub struct LowerEntry {
+    pub name: Vec<u8>,
+    pub layer: usize,
+    pub st: Stat,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl LowerStack {
+    /// Open the lowerdirs, top first.
+    pub fn open(paths: &[PathBuf]) -> Result<LowerStack, UpperError> {
+        let roots = paths
+            .iter()
+            .map(|l| {
+                Root::open(l).map_err(|e| UpperError::Io {
+                    path: l.display().to_string(),
+                    source: e,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LowerStack {
+            lowers: Lowers { roots },
+        })
+    }
+
+    pub fn root(&self, layer: usize) -> &Root {
+        &self.lowers.roots[layer]
+    }
+
+    /// The merged directory `p` itself (from the top layer that has it); `None` when `p` is
+    /// not a directory of the merged lowers.
+    pub fn dir(&self, p: &LayerPath) -> io::Result<Option<LowerEntry>> {
+        let Some(&top) = self.lowers.dir_layers(p)?.first() else {
+            return Ok(None);
+        };
+        Ok(self.lowers.node(top, p)?.map(|(_, n)| LowerEntry {
+            name: n.name,
+            layer: top,
+            st: n.st,
+            xattrs: n.xattrs,
+        }))
+    }
+
+    /// The merged children of directory `p`, whiteouts and opaque directories applied, sorted
+    /// bytewise.
+    pub fn list(&self, p: &LayerPath) -> io::Result<Vec<LowerEntry>> {
+        Ok(self
+            .lowers
+            .list(p)?
+            .into_values()
+            .map(|c| LowerEntry {
+                name: c.node.name,
+                layer: c.layer,
+                st: c.node.st,
+                xattrs: c.node.xattrs,
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

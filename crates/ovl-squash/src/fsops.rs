@@ -1,0 +1,411 @@
+//! File operations both squash modes share: entries created, linked, cloned or copied inside
+//! a directory fd, and metadata applied exactly.
+//!
+//! Owns how an entry's content is shared: a reflink (FICLONE) where the filesystem has it
+//! (probed once: ext4 has none), else a hardlink where the caller allows it, else a copy that
+//! keeps holes (SEEK_DATA/SEEK_HOLE). And the metadata order every tool uses: owner first
+//! (chown clears setuid bits and capabilities), then xattrs, then mode, then times last
+//! (every other change bumps them).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+
+use ovl_layer::whiteout::{self, UpperXattr};
+
+/// The metadata to give an entry, xattrs named as they are stored on disk (escaped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskMeta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub mtime: (i64, u32),
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl DiskMeta {
+    /// From the layer metadata the upper reader yields (unescaped xattr names).
+    pub fn from_layer(m: &ovl_layer::upper::Meta) -> DiskMeta {
+        let mut xattrs: Vec<_> = m
+            .xattrs
+            .iter()
+            .map(|(n, v)| (whiteout::escape_xattr(n).into_owned(), v.clone()))
+            .collect();
+        xattrs.sort();
+        DiskMeta {
+            uid: m.uid,
+            gid: m.gid,
+            mode: m.mode,
+            mtime: m.mtime,
+            xattrs,
+        }
+    }
+
+    /// From an entry as it is on disk in a lower layer: its overlay-private xattrs dropped.
+    pub fn from_disk(st: &Stat, xattrs: &[(String, Vec<u8>)]) -> DiskMeta {
+        DiskMeta {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+            xattrs: public_xattrs(xattrs),
+        }
+    }
+}
+
+/// The xattrs of an on-disk entry that are content, not overlay markers (names as stored).
+pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    xattrs
+        .iter()
+        .filter(|(n, _)| matches!(whiteout::classify_upper_xattr(n), UpperXattr::Keep(_)))
+        .cloned()
+        .collect()
+}
+
+/// How file content is shared with its source, and what was done.
+#[derive(Debug)]
+pub struct Sharing {
+    /// Hardlink lower files that are unchanged (`--link`).
+    pub link: bool,
+    reflink_works: AtomicBool,
+    pub reflinked: AtomicU64,
+    pub linked: AtomicU64,
+    pub copied: AtomicU64,
+    pub bytes_copied: AtomicU64,
+}
+
+impl Sharing {
+    pub fn new(link: bool) -> Sharing {
+        Sharing {
+            link,
+            reflink_works: AtomicBool::new(true),
+            reflinked: AtomicU64::new(0),
+            linked: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+        }
+    }
+
+    /// Fill the new, empty file `dst` with the content of `src`: a reflink when the filesystem
+    /// has them, else a copy that keeps holes.
+    pub fn fill(&self, src: &File, dst: &File) -> io::Result<()> {
+        if self.reflink_works.load(Ordering::Relaxed) {
+            match rustix::fs::ioctl_ficlone(dst, src) {
+                Ok(()) => {
+                    self.reflinked.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // No reflinks here (ext4), or not across these two filesystems: copy from now on.
+                Err(
+                    rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOTTY
+                    | rustix::io::Errno::PERM,
+                ) => self.reflink_works.store(false, Ordering::Relaxed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let n = copy_sparse(src, dst)?;
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        self.bytes_copied.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Copy `src` into the empty `dst`, data segments only, so holes stay holes. Returns the bytes
+/// of data copied.
+pub fn copy_sparse(src: &File, dst: &File) -> io::Result<u64> {
+    let size = rustix::fs::fstat(src)?.st_size as u64;
+    let mut off = 0u64;
+    let mut copied = 0u64;
+    while off < size {
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(off)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole is left
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(e) => return Err(e.into()),
+        };
+        copy_range(src, dst, data, hole - data)?;
+        copied += hole - data;
+        off = hole;
+    }
+    dst.set_len(size)?;
+    Ok(copied)
+}
+
+fn copy_range(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
+    while len > 0 {
+        let mut o_in = off;
+        let mut o_out = off;
+        match rustix::fs::copy_file_range(
+            src,
+            Some(&mut o_in),
+            dst,
+            Some(&mut o_out),
+            len.min(1 << 30) as usize,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while copying",
+                ));
+            }
+            Ok(n) => {
+                off += n as u64;
+                len -= n as u64;
+            }
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                return copy_range_rw(src, dst, off, len);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_rw(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    while len > 0 {
+        let want = buf.len().min(len as usize);
+        let n = src.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while copying",
+            ));
+        }
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// `/proc/self/fd/DIR/NAME`: reaches NAME through the directory fd without following NAME,
+/// for the xattr calls that have no `*at` form.
+pub fn proc_path(dir: &impl AsRawFd, name: &CStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(OsStr::from_bytes(name.to_bytes()));
+    p
+}
+
+pub fn cstr(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
+}
+
+/// lstat NAME in DIR; `None` when nothing is there.
+pub fn stat_at(dir: &impl AsFd, name: &CStr) -> io::Result<Option<Stat>> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn is_dir(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+}
+
+/// Open directory NAME in DIR for reading, never following a symlink.
+pub fn open_dir_at(dir: &impl AsFd, name: &CStr) -> io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(Into::into)
+}
+
+/// Remove whatever NAME is in DIR (a directory with everything below it); nothing there is fine.
+pub fn remove_at(dir: &OwnedFd, name: &CStr) -> io::Result<bool> {
+    match stat_at(dir, name)? {
+        None => Ok(false),
+        Some(st) if is_dir(&st) => ovl_layer::root::remove_tree(dir, name).map(|()| true),
+        Some(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
+            .map(|()| true)
+            .map_err(Into::into),
+    }
+}
+
+/// Create the empty regular file NAME in DIR (it must not exist).
+pub fn create_file(dir: &impl AsFd, name: &CStr) -> io::Result<File> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map(File::from)
+    .map_err(Into::into)
+}
+
+/// Open regular file NAME in DIR for reading.
+pub fn open_file_at(dir: &impl AsFd, name: &CStr) -> io::Result<File> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(Into::into)
+}
+
+/// A hardlink: `from_dir/from` is also `to_dir/to` (a symlink itself is linked, not followed).
+pub fn link_at(from_dir: &impl AsFd, from: &CStr, to_dir: &impl AsFd, to: &CStr) -> io::Result<()> {
+    rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()).map_err(Into::into)
+}
+
+/// What kind of entry to make with [`make_special`].
+#[derive(Debug, Clone)]
+pub enum Special {
+    Symlink(Vec<u8>),
+    Char(u64),
+    Block(u64),
+    Fifo,
+    Socket,
+}
+
+impl Special {
+    /// The special kind of an upper-reader entry; `None` for files, dirs and hardlinks.
+    pub fn of(kind: &ovl_layer::upper::Kind) -> Option<Special> {
+        use ovl_layer::upper::Kind;
+        Some(match kind {
+            Kind::Symlink { target } => Special::Symlink(target.clone()),
+            Kind::CharDevice { major, minor } => Special::Char(rustix::fs::makedev(*major, *minor)),
+            Kind::BlockDevice { major, minor } => {
+                Special::Block(rustix::fs::makedev(*major, *minor))
+            }
+            Kind::Fifo => Special::Fifo,
+            Kind::Socket => Special::Socket,
+            _ => return None,
+        })
+    }
+
+    /// The special kind of an on-disk entry.
+    pub fn from_disk(dir: &impl AsFd, name: &CStr, st: &Stat) -> io::Result<Option<Special>> {
+        Ok(Some(match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                Special::Symlink(rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes())
+            }
+            FileType::CharacterDevice => Special::Char(st.st_rdev),
+            FileType::BlockDevice => Special::Block(st.st_rdev),
+            FileType::Fifo => Special::Fifo,
+            FileType::Socket => Special::Socket,
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Make a symlink, device, fifo or socket NAME in DIR (metadata comes after, by name).
+pub fn make_special(dir: &impl AsFd, name: &CStr, kind: &Special) -> io::Result<()> {
+    let (ft, dev) = match kind {
+        Special::Symlink(target) => {
+            return rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name).map_err(Into::into);
+        }
+        Special::Char(d) => (FileType::CharacterDevice, *d),
+        Special::Block(d) => (FileType::BlockDevice, *d),
+        Special::Fifo => (FileType::Fifo, 0),
+        Special::Socket => (FileType::Socket, 0),
+    };
+    rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev).map_err(Into::into)
+}
+
+fn times(m: &DiskMeta) -> Timestamps {
+    let t = Timespec {
+        tv_sec: m.mtime.0,
+        tv_nsec: m.mtime.1 as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Give NAME in DIR exactly `meta`: owner, xattrs (public ones not in `meta` removed, private
+/// ones left alone), mode (not for symlinks: Linux has no lchmod), times.
+pub fn apply_meta(dir: &OwnedFd, name: &CStr, meta: &DiskMeta) -> io::Result<()> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let symlink = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
+    if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(meta.uid)),
+            Some(rustix::fs::Gid::from_raw(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    let path = proc_path(dir, name);
+    let have = ovl_layer::xattrs::list_path(&path)?;
+    for (n, _) in public_xattrs(&have) {
+        if !meta.xattrs.iter().any(|(m, _)| *m == n) {
+            rustix::fs::lremovexattr(&path, n.as_str())?;
+        }
+    }
+    for (n, v) in &meta.xattrs {
+        if !have.iter().any(|(h, hv)| h == n && hv == v) {
+            rustix::fs::lsetxattr(&path, n.as_str(), v, rustix::fs::XattrFlags::empty())?;
+        }
+    }
+    if !symlink {
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())?;
+    }
+    rustix::fs::utimensat(dir, name, &times(meta), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// [`apply_meta`] on an open directory or file (the root of a tree has no name in a parent
+/// we hold).
+pub fn apply_meta_fd(fd: &OwnedFd, meta: &DiskMeta) -> io::Result<()> {
+    let st = rustix::fs::fstat(fd)?;
+    if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(meta.uid)),
+            Some(rustix::fs::Gid::from_raw(meta.gid)),
+        )?;
+    }
+    let have = ovl_layer::xattrs::list_fd(fd)?;
+    for (n, _) in public_xattrs(&have) {
+        if !meta.xattrs.iter().any(|(m, _)| *m == n) {
+            rustix::fs::fremovexattr(fd, n.as_str())?;
+        }
+    }
+    for (n, v) in &meta.xattrs {
+        if !have.iter().any(|(h, hv)| h == n && hv == v) {
+            rustix::fs::fsetxattr(fd, n.as_str(), v, rustix::fs::XattrFlags::empty())?;
+        }
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+    rustix::fs::futimens(fd, &times(meta))?;
+    Ok(())
+}
+
+/// Remove the overlay-private xattrs of NAME in DIR (so a link to it in a lower carries none).
+/// Returns whether there were any.
+pub fn strip_private(dir: &OwnedFd, name: &CStr) -> io::Result<bool> {
+    let path = proc_path(dir, name);
+    let mut any = false;
+    for (n, _) in ovl_layer::xattrs::list_path(&path)? {
+        if whiteout::classify_upper_xattr(&n) == UpperXattr::Private {
+            match rustix::fs::lremovexattr(&path, n.as_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => any = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(any)
+}

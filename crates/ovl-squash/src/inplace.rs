@@ -1,0 +1,734 @@
+//! `--in-place`: the lower itself becomes the merged view and the upper is emptied, at a cost
+//! in the size of the upper (entries move by hardlink and rename; the lower is never copied).
+//!
+//! # The crash argument
+//!
+//! Invariant: at every instant, lower + upper mount to exactly the merged view M they mounted
+//! to when the squash started. Every step either changes only what the upper hides, or swaps
+//! one thing for an identical one; so a kill at any moment loses nothing, and running the same
+//! command again (every step is idempotent) completes the squash.
+//!
+//! What the upper hides in the lower: everything at or below a path where the upper has a
+//! whiteout, an opaque or redirected directory, or a non-directory; a lower directory's own
+//! metadata where the upper has a directory at that path (merged directories take their
+//! attributes and xattrs from the upper); a metacopy file's metadata (only its data comes from
+//! below). The steps, in this order:
+//!
+//! 0. Leftovers of a killed run are removed: the `.LOWER.ovl-squash-work` sibling (half-made
+//!    entries, never part of any layer) and the `.UPPER.ovl-squash-swap` sibling (see 4).
+//! 1. Redirects (redirect_dir, metacopy with a redirect) are made local first, because they are
+//!    the only upper entries that need lower content at *another* path, which later steps may
+//!    delete. For each: the full content is built in the work sibling (hardlinks to the lower
+//!    and upper inodes, copies only for metacopy data), renamed to the entry's own path in the
+//!    lower (hidden: the redirected upper entry does not look there), then the redirect xattr is
+//!    removed from the upper entry (it now finds identical content at its own path). An entry
+//!    whose target path is still the source of another pending redirect waits; a cycle of
+//!    renames is refused ([`SquashError::RedirectCycle`]) after the others are done.
+//! 2. The upper's changes in stream order, applied to the lower, each under cover of the upper
+//!    entry at the same path: a whiteout removes the lower path; an opaque directory replaces
+//!    the lower path by an empty directory; a directory makes sure the lower has one; a file,
+//!    symlink, device, fifo or socket of the upper is hardlinked into the lower (after its
+//!    overlay-private xattrs are removed from the inode: invisible through the mount) replacing
+//!    what was there, so both layers hold the *same inode*; a metacopy file gets the upper's
+//!    metadata on the lower file (a copy renamed over it when that inode has other links);
+//!    directory metadata is set after the directory's children, root last.
+//!    Now the lower alone is M, and the upper still covers every path it touched.
+//! 3. syncfs of the lower's filesystem, so the lower is durable before the upper lets go.
+//! 4. The upper is emptied in one atomic step: an empty directory with the upper root's owner,
+//!    mode, xattrs and times is made as the sibling `.UPPER.ovl-squash-swap`, then exchanged with
+//!    the upper (`renameat2(RENAME_EXCHANGE)`); before, upper + lower = M; after, the empty
+//!    upper + the lower = M. The old upper, now the swap sibling, is deleted; so is the work
+//!    sibling. Emptying the upper entry by entry instead would bump the upper root's mtime,
+//!    which *is* the merged root's mtime, at every removal: the exchange changes nothing a
+//!    mount shows. (Where the exchange is impossible, e.g. the upper is a mount point, entries
+//!    are removed one by one and the root's times restored after each: the merged root's
+//!    mtime is then off in the instant between the two.)
+//!
+//! A concurrent second squash of the same lower is refused by an exclusive flock on it.
+//! The lower's own markers (a whiteout left in a single lower by an import) are left where the
+//! upper does not touch: they are invisible in every mount, and finding them would cost a walk
+//! of the whole lower.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode, OFlags, RenameFlags};
+
+use ovl_layer::path::LayerPath;
+use ovl_layer::root::Root;
+use ovl_layer::upper::{Change, Entry, Kind, Layer, Upper, UpperOptions};
+use ovl_layer::whiteout::{self, XattrNs};
+
+use crate::Summary;
+use crate::crash;
+use crate::error::{SquashError, io_at};
+use crate::fsops::{self, DiskMeta, Sharing, Special, cstr};
+
+/// `.NAME.ovl-squash-SUFFIX` beside `dir`: its parent, and the sibling's name.
+fn sibling(dir: &Path, suffix: &str) -> Result<(PathBuf, CString), SquashError> {
+    let name = dir.file_name().ok_or_else(|| SquashError::Unsupported {
+        path: dir.display().to_string(),
+        why: "needs a final name component".into(),
+    })?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut s = b".".to_vec();
+    s.extend_from_slice(name.as_bytes());
+    s.extend_from_slice(format!(".ovl-squash-{suffix}").as_bytes());
+    Ok((parent, CString::new(s).expect("no NUL in a path")))
+}
+
+fn open_path_dir(p: &Path) -> Result<OwnedFd, SquashError> {
+    rustix::fs::open(
+        p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_at(p.display())(e.into()))
+}
+
+struct InPlace<'a> {
+    lower: Root,
+    upper: Root,
+    up: Upper,
+    sharing: &'a Sharing,
+    work_parent: OwnedFd,
+    work_name: CString,
+    work: Option<OwnedFd>,
+    work_seq: u64,
+    sum: &'a mut Summary,
+}
+
+pub fn squash_in_place(
+    lower: &Path,
+    upper: &Path,
+    sharing: &Sharing,
+    sum: &mut Summary,
+) -> Result<(), SquashError> {
+    let lock = open_path_dir(lower)?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Err(SquashError::Busy(lower.to_path_buf())),
+        Err(e) => return Err(io_at(lower.display())(e.into())),
+    }
+    // 0. Leftovers of a killed run.
+    let (work_parent, work_name) = sibling(lower, "work")?;
+    let (swap_parent, swap_name) = sibling(upper, "swap")?;
+    let work_parent = open_path_dir(&work_parent)?;
+    let swap_parent_fd = open_path_dir(&swap_parent)?;
+    fsops::remove_at(&work_parent, &work_name).map_err(io_at(lower.display()))?;
+    fsops::remove_at(&swap_parent_fd, &swap_name).map_err(io_at(upper.display()))?;
+
+    let mut ip = InPlace {
+        lower: Root::open(lower).map_err(io_at(lower.display()))?,
+        upper: Root::open(upper).map_err(io_at(upper.display()))?,
+        up: Upper::open(
+            upper,
+            &UpperOptions {
+                lowers: vec![lower.to_path_buf()],
+                ids: None,
+            },
+        )?,
+        sharing,
+        work_parent,
+        work_name,
+        work: None,
+        work_seq: 0,
+        sum,
+    };
+    // 1. and 2.
+    ip.redirects()?;
+    ip.apply()?;
+    // 3.
+    let lower_fd = open_path_dir(lower)?;
+    rustix::fs::syncfs(&lower_fd).map_err(|e| io_at(lower.display())(e.into()))?;
+    // 4.
+    ip.empty_upper(upper, &swap_parent_fd, &swap_name)?;
+    fsops::remove_at(&ip.work_parent, &ip.work_name).map_err(io_at(lower.display()))?;
+    Ok(())
+}
+
+/// One upper entry that needs lower content from another path.
+struct Pending {
+    /// Where it is (in both layers once done).
+    target: LayerPath,
+    /// The lower paths it reads.
+    sources: Vec<LayerPath>,
+    /// Its changes: a redirected directory's whole group, or one metacopy file.
+    changes: Vec<Change>,
+}
+
+fn overlaps(a: &LayerPath, b: &LayerPath) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// `p` relative to `base` (which it is below or equal to).
+fn relative(p: &LayerPath, base: &LayerPath) -> LayerPath {
+    if base.is_root() {
+        return p.clone();
+    }
+    LayerPath::parse(&p.as_bytes()[base.as_bytes().len()..]).expect("a sub path of a layer path")
+}
+
+impl InPlace<'_> {
+    fn lower_at(&self, p: &LayerPath) -> String {
+        self.lower.display(p)
+    }
+
+    /// The work sibling, made on first use (same filesystem as the lower: renames from it are
+    /// atomic; outside the lower: nothing in it ever shows in a mount).
+    fn work(&mut self) -> Result<&OwnedFd, SquashError> {
+        if self.work.is_none() {
+            match rustix::fs::mkdirat(
+                &self.work_parent,
+                self.work_name.as_c_str(),
+                Mode::from_raw_mode(0o700),
+            ) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_at("the work directory beside the lower")(e.into())),
+            }
+            let fd = fsops::open_dir_at(&self.work_parent, &self.work_name)
+                .map_err(io_at("the work directory beside the lower"))?;
+            self.work = Some(fd);
+        }
+        Ok(self.work.as_ref().expect("just made"))
+    }
+
+    fn next_work_name(&mut self) -> CString {
+        self.work_seq += 1;
+        CString::new(format!("w{}", self.work_seq)).expect("no NUL")
+    }
+
+    // ---- 1. redirects ----
+
+    fn pending(&self) -> Result<Vec<Pending>, SquashError> {
+        let changes = self.up.changes()?;
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < changes.len() {
+            match &changes[i] {
+                Change::Redirect { path, from } => {
+                    let mut group = vec![changes[i].clone()];
+                    let mut sources = vec![from.clone()];
+                    let mut j = i + 1;
+                    while j < changes.len() && change_path(&changes[j]).starts_with(path) {
+                        if let Change::Redirect { from, .. } = &changes[j] {
+                            sources.push(from.clone());
+                        }
+                        if let Change::Entry(Entry {
+                            kind: Kind::File { source, .. },
+                            ..
+                        }) = &changes[j]
+                        {
+                            if source.layer != Layer::Upper {
+                                sources.push(source.path.clone());
+                            }
+                        }
+                        group.push(changes[j].clone());
+                        j += 1;
+                    }
+                    out.push(Pending {
+                        target: path.clone(),
+                        sources,
+                        changes: group,
+                    });
+                    i = j;
+                    continue;
+                }
+                Change::Entry(e) => {
+                    if let Kind::File { source, .. } = &e.kind {
+                        if source.layer != Layer::Upper && source.path != e.path {
+                            out.push(Pending {
+                                target: e.path.clone(),
+                                sources: vec![source.path.clone()],
+                                changes: vec![changes[i].clone()],
+                            });
+                        }
+                    }
+                }
+                Change::Whiteout(_) => {}
+            }
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    fn redirects(&mut self) -> Result<(), SquashError> {
+        loop {
+            let mut pending = self.pending()?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut progressed = false;
+            while !pending.is_empty() {
+                let free = (0..pending.len()).find(|&i| {
+                    !pending.iter().enumerate().any(|(j, o)| {
+                        j != i && o.sources.iter().any(|s| overlaps(&pending[i].target, s))
+                    })
+                });
+                let Some(i) = free else { break };
+                let item = pending.remove(i);
+                self.make_local(item)?;
+                progressed = true;
+            }
+            if !progressed {
+                let names: Vec<String> = pending
+                    .iter()
+                    .map(|p| format!("{} <- {}", p.target, p.sources[0]))
+                    .collect();
+                return Err(SquashError::RedirectCycle(names.join(", ")));
+            }
+            // A redirect nested in one just made local shows up in the next walk.
+        }
+    }
+
+    /// Build a pending entry's full content in the work sibling, put it at its own path in the
+    /// lower, then drop its redirect in the upper.
+    fn make_local(&mut self, item: Pending) -> Result<(), SquashError> {
+        let target = item.target.clone();
+        let tmp = self.next_work_name();
+        let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
+        let mut dirs: Vec<(LayerPath, DiskMeta)> = Vec::new();
+        let mut made_root = false;
+        for c in &item.changes {
+            let Change::Entry(e) = c else { continue };
+            let rel = relative(&e.path, &target);
+            // The entry's place inside the work copy.
+            let (dir, name): (OwnedFd, CString) = if rel.is_root() {
+                (
+                    work.try_clone().map_err(io_at("work directory"))?,
+                    tmp.clone(),
+                )
+            } else {
+                let (parent, n) = rel.split_last().expect("not the root");
+                let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
+                for comp in parent.components() {
+                    fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?)
+                        .map_err(io_at(&rel))?;
+                }
+                (fd, cstr(n).map_err(io_at(&rel))?)
+            };
+            let at = format!("{} (being built for {})", rel, self.lower_at(&e.path));
+            match &e.kind {
+                Kind::Dir { .. } => {
+                    rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o700))
+                        .map_err(|er| io_at(&at)(er.into()))?;
+                    made_root |= rel.is_root();
+                    dirs.push((rel, DiskMeta::from_layer(&e.meta)));
+                }
+                Kind::File { source, .. } => {
+                    self.place_file(e, source, &dir, &name)
+                        .map_err(io_at(&at))?;
+                }
+                Kind::Hardlink { target: t } => {
+                    if t.starts_with(&target) {
+                        let trel = relative(t, &target);
+                        let (tp, tn) = trel.split_last().expect("a file, not the root");
+                        let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at(&at))?;
+                        for comp in tp.components() {
+                            fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&at))?)
+                                .map_err(io_at(&at))?;
+                        }
+                        fsops::link_at(&fd, &cstr(tn).map_err(io_at(&at))?, &dir, &name)
+                            .map_err(io_at(&at))?;
+                    } else {
+                        let l = self.upper.leaf(t, false).map_err(io_at(&at))?;
+                        fsops::link_at(&l.dir, &l.name, &dir, &name).map_err(io_at(&at))?;
+                    }
+                }
+                kind => {
+                    let sp = Special::of(kind).expect("not a file, dir or hardlink");
+                    fsops::make_special(&dir, &name, &sp)
+                        .and_then(|()| {
+                            fsops::apply_meta(&dir, &name, &DiskMeta::from_layer(&e.meta))
+                        })
+                        .map_err(io_at(&at))?;
+                }
+            }
+            crash::step();
+        }
+        let _ = made_root;
+        for (rel, meta) in dirs.into_iter().rev() {
+            let (dir, name) = if rel.is_root() {
+                (
+                    work.try_clone().map_err(io_at("work directory"))?,
+                    tmp.clone(),
+                )
+            } else {
+                let (parent, n) = rel.split_last().expect("not the root");
+                let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
+                for comp in parent.components() {
+                    fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?)
+                        .map_err(io_at(&rel))?;
+                }
+                (fd, cstr(n).map_err(io_at(&rel))?)
+            };
+            fsops::apply_meta(&dir, &name, &meta).map_err(io_at(&rel))?;
+        }
+        crash::step();
+        // Into place: the redirected upper entry does not look at its own lower path.
+        let (ldir, lname) = self.lower_parent(&target)?;
+        if fsops::remove_at(&ldir, &lname).map_err(io_at(self.lower_at(&target)))? {
+            crash::step();
+        }
+        rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
+            .map_err(|e| io_at(self.lower_at(&target))(e.into()))?;
+        crash::step();
+        // The upper entry now finds the same content at its own path.
+        let u = self
+            .upper
+            .leaf(&target, false)
+            .map_err(io_at(self.up.display(&target)))?;
+        let path = fsops::proc_path(&u.dir, &u.name);
+        for ns in XattrNs::ALL {
+            match rustix::fs::lremovexattr(&path, ns.name(whiteout::key::REDIRECT).as_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(io_at(self.up.display(&target))(e.into())),
+            }
+        }
+        crash::step();
+        self.sum.redirects += 1;
+        Ok(())
+    }
+
+    /// A file entry placed at `dir/name` (which is free): the upper inode itself, or a lower
+    /// inode that already carries the entry's metadata, else a copy with it.
+    fn place_file(
+        &mut self,
+        e: &Entry,
+        source: &ovl_layer::upper::Source,
+        dir: &OwnedFd,
+        name: &CStr,
+    ) -> std::io::Result<()> {
+        let meta = DiskMeta::from_layer(&e.meta);
+        let leaf = match source.layer {
+            Layer::Upper => {
+                let l = self.upper.leaf(&source.path, false)?;
+                fsops::strip_private(&l.dir, &l.name)?;
+                l
+            }
+            Layer::Lower(_) => {
+                let l = self.lower.leaf(&source.path, false)?;
+                let st = l
+                    .stat()?
+                    .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
+                let have = l.xattrs()?;
+                if DiskMeta::from_disk(&st, &have) != meta {
+                    let from = fsops::open_file_at(&l.dir, &l.name)?;
+                    let to = fsops::create_file(dir, name)?;
+                    self.sharing.fill(&from, &to)?;
+                    drop(to);
+                    return fsops::apply_meta(dir, name, &meta);
+                }
+                l
+            }
+        };
+        match fsops::link_at(&leaf.dir, &leaf.name, dir, name) {
+            Ok(()) => {
+                self.sum.moved += 1;
+                Ok(())
+            }
+            Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
+                let from = fsops::open_file_at(&leaf.dir, &leaf.name)?;
+                let to = fsops::create_file(dir, name)?;
+                self.sharing.fill(&from, &to)?;
+                drop(to);
+                fsops::apply_meta(dir, name, &meta)
+            }
+            Err(er) => Err(er),
+        }
+    }
+
+    /// The lower directory that holds `p` (made, replacing non-directories, on the way: every
+    /// such step is under an upper directory that covers it) and `p`'s name.
+    fn lower_parent(&mut self, p: &LayerPath) -> Result<(OwnedFd, CString), SquashError> {
+        let (parent, name) = p.split_last().expect("not the root");
+        let mut cur =
+            fsops::open_dir_at(&self.lower.fd(), c".").map_err(io_at(self.lower_at(p)))?;
+        let mut prefix = LayerPath::root();
+        for comp in parent.components() {
+            prefix = prefix.join(comp);
+            let at = self.lower_at(&prefix);
+            let c = cstr(comp).map_err(io_at(&at))?;
+            match fsops::stat_at(&cur, &c).map_err(io_at(&at))? {
+                Some(st) if fsops::is_dir(&st) => {}
+                other => {
+                    if other.is_some() {
+                        fsops::remove_at(&cur, &c).map_err(io_at(&at))?;
+                        crash::step();
+                    }
+                    rustix::fs::mkdirat(&cur, c.as_c_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_at(&at)(e.into()))?;
+                    crash::step();
+                }
+            }
+            cur = fsops::open_dir_at(&cur, &c).map_err(io_at(&at))?;
+        }
+        Ok((cur, cstr(name).map_err(io_at(self.lower_at(p)))?))
+    }
+
+    // ---- 2. the changes ----
+
+    fn apply(&mut self) -> Result<(), SquashError> {
+        let changes = self.up.changes()?;
+        let mut dirs: Vec<(LayerPath, DiskMeta)> = Vec::new();
+        for c in changes {
+            let p = change_path(&c).clone();
+            while let Some((top, _)) = dirs.last() {
+                if p.starts_with(top) && &p != top {
+                    break;
+                }
+                let (top, meta) = dirs.pop().expect("non-empty");
+                self.dir_meta(&top, &meta)?;
+            }
+            match c {
+                Change::Whiteout(p) => {
+                    self.sum.whiteouts += 1;
+                    // Nothing to remove when the lower has no such parent.
+                    if let Ok(leaf) = self.lower.leaf(&p, false) {
+                        if leaf.stat().map_err(io_at(self.lower_at(&p)))?.is_some() {
+                            leaf.remove_all().map_err(io_at(self.lower_at(&p)))?;
+                            crash::step();
+                        }
+                    }
+                }
+                Change::Redirect { path, .. } => {
+                    return Err(SquashError::Unsupported {
+                        path: self.up.display(&path),
+                        why: "a redirect is left after they were all made local".into(),
+                    });
+                }
+                Change::Entry(e) => {
+                    self.sum.entries += 1;
+                    self.entry(e, &mut dirs)?;
+                }
+            }
+        }
+        while let Some((top, meta)) = dirs.pop() {
+            self.dir_meta(&top, &meta)?;
+        }
+        Ok(())
+    }
+
+    fn dir_meta(&mut self, p: &LayerPath, meta: &DiskMeta) -> Result<(), SquashError> {
+        let at = self.lower_at(p);
+        if p.is_root() {
+            let fd = fsops::open_dir_at(&self.lower.fd(), c".").map_err(io_at(&at))?;
+            fsops::apply_meta_fd(&fd, meta).map_err(io_at(&at))?;
+        } else {
+            let leaf = self.lower.leaf(p, false).map_err(io_at(&at))?;
+            fsops::apply_meta(&leaf.dir, &leaf.name, meta).map_err(io_at(&at))?;
+        }
+        crash::step();
+        Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        e: Entry,
+        dirs: &mut Vec<(LayerPath, DiskMeta)>,
+    ) -> Result<(), SquashError> {
+        let meta = DiskMeta::from_layer(&e.meta);
+        if e.path.is_root() {
+            dirs.push((e.path, meta));
+            return Ok(());
+        }
+        let at = self.lower_at(&e.path);
+        let (ldir, lname) = self.lower_parent(&e.path)?;
+        let existing = fsops::stat_at(&ldir, &lname).map_err(io_at(&at))?;
+        match &e.kind {
+            Kind::Dir { opaque } => {
+                let keep = match &existing {
+                    Some(st) => fsops::is_dir(st) && !opaque,
+                    None => false,
+                };
+                if *opaque {
+                    self.sum.opaque_dirs += 1;
+                }
+                if !keep {
+                    if existing.is_some() {
+                        fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                        crash::step();
+                    }
+                    rustix::fs::mkdirat(&ldir, lname.as_c_str(), Mode::from_raw_mode(0o700))
+                        .map_err(|er| io_at(&at)(er.into()))?;
+                    crash::step();
+                }
+                dirs.push((e.path.clone(), meta));
+            }
+            Kind::File { source, .. } if source.layer != Layer::Upper => {
+                if source.path != e.path {
+                    return Err(SquashError::Unsupported {
+                        path: self.up.display(&e.path),
+                        why: "a metacopy redirect is left after they were all made local".into(),
+                    });
+                }
+                // Metacopy: the data is the lower file's; the metadata becomes the upper's.
+                let st = existing.ok_or_else(|| SquashError::Unsupported {
+                    path: at.clone(),
+                    why: "the data of a metacopy file is missing in the lower".into(),
+                })?;
+                if st.st_nlink <= 1 {
+                    fsops::apply_meta(&ldir, &lname, &meta).map_err(io_at(&at))?;
+                } else {
+                    // Other names share the inode: give this name its own copy.
+                    let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
+                    let tmp = self.next_work_name();
+                    let from = fsops::open_file_at(&ldir, &lname).map_err(io_at(&at))?;
+                    let to = fsops::create_file(&work, &tmp).map_err(io_at(&at))?;
+                    self.sharing.fill(&from, &to).map_err(io_at(&at))?;
+                    drop(to);
+                    fsops::apply_meta(&work, &tmp, &meta).map_err(io_at(&at))?;
+                    rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
+                        .map_err(|er| io_at(&at)(er.into()))?;
+                }
+                crash::step();
+            }
+            Kind::Hardlink { target } => {
+                let t = self.lower.leaf(target, false).map_err(io_at(&at))?;
+                let tst = t.stat().map_err(io_at(&at))?;
+                let same = matches!((&existing, &tst), (Some(a), Some(b)) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino));
+                if !same {
+                    if existing.is_some() {
+                        fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                        crash::step();
+                    }
+                    fsops::link_at(&t.dir, &t.name, &ldir, &lname).map_err(io_at(&at))?;
+                    crash::step();
+                }
+            }
+            _ => {
+                // A file, symlink, device, fifo or socket of the upper: its inode moves down.
+                let u = self
+                    .upper
+                    .leaf(&e.path, false)
+                    .map_err(io_at(self.up.display(&e.path)))?;
+                if fsops::strip_private(&u.dir, &u.name).map_err(io_at(self.up.display(&e.path)))? {
+                    crash::step();
+                }
+                let ust = u.stat().map_err(io_at(self.up.display(&e.path)))?;
+                let same = matches!((&existing, &ust), (Some(a), Some(b)) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino));
+                if same {
+                    return Ok(());
+                }
+                if existing.is_some() {
+                    fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                    crash::step();
+                }
+                match fsops::link_at(&u.dir, &u.name, &ldir, &lname) {
+                    Ok(()) => self.sum.moved += 1,
+                    Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
+                        // Another filesystem: a copy, made aside and renamed in whole.
+                        let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
+                        let tmp = self.next_work_name();
+                        let st = ust.expect("the upper entry is there");
+                        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
+                            let from = fsops::open_file_at(&u.dir, &u.name).map_err(io_at(&at))?;
+                            let to = fsops::create_file(&work, &tmp).map_err(io_at(&at))?;
+                            self.sharing.fill(&from, &to).map_err(io_at(&at))?;
+                        } else {
+                            let sp = Special::from_disk(&u.dir, &u.name, &st)
+                                .map_err(io_at(&at))?
+                                .expect("not a dir");
+                            fsops::make_special(&work, &tmp, &sp).map_err(io_at(&at))?;
+                        }
+                        fsops::apply_meta(&work, &tmp, &meta).map_err(io_at(&at))?;
+                        rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
+                            .map_err(|er| io_at(&at)(er.into()))?;
+                    }
+                    Err(er) => return Err(io_at(&at)(er)),
+                }
+                crash::step();
+            }
+        }
+        Ok(())
+    }
+
+    // ---- 4. the upper ----
+
+    fn empty_upper(
+        &mut self,
+        upper: &Path,
+        parent: &OwnedFd,
+        swap: &CStr,
+    ) -> Result<(), SquashError> {
+        let at = upper.display().to_string();
+        let ufd = open_path_dir(upper)?;
+        let st = rustix::fs::fstat(&ufd).map_err(|e| io_at(&at)(e.into()))?;
+        let xattrs = ovl_layer::xattrs::list_fd(&ufd).map_err(io_at(&at))?;
+        let meta = DiskMeta::from_disk(&st, &xattrs);
+        let name = cstr(upper.file_name().unwrap_or_default().as_bytes()).map_err(io_at(&at))?;
+        if upper_is_empty(&ufd).map_err(io_at(&at))? {
+            return Ok(());
+        }
+        rustix::fs::mkdirat(parent, swap, Mode::from_raw_mode(0o700))
+            .map_err(|e| io_at(&at)(e.into()))?;
+        fsops::apply_meta(parent, swap, &meta).map_err(io_at(&at))?;
+        crash::step();
+        match rustix::fs::renameat_with(
+            parent,
+            swap,
+            parent,
+            name.as_c_str(),
+            RenameFlags::EXCHANGE,
+        ) {
+            Ok(()) => {
+                crash::step();
+                let _ = rustix::fs::fsync(parent);
+                // The old upper, now garbage.
+                fsops::remove_at(parent, swap).map_err(io_at(&at))?;
+                crash::step();
+                Ok(())
+            }
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::XDEV | rustix::io::Errno::BUSY) => {
+                fsops::remove_at(parent, swap).map_err(io_at(&at))?;
+                // No exchange here: entry by entry, the root's times put back after each.
+                let times = rustix::fs::Timestamps {
+                    last_access: rustix::fs::Timespec {
+                        tv_sec: st.st_atime,
+                        tv_nsec: st.st_atime_nsec as _,
+                    },
+                    last_modification: rustix::fs::Timespec {
+                        tv_sec: st.st_mtime,
+                        tv_nsec: st.st_mtime_nsec as _,
+                    },
+                };
+                for n in names(&ufd).map_err(io_at(&at))? {
+                    fsops::remove_at(&ufd, &n).map_err(io_at(&at))?;
+                    rustix::fs::futimens(&ufd, &times).map_err(|e| io_at(&at)(e.into()))?;
+                    crash::step();
+                }
+                Ok(())
+            }
+            Err(e) => Err(io_at(&at)(e.into())),
+        }
+    }
+}
+
+fn change_path(c: &Change) -> &LayerPath {
+    match c {
+        Change::Whiteout(p) => p,
+        Change::Redirect { path, .. } => path,
+        Change::Entry(e) => &e.path,
+    }
+}
+
+fn names(fd: &OwnedFd) -> std::io::Result<Vec<CString>> {
+    let mut out = Vec::new();
+    for ent in rustix::fs::Dir::read_from(fd)? {
+        let ent = ent?;
+        let n = ent.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            out.push(n.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+fn upper_is_empty(fd: &OwnedFd) -> std::io::Result<bool> {
+    Ok(names(fd)?.is_empty())
+}

@@ -1,0 +1,303 @@
+//! `--output NEWDIR`: the merged view written as a new lower; the old lowers and the upper are
+//! only read.
+//!
+//! Two passes into a staging sibling ([`ovl_layer::staging`]), then one rename:
+//! 1. the merged lowers ([`LowerStack`]), except every path the upper replaces, deletes or
+//!    hides (whiteouts, opaque and redirected directories, non-directories), so nothing is
+//!    written twice; unchanged files are shared with the old lower (reflink, else a hardlink
+//!    with `--link`, else a copy that keeps holes), hardlinks inside the lowers stay hardlinks;
+//! 2. the upper's changes in stream order ([`Upper::walk`]), directory metadata last, deepest
+//!    first (writing into a directory bumps its times).
+//!
+//! Crash safety is the staging's: NEWDIR appears only by the final rename, after a syncfs; a
+//! killed run leaves a `.NEWDIR.ovl-squash-PID` sibling that the next run removes.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode};
+
+use ovl_layer::path::LayerPath;
+use ovl_layer::root::Root;
+use ovl_layer::staging::Staging;
+use ovl_layer::upper::{Change, Kind, Layer, LowerStack, Upper, UpperOptions};
+
+use crate::Summary;
+use crate::crash;
+use crate::error::{SquashError, io_at};
+use crate::fsops::{self, DiskMeta, Sharing, Special, cstr};
+
+/// The tool name in the staging sibling's name.
+pub const TOOL: &str = "ovl-squash";
+
+pub fn squash_to(
+    lowers: &[PathBuf],
+    upper: &Path,
+    out: &Path,
+    sharing: &Sharing,
+    sum: &mut Summary,
+) -> Result<(), SquashError> {
+    let staging = Staging::new(out, TOOL)?;
+    crash::step();
+    let up = Upper::open(
+        upper,
+        &UpperOptions {
+            lowers: lowers.to_vec(),
+            ids: None,
+        },
+    )?;
+    let changes = up.changes()?;
+    let mut prune = HashSet::new();
+    for c in &changes {
+        match c {
+            Change::Whiteout(p) | Change::Redirect { path: p, .. } => {
+                prune.insert(p.clone());
+            }
+            Change::Entry(e) => match e.kind {
+                Kind::Dir { opaque: false } => {}
+                _ if e.path.is_root() => {}
+                _ => {
+                    prune.insert(e.path.clone());
+                }
+            },
+        }
+    }
+    let stack = LowerStack::open(lowers)?;
+    let out_root = Root::open(&staging.tmp).map_err(io_at(staging.tmp.display()))?;
+    let mut b = Builder {
+        stack: &stack,
+        up: &up,
+        sharing,
+        out_root: &out_root,
+        links: HashMap::new(),
+        sum,
+    };
+    let root_fd = fsops::open_dir_at(&out_root.fd(), c".").map_err(io_at(staging.tmp.display()))?;
+    if let Some(top) = stack
+        .dir(&LayerPath::root())
+        .map_err(io_at(lowers[0].display()))?
+    {
+        b.lower_dir(&LayerPath::root(), &root_fd, &prune)?;
+        fsops::apply_meta_fd(&root_fd, &DiskMeta::from_disk(&top.st, &top.xattrs))
+            .map_err(io_at(staging.tmp.display()))?;
+    }
+    let mut dirs = Vec::new();
+    for c in changes {
+        b.change(c, &mut dirs)?;
+    }
+    for (p, meta) in dirs.into_iter().rev() {
+        let at = out_root.display(&p);
+        if p.is_root() {
+            fsops::apply_meta_fd(&root_fd, &meta).map_err(io_at(at))?;
+        } else {
+            let leaf = out_root.leaf(&p, false).map_err(io_at(&at))?;
+            fsops::apply_meta(&leaf.dir, &leaf.name, &meta).map_err(io_at(at))?;
+        }
+        crash::step();
+    }
+    staging.commit()?;
+    crash::step();
+    Ok(())
+}
+
+struct Builder<'a> {
+    stack: &'a LowerStack,
+    up: &'a Upper,
+    sharing: &'a Sharing,
+    out_root: &'a Root,
+    /// (dev, ino) of a source inode -> where it was written first.
+    links: HashMap<(u64, u64), LayerPath>,
+    sum: &'a mut Summary,
+}
+
+impl Builder<'_> {
+    /// Write the merged lower directory `p` into `out` (open), minus what the upper prunes.
+    fn lower_dir(
+        &mut self,
+        p: &LayerPath,
+        out: &OwnedFd,
+        prune: &HashSet<LayerPath>,
+    ) -> Result<(), SquashError> {
+        let entries = self.stack.list(p).map_err(io_at(format!("lower {p}")))?;
+        for ent in entries {
+            let cp = p.join(&ent.name);
+            if prune.contains(&cp) {
+                continue;
+            }
+            let root = self.stack.root(ent.layer);
+            let at = root.display(&cp);
+            let name = cstr(&ent.name).map_err(io_at(&at))?;
+            let ft = FileType::from_raw_mode(ent.st.st_mode);
+            let meta = DiskMeta::from_disk(&ent.st, &ent.xattrs);
+            self.sum.entries += 1;
+            if ft == FileType::Directory {
+                rustix::fs::mkdirat(out, name.as_c_str(), Mode::from_raw_mode(0o700))
+                    .map_err(|e| io_at(self.out_root.display(&cp))(e.into()))?;
+                crash::step();
+                let cfd = fsops::open_dir_at(out, &name).map_err(io_at(&at))?;
+                self.lower_dir(&cp, &cfd, prune)?;
+                fsops::apply_meta(out, &name, &meta).map_err(io_at(self.out_root.display(&cp)))?;
+                crash::step();
+                continue;
+            }
+            let key = (ent.st.st_dev, ent.st.st_ino);
+            if ent.st.st_nlink > 1 {
+                if let Some(first) = self.links.get(&key) {
+                    let t = self.out_root.leaf(first, false).map_err(io_at(&at))?;
+                    fsops::link_at(&t.dir, &t.name, out, &name)
+                        .map_err(io_at(self.out_root.display(&cp)))?;
+                    crash::step();
+                    continue;
+                }
+                self.links.insert(key, cp.clone());
+            }
+            let src = root.leaf(&cp, false).map_err(io_at(&at))?;
+            if ft == FileType::RegularFile {
+                let clean = meta.xattrs.len() == ent.xattrs.len();
+                self.share_file(&src.dir, &src.name, clean, out, &name, &meta)
+                    .map_err(io_at(self.out_root.display(&cp)))?;
+            } else {
+                let kind = Special::from_disk(&src.dir, &src.name, &ent.st)
+                    .map_err(io_at(&at))?
+                    .expect("not a file or dir");
+                fsops::make_special(out, &name, &kind)
+                    .and_then(|()| fsops::apply_meta(out, &name, &meta))
+                    .map_err(io_at(self.out_root.display(&cp)))?;
+            }
+            crash::step();
+        }
+        Ok(())
+    }
+
+    /// A file with the content of `src_dir/src` and metadata `meta`: a hardlink when allowed
+    /// (`--link`, and the source carries exactly `meta`), else a reflink or a copy.
+    fn share_file(
+        &mut self,
+        src_dir: &OwnedFd,
+        src: &std::ffi::CStr,
+        linkable: bool,
+        out: &OwnedFd,
+        name: &std::ffi::CStr,
+        meta: &DiskMeta,
+    ) -> std::io::Result<()> {
+        if self.sharing.link && linkable {
+            match fsops::link_at(src_dir, src, out, name) {
+                Ok(()) => {
+                    self.sharing
+                        .linked
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                // Another filesystem, or protected_hardlinks: share by content instead.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let from = fsops::open_file_at(src_dir, src)?;
+        let to = fsops::create_file(out, name)?;
+        self.sharing.fill(&from, &to)?;
+        drop(to);
+        fsops::apply_meta(out, name, meta)
+    }
+
+    fn change(
+        &mut self,
+        c: Change,
+        dirs: &mut Vec<(LayerPath, DiskMeta)>,
+    ) -> Result<(), SquashError> {
+        let e = match c {
+            Change::Whiteout(p) => {
+                let leaf = self.out_root.leaf(&p, false);
+                if let Ok(leaf) = leaf {
+                    leaf.remove_all()
+                        .map_err(io_at(self.out_root.display(&p)))?;
+                }
+                self.sum.whiteouts += 1;
+                return Ok(());
+            }
+            Change::Redirect { .. } => return Ok(()),
+            Change::Entry(e) => e,
+        };
+        let meta = DiskMeta::from_layer(&e.meta);
+        if e.path.is_root() {
+            dirs.push((e.path, meta));
+            return Ok(());
+        }
+        let at = self.out_root.display(&e.path);
+        let leaf = self.out_root.leaf(&e.path, false).map_err(io_at(&at))?;
+        let existing = leaf.stat().map_err(io_at(&at))?;
+        self.sum.entries += 1;
+        if let Kind::Dir { opaque } = e.kind {
+            if opaque {
+                self.sum.opaque_dirs += 1;
+            }
+            let keep = existing.as_ref().is_some_and(fsops::is_dir) && !opaque;
+            if !keep {
+                leaf.remove_all().map_err(io_at(&at))?;
+                rustix::fs::mkdirat(&leaf.dir, leaf.name.as_c_str(), Mode::from_raw_mode(0o700))
+                    .map_err(|er| io_at(&at)(er.into()))?;
+                crash::step();
+            }
+            dirs.push((e.path, meta));
+            return Ok(());
+        }
+        if existing.is_some() {
+            leaf.remove_all().map_err(io_at(&at))?;
+        }
+        match &e.kind {
+            Kind::File { source, .. } => {
+                let (src_root, linkable) = match source.layer {
+                    Layer::Upper => (None, false),
+                    Layer::Lower(i) => (Some(self.stack.root(i)), true),
+                };
+                let src_label = match src_root {
+                    Some(r) => r.display(&source.path),
+                    None => self.up.display(&source.path),
+                };
+                match src_root {
+                    // A lower file: share it when it carries exactly this metadata.
+                    Some(r) => {
+                        let src = r.leaf(&source.path, false).map_err(io_at(&src_label))?;
+                        let st = src.stat().map_err(io_at(&src_label))?;
+                        let same = st.is_some_and(|st| {
+                            let have = src.xattrs().unwrap_or_default();
+                            DiskMeta::from_disk(&st, &have) == meta
+                                && fsops::public_xattrs(&have).len() == have.len()
+                        });
+                        self.share_file(
+                            &src.dir,
+                            &src.name,
+                            linkable && same,
+                            &leaf.dir,
+                            &leaf.name,
+                            &meta,
+                        )
+                        .map_err(io_at(&at))?;
+                    }
+                    // Never a hardlink into the upper: a later write through the overlay would
+                    // change the new lower too.
+                    None => {
+                        let from = self.up.open_source(source)?;
+                        let to = fsops::create_file(&leaf.dir, &leaf.name).map_err(io_at(&at))?;
+                        self.sharing.fill(&from, &to).map_err(io_at(&at))?;
+                        drop(to);
+                        fsops::apply_meta(&leaf.dir, &leaf.name, &meta).map_err(io_at(&at))?;
+                    }
+                }
+            }
+            Kind::Hardlink { target } => {
+                let t = self.out_root.leaf(target, false).map_err(io_at(&at))?;
+                fsops::link_at(&t.dir, &t.name, &leaf.dir, &leaf.name).map_err(io_at(&at))?;
+            }
+            kind => {
+                let special = Special::of(kind).expect("not a file, dir or hardlink");
+                fsops::make_special(&leaf.dir, &leaf.name, &special)
+                    .and_then(|()| fsops::apply_meta(&leaf.dir, &leaf.name, &meta))
+                    .map_err(io_at(&at))?;
+            }
+        }
+        crash::step();
+        Ok(())
+    }
+}
