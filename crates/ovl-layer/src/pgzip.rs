@@ -171,12 +171,15 @@ impl Write for BlockWriter {
 }
 
 fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<io::Result<Done>>) {
-    let mut c = Compress::new(Compression::new(level), false);
     loop {
         let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
             Ok(j) => j,
             Err(_) => return,
         };
+        // A fresh compressor per block: a reset one may keep state from the blocks this worker
+        // did before (seen with zlib-rs), and then the bytes would depend on which worker
+        // got which block.
+        let mut c = Compress::new(Compression::new(level), false);
         let res = deflate_block(&mut c, &job).map(|deflated| {
             let mut crc = crc32fast::Hasher::new();
             crc.update(&job.data);
@@ -197,7 +200,6 @@ fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<io::Result<
 /// One block as raw deflate: primed with the dictionary, ended by a sync flush (or, for the
 /// last block, by the end of the stream).
 fn deflate_block(c: &mut Compress, job: &Job) -> io::Result<Vec<u8>> {
-    c.reset();
     if !job.dict.is_empty() {
         c.set_dictionary(&job.dict).map_err(io::Error::other)?;
     }
@@ -335,6 +337,31 @@ mod tests {
                 assert!(out.stdout == data, "gzip -d round trip of {n} bytes");
             }
         }
+    }
+
+    /// Real data (this test's own executable): a compressor that keeps state between blocks
+    /// would make the bytes depend on which worker got which block.
+    #[test]
+    fn real_data_same_bytes_with_1_2_3_threads() {
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let data = &exe[..exe.len().min(8 << 20)];
+        let outs: Vec<Vec<u8>> = [1, 2, 3]
+            .iter()
+            .map(|&threads| {
+                let opts = GzOptions {
+                    threads,
+                    ..GzOptions::default()
+                };
+                compress_bytes(data, &opts).unwrap()
+            })
+            .collect();
+        assert!(outs[0] == outs[1], "1 vs 2 threads");
+        assert!(outs[0] == outs[2], "1 vs 3 threads");
+        let mut back = Vec::new();
+        flate2::read::MultiGzDecoder::new(&outs[0][..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == data);
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl TarOptions {
 /// A tar stream being written; the diffID is computed on the way.
 pub struct TarWriter<W: Write> {
     out: W,
-    hasher: sha2::Sha256,
+    hasher: HashThread,
     written: u64,
     opts: TarOptions,
     buf: Vec<u8>,
@@ -115,7 +115,7 @@ impl<W: Write> TarWriter<W> {
     pub fn new(out: W, opts: TarOptions) -> Self {
         TarWriter {
             out,
-            hasher: sha2::Sha256::new(),
+            hasher: HashThread::spawn(),
             written: 0,
             opts,
             buf: vec![0; READ_BUF],
@@ -133,10 +133,13 @@ impl<W: Write> TarWriter<W> {
 
     fn flush_pending(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
-            self.hasher.update(&self.pending);
-            self.out.write_all(&self.pending)?;
-            self.written += self.pending.len() as u64;
-            self.pending.clear();
+            let buf = std::sync::Arc::new(std::mem::replace(
+                &mut self.pending,
+                Vec::with_capacity(FLUSH_AT + READ_BUF),
+            ));
+            self.hasher.send(std::sync::Arc::clone(&buf));
+            self.out.write_all(&buf)?;
+            self.written += buf.len() as u64;
         }
         Ok(())
     }
@@ -327,32 +330,34 @@ impl<W: Write> TarWriter<W> {
     /// never a corrupt stream.
     fn copy_exact(&mut self, r: &mut dyn Read, size: u64) -> io::Result<()> {
         let mut left = size;
-        let mut buf = std::mem::take(&mut self.buf);
-        let res = (|| {
-            while left > 0 {
-                let want = (buf.len() as u64).min(left) as usize;
-                let n = match r.read(&mut buf[..want]) {
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the file shrank while it was read ({left} bytes missing)"),
-                        ));
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                self.put(&buf[..n])?;
-                left -= n as u64;
+        while left > 0 {
+            // Read straight into the pending output (no copy through a buffer).
+            let want = (READ_BUF as u64).min(left);
+            let before = self.pending.len();
+            self.pending.reserve(want as usize);
+            let n = match r.take(want).read_to_end(&mut self.pending) {
+                Ok(_) => self.pending.len() - before,
+                Err(e) => {
+                    self.pending.truncate(before);
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file shrank while it was read ({left} bytes missing)"),
+                ));
             }
-            let mut probe = [0u8; 1];
-            if r.read(&mut probe)? != 0 {
-                return Err(io::Error::other("the file grew while it was read"));
+            left -= n as u64;
+            if self.pending.len() >= FLUSH_AT {
+                self.flush_pending()?;
             }
-            Ok(())
-        })();
-        self.buf = buf;
-        res
+        }
+        let mut probe = [0u8; 1];
+        if r.read(&mut probe)? != 0 {
+            return Err(io::Error::other("the file grew while it was read"));
+        }
+        Ok(())
     }
 
     fn copy_range(&mut self, file: &std::fs::File, mut off: u64, len: u64) -> io::Result<()> {
@@ -387,10 +392,62 @@ impl<W: Write> TarWriter<W> {
         Ok((
             self.out,
             TarSummary {
-                diff_id: self.hasher.finalize().into(),
+                diff_id: self.hasher.finish(),
                 size: self.written,
             },
         ))
+    }
+}
+
+/// sha256 on its own thread, so hashing overlaps with reading files and writing the stream
+/// (the uncompressed layer is otherwise bound by one core doing all three).
+struct HashThread {
+    tx: Option<std::sync::mpsc::SyncSender<std::sync::Arc<Vec<u8>>>>,
+    handle: Option<std::thread::JoinHandle<[u8; 32]>>,
+}
+
+impl HashThread {
+    fn spawn() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(8);
+        let handle = std::thread::Builder::new()
+            .name("ovl-sha256".into())
+            .spawn(move || {
+                let mut h = sha2::Sha256::new();
+                for buf in rx {
+                    h.update(&buf[..]);
+                }
+                h.finalize().into()
+            })
+            .expect("spawn the hashing thread");
+        HashThread {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn send(&mut self, buf: std::sync::Arc<Vec<u8>>) {
+        if let Some(tx) = &self.tx {
+            // The thread only ends when we drop the sender: a send cannot fail.
+            let _ = tx.send(buf);
+        }
+    }
+
+    fn finish(&mut self) -> [u8; 32] {
+        drop(self.tx.take());
+        self.handle
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the hashing thread panicked")
+    }
+}
+
+impl Drop for HashThread {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
