@@ -1,0 +1,754 @@
+//! ovl-squash against the merged view: every result is compared, entry for entry with exact
+//! metadata (ovl_layer::snapshot), with what a kernel (or fuse-overlayfs) mount of the same
+//! layers shows. The merged view is read through a read-only mount `lowerdir=UPPER:LOWER...`,
+//! which shows what the read-write overlay shows and never writes to the layers.
+//!
+//! The crash tests stop the real binary after its k-th mutation for every k
+//! (OVL_SQUASH_CRASH_AFTER), and with SIGKILLs at random times, and check both promises:
+//! in place, lower + upper still mount to exactly the original merged view and a re-run
+//! completes; with --output, no partial NEWDIR ever exists and the next run cleans up.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ovl_layer::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
+use ovl_tests::*;
+
+fn sh(script: &str, dir: &Path) {
+    run_ok(
+        Command::new("/bin/sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir),
+    );
+}
+
+fn mkdir(p: &Path) -> PathBuf {
+    std::fs::create_dir_all(p).unwrap();
+    p.to_path_buf()
+}
+
+/// A read-only overlay of `layers` (top first) at `mnt`; unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn kernel(layers: &[&Path], extra: &str, mnt: &Path) -> Mount {
+        let mut lowers: Vec<String> = layers.iter().map(|p| p.display().to_string()).collect();
+        if lowers.len() == 1 {
+            // A read-only overlay needs two layers: an empty one below changes nothing.
+            let empty = mnt.with_extension("empty");
+            std::fs::create_dir_all(&empty).unwrap();
+            lowers.push(empty.display().to_string());
+        }
+        let mut opts = format!("lowerdir={}", lowers.join(":"));
+        if !extra.is_empty() {
+            opts = format!("{opts},{extra}");
+        }
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(mnt),
+        );
+        Mount(mnt.to_path_buf())
+    }
+
+    fn fuse(layers: &[&Path], mnt: &Path) -> Mount {
+        let lowers: Vec<String> = layers.iter().map(|p| p.display().to_string()).collect();
+        run_ok(
+            Command::new("fuse-overlayfs")
+                .args(["-o", &format!("lowerdir={}", lowers.join(":"))])
+                .arg(mnt),
+        );
+        Mount(mnt.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // Another test's process may be looking through it for a moment.
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn opts() -> SnapshotOptions {
+    SnapshotOptions::default()
+}
+
+fn snap(p: &Path) -> Snapshot {
+    snapshot(p, &opts()).unwrap_or_else(|e| panic!("snapshot {}: {e}", p.display()))
+}
+
+/// The merged view of `layers` (top first) through a read-only kernel mount.
+fn merged(layers: &[&Path], extra: &str, scratch: &Path) -> Snapshot {
+    let mnt = mkdir(&scratch.join("merged-mnt"));
+    let m = Mount::kernel(layers, extra, &mnt);
+    let s = snap(&m.0);
+    drop(m);
+    s
+}
+
+fn assert_same(what: &str, want: &Snapshot, got: &Snapshot) {
+    let d = differences(want, got);
+    assert!(
+        d.is_empty(),
+        "{what}: {} differences:\n{}",
+        d.len(),
+        d.join("\n")
+    );
+}
+
+fn squash(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut c = Command::new(bin("ovl-squash"));
+    c.arg("--quiet");
+    for a in args {
+        c.arg(a);
+    }
+    output(&mut c)
+}
+
+fn squash_ok(args: &[&dyn AsRef<std::ffi::OsStr>]) {
+    let out = squash(args);
+    assert!(
+        out.status.success(),
+        "ovl-squash {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A lower with every kind of entry and exact metadata.
+fn make_lower(l: &Path) {
+    sh(
+        r#"
+        mkdir -p etc usr/bin usr/share/doc/pkg gone/deep opq/old keep/sub
+        echo 'root:x:0:0' > etc/passwd
+        printf 'hosts\n' > etc/hosts
+        setfattr -n user.origin -v lower etc/hosts
+        echo a > usr/bin/a
+        ln usr/bin/a usr/bin/a-link
+        printf '\377bin' > "usr/bin/$(printf 'n\344me')"
+        echo doc > usr/share/doc/pkg/README
+        echo deep > gone/deep/f
+        echo old > opq/old/f
+        echo keep > keep/sub/k
+        ln -s ../etc/hosts usr/hosts-link
+        mkfifo usr/fifo
+        mknod usr/null c 1 3
+        truncate -s 4M usr/sparse && printf data | dd of=usr/sparse bs=1 seek=1048576 conv=notrunc status=none
+        echo s > usr/bin/su && chmod 4755 usr/bin/su
+        chown 7:8 keep/sub/k
+        touch -h -d @1234567890.123456789 usr/hosts-link keep/sub/k
+        touch -d @1000000000.5 keep/sub keep
+        "#,
+        l,
+    );
+}
+
+/// The changes a container makes, applied through a read-write kernel mount.
+fn change(m: &Path) {
+    sh(
+        r#"
+        echo more >> etc/hosts
+        rm -rf gone
+        rm -rf opq && mkdir opq && echo new > opq/n
+        rm usr/share/doc/pkg/README
+        chmod 4711 usr/bin/a
+        echo b > usr/bin/b && ln usr/bin/b usr/bin/b-link
+        rm usr/fifo && mkdir usr/fifo && echo t > usr/fifo/now-a-dir
+        rm usr/hosts-link && echo file > usr/hosts-link
+        mknod usr/tty c 5 0
+        mkfifo newfifo
+        ln -s /nowhere dangling
+        setfattr -n user.added -v 1 usr
+        setfattr -x user.origin etc/hosts
+        setfattr -n trusted.overlay.mine -v escaped etc/passwd
+        chown 1:2 etc/passwd
+        touch -d @1500000000.987654321 etc/passwd
+        mkdir -p new/deeper && echo x > new/deeper/x
+        truncate -s 2M new/sparse
+        "#,
+        m,
+    );
+}
+
+/// lower, upper (made through a kernel mount by `change`) and the merged view.
+struct Scenario {
+    t: tempfile::TempDir,
+    lower: PathBuf,
+    upper: PathBuf,
+    merged: Snapshot,
+}
+
+fn scenario() -> Scenario {
+    let t = tempfile::tempdir().unwrap();
+    let lower = mkdir(&t.path().join("lower"));
+    let upper = mkdir(&t.path().join("upper"));
+    let work = mkdir(&t.path().join("work"));
+    let mnt = mkdir(&t.path().join("mnt"));
+    make_lower(&lower);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&mnt),
+    );
+    let m = Mount(mnt);
+    change(&m.0);
+    drop(m);
+    std::fs::remove_dir_all(&work).unwrap();
+    let merged = merged(&[&upper, &lower], "", t.path());
+    Scenario {
+        t,
+        lower,
+        upper,
+        merged,
+    }
+}
+
+fn root_ok() -> bool {
+    require("root (kernel overlay mounts)", is_root())
+}
+
+/// A tree with no overlay-private xattr and no whiteout left in it.
+fn assert_clean(p: &Path) {
+    for (path, e) in snap(p) {
+        let name = String::from_utf8_lossy(&path);
+        assert!(
+            !(e.kind == 'c' && e.rdev == 0),
+            "{name}: a whiteout is left"
+        );
+        for (x, _) in &e.xattrs {
+            let private = (x.starts_with("trusted.overlay.") || x.starts_with("user.overlay."))
+                && !x.contains(".overlay.overlay.");
+            assert!(!private, "{name}: overlay-private xattr {x} is left");
+        }
+    }
+}
+
+/// The result as a lower: mounted alone, it shows the merged view (escaped xattrs unescaped).
+fn assert_result(what: &str, result: &Path, s: &Scenario) {
+    let got = merged(&[result], "", s.t.path());
+    assert_same(what, &s.merged, &got);
+    assert_clean(result);
+}
+
+#[test]
+fn output_is_the_merged_view_and_leaves_the_layers_alone() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let (lower0, upper0) = (snap(&s.lower), snap(&s.upper));
+    let out = s.t.path().join("out");
+    squash_ok(&[
+        &"--lower",
+        &s.lower,
+        &"--upper",
+        &s.upper,
+        &"--output",
+        &out,
+    ]);
+    assert_result("--output", &out, &s);
+    assert_same("lower untouched", &lower0, &snap(&s.lower));
+    assert_same("upper untouched", &upper0, &snap(&s.upper));
+    // Sparse files stay sparse.
+    let md = std::fs::metadata(out.join("usr/sparse")).unwrap();
+    assert!(std::os::unix::fs::MetadataExt::blocks(&md) * 512 < 1 << 20);
+    // --link shares the unchanged lower files.
+    let out2 = s.t.path().join("out2");
+    squash_ok(&[
+        &"--lower",
+        &s.lower,
+        &"--upper",
+        &s.upper,
+        &"--output",
+        &out2,
+        &"--link",
+    ]);
+    assert_result("--output --link", &out2, &s);
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        ino(&out2.join("usr/bin/a-link")),
+        ino(&s.lower.join("usr/bin/a-link"))
+    );
+    assert_ne!(
+        ino(&out2.join("etc/hosts")),
+        ino(&s.lower.join("etc/hosts"))
+    );
+    // An existing NEWDIR is refused.
+    let out = squash(&[
+        &"--lower",
+        &s.lower,
+        &"--upper",
+        &s.upper,
+        &"--output",
+        &out2,
+    ]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists")
+    );
+}
+
+#[test]
+fn in_place_makes_the_lower_the_merged_view_and_empties_the_upper() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let upper_root = std::fs::metadata(&s.upper).unwrap();
+    squash_ok(&[&"--lower", &s.lower, &"--upper", &s.upper, &"--in-place"]);
+    assert_result("--in-place", &s.lower, &s);
+    assert_eq!(
+        std::fs::read_dir(&s.upper).unwrap().count(),
+        0,
+        "upper emptied"
+    );
+    let now = std::fs::metadata(&s.upper).unwrap();
+    assert_eq!(now.permissions().mode(), upper_root.permissions().mode());
+    // lower + the emptied upper still mount to the same view.
+    assert_same(
+        "after",
+        &s.merged,
+        &merged(&[&s.upper, &s.lower], "", s.t.path()),
+    );
+    // No work or swap siblings are left.
+    let names: Vec<String> = std::fs::read_dir(s.t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("ovl-squash")), "{names:?}");
+    // Running it again changes nothing.
+    squash_ok(&[&"--lower", &s.lower, &"--upper", &s.upper, &"--in-place"]);
+    assert_result("second run", &s.lower, &s);
+}
+
+#[test]
+fn several_lowers_flatten_into_one() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    // A middle layer in the kernel's own format: a whiteout, an opaque dir, a new file.
+    let mid = mkdir(&s.t.path().join("mid"));
+    sh(
+        "mkdir -p keep usr/share && mknod etc c 0 0 && setfattr -n trusted.overlay.opaque -v y keep \
+         && echo m > keep/only-mid && echo m > usr/share/mid",
+        &mid,
+    );
+    let want = merged(&[&s.upper, &mid, &s.lower], "", s.t.path());
+    let out = s.t.path().join("flat");
+    let lowers = format!("{}:{}", mid.display(), s.lower.display());
+    squash_ok(&[&"--lower", &lowers, &"--upper", &s.upper, &"--output", &out]);
+    assert_same("flattened", &want, &merged(&[&out], "", s.t.path()));
+    assert_clean(&out);
+    let out = squash(&[&"--lower", &lowers, &"--upper", &s.upper, &"--in-place"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exactly one lower")
+    );
+}
+
+#[test]
+fn fuse_overlayfs_and_userxattr_uppers() {
+    if !root_ok() || !require("fuse-overlayfs", which("fuse-overlayfs").is_some()) {
+        return;
+    }
+    // fuse-overlayfs's own format, made by fuse-overlayfs itself.
+    let s = scenario();
+    let up = mkdir(&s.t.path().join("fuse-upper"));
+    let work = mkdir(&s.t.path().join("fuse-work"));
+    let mnt = mkdir(&s.t.path().join("fuse-mnt"));
+    run_ok(
+        Command::new("fuse-overlayfs")
+            .arg("-o")
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                s.lower.display(),
+                up.display(),
+                work.display()
+            ))
+            .arg(&mnt),
+    );
+    let m = Mount(mnt.clone());
+    sh(
+        "rm -rf gone && rm -rf opq && mkdir opq && echo n > opq/n && echo c >> etc/hosts && rm keep/sub/k",
+        &mnt,
+    );
+    drop(m);
+    let fm = mkdir(&s.t.path().join("fuse-view"));
+    let want = {
+        let m = Mount::fuse(&[&up, &s.lower], &fm);
+        snap(&m.0)
+    };
+    let out = s.t.path().join("fuse-out");
+    squash_ok(&[&"--lower", &s.lower, &"--upper", &up, &"--output", &out]);
+    assert_same("fuse upper --output", &want, &snap(&out));
+    assert_clean(&out);
+
+    // A rootless kernel upper: user.overlay.* markers and an xattr whiteout (Linux >= 6.7).
+    let uu = mkdir(&s.t.path().join("user-upper"));
+    sh(
+        "mkdir -p opq etc && setfattr -n user.overlay.opaque -v y opq && echo u > opq/u \
+         && setfattr -n user.overlay.opaque -v x etc && touch etc/hosts \
+         && setfattr -n user.overlay.whiteout -v '' etc/hosts && echo p > etc/new",
+        &uu,
+    );
+    let want = merged(&[&uu, &s.lower], "userxattr", s.t.path());
+    let out = s.t.path().join("user-out");
+    squash_ok(&[&"--lower", &s.lower, &"--upper", &uu, &"--output", &out]);
+    assert_same("userxattr upper --output", &want, &snap(&out));
+    squash_ok(&[&"--lower", &s.lower, &"--upper", &uu, &"--in-place"]);
+    assert_same("userxattr upper --in-place", &want, &snap(&s.lower));
+}
+
+#[test]
+fn redirect_dir_and_metacopy_uppers_use_the_lowers() {
+    if !root_ok() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let lower = mkdir(&t.path().join("lower"));
+    let upper = mkdir(&t.path().join("upper"));
+    let work = mkdir(&t.path().join("work"));
+    let mnt = mkdir(&t.path().join("mnt"));
+    make_lower(&lower);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=on,metacopy=on",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&mnt),
+    );
+    let m = Mount(mnt);
+    sh(
+        "mv keep kept && mv usr/share/doc usr/doc && echo n > usr/doc/pkg/new && chmod 700 usr/bin/su && chown 3:3 usr/sparse",
+        &m.0,
+    );
+    drop(m);
+    std::fs::remove_dir_all(&work).unwrap();
+    assert!(
+        xattr::get(upper.join("kept"), "trusted.overlay.redirect")
+            .unwrap()
+            .is_some(),
+        "the kernel wrote a redirect"
+    );
+    let want = merged(&[&upper, &lower], "redirect_dir=on,metacopy=on", t.path());
+    let out = t.path().join("out");
+    squash_ok(&[&"--lower", &lower, &"--upper", &upper, &"--output", &out]);
+    assert_same("redirect/metacopy --output", &want, &snap(&out));
+    squash_ok(&[&"--lower", &lower, &"--upper", &upper, &"--in-place"]);
+    assert_same("redirect/metacopy --in-place", &want, &snap(&lower));
+    assert_clean(&lower);
+    assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0);
+}
+
+/// Copies of the scenario's layers for one crash run (hardlinks and xattrs kept).
+fn fresh_copy(s: &Scenario, k: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = mkdir(&s.t.path().join(format!("run-{k}")));
+    for (from, to) in [(&s.lower, "lower"), (&s.upper, "upper")] {
+        run_ok(
+            Command::new("cp")
+                .args(["-a", "--preserve=all"])
+                .arg(from)
+                .arg(dir.join(to)),
+        );
+    }
+    (dir.clone(), dir.join("lower"), dir.join("upper"))
+}
+
+fn killed(out: &std::process::Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(libc::SIGKILL)
+}
+
+#[test]
+fn in_place_survives_a_kill_after_every_step() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let mut k = 1u64;
+    loop {
+        let (dir, lower, upper) = fresh_copy(&s, k);
+        let out = output(
+            Command::new(bin("ovl-squash"))
+                .env("OVL_SQUASH_CRASH_AFTER", k.to_string())
+                .args(["--quiet", "--in-place", "--lower"])
+                .arg(&lower)
+                .arg("--upper")
+                .arg(&upper),
+        );
+        if !killed(&out) {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(k > 10, "only {k} steps: the hook is not counting");
+            eprintln!(
+                "in place: killed after each of {} steps, all consistent",
+                k - 1
+            );
+            break;
+        }
+        let now = merged(&[&upper, &lower], "", &dir);
+        assert_same(&format!("killed after step {k}"), &s.merged, &now);
+        squash_ok(&[&"--lower", &lower, &"--upper", &upper, &"--in-place"]);
+        assert_same(
+            &format!("re-run after step {k}"),
+            &s.merged,
+            &merged(&[&lower], "", &dir),
+        );
+        assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        k += 1;
+    }
+}
+
+#[test]
+fn in_place_survives_sigkill_at_random_times() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for k in 0..12u64 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_micros(seed % 40_000);
+        let (dir, lower, upper) = fresh_copy(&s, 1000 + k);
+        let mut child = Command::new(bin("ovl-squash"))
+            .args(["--quiet", "--in-place", "--lower"])
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_same(
+            &format!("SIGKILL after {delay:?}"),
+            &s.merged,
+            &merged(&[&upper, &lower], "", &dir),
+        );
+        squash_ok(&[&"--lower", &lower, &"--upper", &upper, &"--in-place"]);
+        assert_same("re-run", &s.merged, &merged(&[&lower], "", &dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn output_never_leaves_a_partial_newdir() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let out = s.t.path().join("out");
+    let leftovers = || {
+        std::fs::read_dir(s.t.path())
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().starts_with(".out.ovl-squash-")
+            })
+            .count()
+    };
+    let mut k = 1u64;
+    loop {
+        let o = output(
+            Command::new(bin("ovl-squash"))
+                .env("OVL_SQUASH_CRASH_AFTER", k.to_string())
+                .args(["--quiet", "--lower"])
+                .arg(&s.lower)
+                .arg("--upper")
+                .arg(&s.upper)
+                .arg("--output")
+                .arg(&out),
+        );
+        if !killed(&o) {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "--output: killed after each of {} steps, never a partial NEWDIR",
+                k - 1
+            );
+            break;
+        }
+        if out.exists() {
+            // The commit rename is the last step: killed right after it, NEWDIR is complete.
+            assert_result(&format!("killed after step {k}, NEWDIR complete"), &out, &s);
+            std::fs::remove_dir_all(&out).unwrap();
+        } else {
+            // This run's staging sibling is left; the ones before it were cleaned by it.
+            assert_eq!(leftovers(), 1, "after a kill at step {k}");
+        }
+        k += 1;
+    }
+    assert_eq!(leftovers(), 0, "the last run removed the leftover");
+    assert_result("after the kills", &out, &s);
+}
+
+#[test]
+fn refuses_dirs_of_a_mounted_overlay_in_any_namespace() {
+    if !root_ok() {
+        return;
+    }
+    let s = scenario();
+    let before = (snap(&s.lower), snap(&s.upper));
+    let work = mkdir(&s.t.path().join("w2"));
+    let mnt = mkdir(&s.t.path().join("m2"));
+    // In another mount namespace, held open by a sleeping process.
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        s.lower.display(),
+        s.upper.display(),
+        work.display()
+    );
+    let mut holder = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t overlay overlay -o {opts} {} && echo up && exec sleep 60",
+            mnt.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    for args in [
+        vec!["--in-place"],
+        vec!["--output", "/nonexistent-parent/x"],
+    ] {
+        let mut c = Command::new(bin("ovl-squash"));
+        c.arg("--lower")
+            .arg(&s.lower)
+            .arg("--upper")
+            .arg(&s.upper)
+            .args(&args);
+        let out = output(&mut c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("mounted overlay")
+                && err.contains("mount namespace"),
+            "{err}"
+        );
+    }
+    // A dir inside a used one counts too.
+    let out = squash(&[
+        &"--lower",
+        &s.lower.join("usr"),
+        &"--upper",
+        &s.upper,
+        &"--in-place",
+    ]);
+    assert!(!out.status.success());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_same("lower unchanged", &before.0, &snap(&s.lower));
+    assert_same("upper unchanged", &before.1, &snap(&s.upper));
+}
+
+#[test]
+fn rootless_in_place_on_what_import_and_mount_made() {
+    if !root_ok() || !require("newuidmap (package uidmap)", which("newuidmap").is_some()) {
+        return;
+    }
+    if !require(
+        "fuse-overlayfs and a usable /dev/fuse",
+        which("fuse-overlayfs").is_some() && make_fuse_usable(),
+    ) {
+        return;
+    }
+    let Some(alpine) = alpine_minirootfs() else {
+        return;
+    };
+    let user = test_user();
+    if !require("the unprivileged test user", user.is_some()) {
+        return;
+    }
+    let user = user.unwrap();
+    let t = user_tempdir(&user);
+    let lower = t.path().join("lower");
+    run_ok(
+        command_as(&user, &bin("ovl-import"))
+            .arg("--quiet")
+            .arg(&alpine)
+            .arg(&lower),
+    );
+    let (upper, work, mnt) = (
+        t.path().join("upper"),
+        t.path().join("work"),
+        t.path().join("mnt"),
+    );
+    std::fs::create_dir(&mnt).unwrap();
+    rustix::fs::chown(
+        &mnt,
+        Some(rustix::fs::Uid::from_raw(user.uid)),
+        Some(rustix::fs::Gid::from_raw(user.gid)),
+    )
+    .unwrap();
+    run_ok(
+        command_as(&user, &bin("ovl-mount"))
+            .args(["--driver", "fuse", "--lower"])
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper)
+            .arg("--work")
+            .arg(&work)
+            .arg(&mnt)
+            .args(["--", "/bin/sh", "-ec"])
+            .arg("rm -rf usr/share/apk etc/motd; rm -rf etc/apk && mkdir etc/apk && echo x > etc/apk/new; echo h >> etc/hosts; chmod 4755 bin/busybox; chown 42:42 etc/hosts; mkdir -p home/u && chown 1000:1000 home/u"),
+    );
+    // The true merged view of the rootless fuse-overlayfs upper, read by fuse-overlayfs as root.
+    let want = {
+        let m = Mount::fuse(&[&upper, &lower], &mkdir(&t.path().join("view")));
+        snap(&m.0)
+    };
+    let out = output(
+        command_as(&user, &bin("ovl-squash"))
+            .args(["--quiet", "--in-place", "--lower"])
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same("rootless --in-place", &want, &snap(&lower));
+    assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0);
+    // Owners are the user's subordinate ids (container 42 -> 200041 with the test user's map).
+    let md = std::fs::symlink_metadata(lower.join("etc/hosts")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&md),
+        rootless_maps(&user).uid.to_host(42).unwrap()
+    );
+}
