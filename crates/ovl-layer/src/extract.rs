@@ -136,6 +136,10 @@ struct Extractor<'a> {
     /// (and a directory into an opaque one).
     whiteouts: HashSet<LayerPath>,
     buf: Vec<u8>,
+    /// The last parent directory opened, reused while entries stay in it.
+    parent_cache: Option<(LayerPath, OwnedFd)>,
+    /// The ids new files get without a chown (ours; the root is not setgid, see `extract`).
+    creator: Option<(u32, u32)>,
 }
 
 /// Extract the tar stream `reader` into `root`.
@@ -151,25 +155,47 @@ pub fn extract<R: Read>(
         dirs: Vec::new(),
         whiteouts: HashSet::new(),
         buf: vec![0; 256 * 1024],
+        parent_cache: None,
+        creator: None,
     };
-    let mut archive = tar::Archive::new(EndMarkerReader {
-        inner: reader,
-        last: [1; 512],
-    });
-    for entry in archive.entries().map_err(ExtractError::Read)? {
-        let entry = entry.map_err(ExtractError::Read)?;
-        ex.entry(entry)?;
+    // New files get our ids unless the root is setgid (then its group): only skip chowns
+    // that could not change anything.
+    let root_st = rustix::fs::fstat(root.fd()).map_err(|e| ExtractError::Read(e.into()))?;
+    if root_st.st_mode & libc::S_ISGID == 0 {
+        ex.creator = Some((
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ));
     }
-    // tar-rs ends quietly at EOF on a block boundary; a stream cut there would silently lose
-    // every entry after the cut, so the end-of-archive zero block is required.
-    if archive.into_inner().last != [0; 512] {
-        return Err(ExtractError::Read(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the archive ends without its end-of-archive blocks: it is truncated",
-        )));
+    // Files are created with their final permission bits (no chmod per file), so no umask.
+    let old_umask = rustix::process::umask(Mode::empty());
+    let res = ex.run(reader);
+    rustix::process::umask(old_umask);
+    res
+}
+
+impl Extractor<'_> {
+    fn run<R: Read>(mut self, reader: R) -> Result<ExtractStats, ExtractError> {
+        let ex = &mut self;
+        let mut archive = tar::Archive::new(EndMarkerReader {
+            inner: reader,
+            last: [1; 512],
+        });
+        for entry in archive.entries().map_err(ExtractError::Read)? {
+            let entry = entry.map_err(ExtractError::Read)?;
+            ex.entry(entry)?;
+        }
+        // tar-rs ends quietly at EOF on a block boundary; a stream cut there would silently lose
+        // every entry after the cut, so the end-of-archive zero block is required.
+        if archive.into_inner().last != [0; 512] {
+            return Err(ExtractError::Read(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the archive ends without its end-of-archive blocks: it is truncated",
+            )));
+        }
+        ex.finish_dirs()?;
+        Ok(self.stats)
     }
-    ex.finish_dirs()?;
-    Ok(ex.stats)
 }
 
 /// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF.
@@ -324,25 +350,33 @@ impl Extractor<'_> {
             OciName::Plain => {}
         }
 
-        let leaf = self
-            .root
-            .leaf(&path, true)
-            .map_err(|e| entry_err(&raw, e))?;
-        let existing = leaf.stat().map_err(|e| entry_err(&raw, e))?;
-        let was_whiteout = self.whiteouts.remove(&path);
-        let existing_dir = existing
-            .as_ref()
-            .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+        let leaf = self.leaf(&path, &raw)?;
+        let was_whiteout = !self.whiteouts.is_empty() && self.whiteouts.remove(&path);
         if kind == tar::EntryType::Directory {
-            if existing.is_some() && !existing_dir {
-                leaf.remove_all()
-                    .map_err(|e| entry_err(&raw, format!("replacing what was there: {e}")))?;
+            // A directory entry keeps a directory that is already there (its metadata is
+            // updated), and replaces anything else.
+            match rustix::fs::mkdirat(&leaf.dir, leaf.name.as_c_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {
+                    let is_dir = leaf
+                        .stat()
+                        .map_err(|e| entry_err(&raw, e))?
+                        .is_some_and(|st| {
+                            FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                        });
+                    if !is_dir {
+                        self.replace(&leaf, &raw)?;
+                        rustix::fs::mkdirat(
+                            &leaf.dir,
+                            leaf.name.as_c_str(),
+                            Mode::from_raw_mode(0o700),
+                        )
+                        .map_err(|e| entry_err(&raw, format!("mkdir: {e}")))?;
+                    }
+                }
+                Err(e) => return Err(entry_err(&raw, format!("mkdir: {e}"))),
             }
-            return self.directory(leaf, path, meta, was_whiteout, existing_dir, &raw);
-        }
-        if existing.is_some() {
-            leaf.remove_all()
-                .map_err(|e| entry_err(&raw, format!("replacing what was there: {e}")))?;
+            return self.directory(leaf, path, meta, was_whiteout, &raw);
         }
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -354,12 +388,13 @@ impl Extractor<'_> {
                     .link_name_bytes()
                     .ok_or_else(|| entry_err(&raw, "symlink without a target"))?
                     .into_owned();
-                rustix::fs::symlinkat(
-                    std::ffi::OsStr::from_bytes(&target),
-                    &leaf.dir,
-                    leaf.name.as_c_str(),
-                )
-                .map_err(|e| entry_err(&raw, format!("symlink: {e}")))?;
+                self.create_replacing(&leaf, &raw, "symlink", || {
+                    rustix::fs::symlinkat(
+                        std::ffi::OsStr::from_bytes(&target),
+                        &leaf.dir,
+                        leaf.name.as_c_str(),
+                    )
+                })?;
                 self.owner_and_xattrs_by_name(&leaf, &meta, &raw)?;
                 leaf.set_times(&Timestamps {
                     last_access: meta.atime,
@@ -372,6 +407,53 @@ impl Extractor<'_> {
                 self.special(&leaf, &entry, meta, &raw)
             }
             other => Err(entry_err(&raw, format!("unsupported entry type {other:?}"))),
+        }
+    }
+
+    /// The leaf for `path`, with its parent directory fd reused from the previous entry when
+    /// it is the same directory (archives list a directory's entries together).
+    fn leaf(&mut self, path: &LayerPath, raw: &[u8]) -> Result<Leaf, ExtractError> {
+        let (parent, name) = path.split_last().expect("not the root");
+        let dir = match &self.parent_cache {
+            Some((p, fd)) if *p == parent => {
+                rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| entry_err(raw, e))?
+            }
+            _ => {
+                let fd = self
+                    .root
+                    .open_dir(&parent, true)
+                    .map_err(|e| entry_err(raw, e))?;
+                let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| entry_err(raw, e))?;
+                self.parent_cache = Some((parent, fd));
+                dup
+            }
+        };
+        Leaf::new(dir, name).map_err(|e| entry_err(raw, e))
+    }
+
+    /// Remove what is at `leaf` so an entry can take its place. Any directory below it may be
+    /// gone now, so the cached parent fd is dropped.
+    fn replace(&mut self, leaf: &Leaf, raw: &[u8]) -> Result<(), ExtractError> {
+        self.parent_cache = None;
+        leaf.remove_all()
+            .map_err(|e| entry_err(raw, format!("replacing what was there: {e}")))
+    }
+
+    /// Run `create`; if something is already at the leaf, replace it and run it once more.
+    /// (No stat first: nearly every entry is new, and EEXIST says the rest.)
+    fn create_replacing<T>(
+        &mut self,
+        leaf: &Leaf,
+        raw: &[u8],
+        what: &str,
+        mut create: impl FnMut() -> rustix::io::Result<T>,
+    ) -> Result<T, ExtractError> {
+        match create() {
+            Err(rustix::io::Errno::EXIST) => {
+                self.replace(leaf, raw)?;
+                create().map_err(|e| entry_err(raw, format!("{what}: {e}")))
+            }
+            r => r.map_err(|e| entry_err(raw, format!("{what}: {e}"))),
         }
     }
 
@@ -513,13 +595,8 @@ impl Extractor<'_> {
         path: LayerPath,
         meta: Meta,
         opaque: bool,
-        existed: bool,
         raw: &[u8],
     ) -> Result<(), ExtractError> {
-        if !existed {
-            rustix::fs::mkdirat(&leaf.dir, leaf.name.as_c_str(), Mode::from_raw_mode(0o700))
-                .map_err(|e| entry_err(raw, format!("mkdir: {e}")))?;
-        }
         let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
         self.owner_and_xattrs_fd(&fd, &meta, raw)?;
         if opaque {
@@ -547,13 +624,14 @@ impl Extractor<'_> {
         pax_sparse: Option<u64>,
         raw: &[u8],
     ) -> Result<(), ExtractError> {
-        let fd = rustix::fs::openat(
-            &leaf.dir,
-            leaf.name.as_c_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| entry_err(raw, format!("create: {e}")))?;
+        let fd = self.create_replacing(leaf, raw, "create", || {
+            rustix::fs::openat(
+                &leaf.dir,
+                leaf.name.as_c_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(meta.mode & 0o777),
+            )
+        })?;
         let mut file = std::fs::File::from(fd);
         let written = match pax_sparse {
             Some(real) => self.write_pax_sparse(&mut file, entry, real, raw)?,
@@ -572,9 +650,13 @@ impl Extractor<'_> {
             }
         };
         self.stats.bytes += written;
-        self.owner_and_xattrs_fd(&file, &meta, raw)?;
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode))
-            .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
+        let chowned = self.owner_and_xattrs_fd(&file, &meta, raw)?;
+        // The permission bits came with the create; setuid/setgid/sticky need a chmod, and
+        // so does anything after a chown (which clears setuid).
+        if chowned || meta.mode & 0o7000 != 0 {
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+                .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
+        }
         rustix::fs::futimens(
             &file,
             &Timestamps {
@@ -714,14 +796,15 @@ impl Extractor<'_> {
             ));
         }
         // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
-        rustix::fs::linkat(
-            &tleaf.dir,
-            tleaf.name.as_c_str(),
-            &leaf.dir,
-            leaf.name.as_c_str(),
-            rustix::fs::AtFlags::empty(),
-        )
-        .map_err(|e| entry_err(raw, format!("hardlink: {e}")))
+        self.create_replacing(leaf, raw, "hardlink", || {
+            rustix::fs::linkat(
+                &tleaf.dir,
+                tleaf.name.as_c_str(),
+                &leaf.dir,
+                leaf.name.as_c_str(),
+                rustix::fs::AtFlags::empty(),
+            )
+        })
     }
 
     fn special<R: Read>(
@@ -751,13 +834,23 @@ impl Extractor<'_> {
                 (ft, rustix::fs::makedev(major, minor))
             }
         };
-        match rustix::fs::mknodat(
-            &leaf.dir,
-            leaf.name.as_c_str(),
-            ft,
-            Mode::from_raw_mode(0o600),
-            dev,
-        ) {
+        let mknod = || {
+            rustix::fs::mknodat(
+                &leaf.dir,
+                leaf.name.as_c_str(),
+                ft,
+                Mode::from_raw_mode(0o600),
+                dev,
+            )
+        };
+        let made = match mknod() {
+            Err(rustix::io::Errno::EXIST) => {
+                self.replace(leaf, raw)?;
+                mknod()
+            }
+            r => r,
+        };
+        match made {
             Ok(()) => {}
             Err(rustix::io::Errno::PERM) if ft != FileType::Fifo => {
                 // Rootless: real devices can't be made. Counted and reported, never silent.
@@ -776,19 +869,25 @@ impl Extractor<'_> {
         .map_err(|e| entry_err(raw, format!("set times: {e}")))
     }
 
+    /// Set owner and xattrs on an open file; true when it chowned.
     fn owner_and_xattrs_fd(
         &mut self,
         fd: &impl AsFd,
         meta: &Meta,
         raw: &[u8],
-    ) -> Result<(), ExtractError> {
+    ) -> Result<bool, ExtractError> {
+        let mut chowned = false;
         match self.opts.owners {
-            OwnerPolicy::Preserve => rustix::fs::fchown(
-                fd,
-                Some(rustix::fs::Uid::from_raw(meta.uid)),
-                Some(rustix::fs::Gid::from_raw(meta.gid)),
-            )
-            .map_err(|e| owner_err(raw, meta, e))?,
+            OwnerPolicy::Preserve if self.creator != Some((meta.uid, meta.gid)) => {
+                rustix::fs::fchown(
+                    fd,
+                    Some(rustix::fs::Uid::from_raw(meta.uid)),
+                    Some(rustix::fs::Gid::from_raw(meta.gid)),
+                )
+                .map_err(|e| owner_err(raw, meta, e))?;
+                chowned = true;
+            }
+            OwnerPolicy::Preserve => {}
             OwnerPolicy::Record => {
                 if meta.uid != 0 || meta.gid != 0 {
                     self.apply_xattr(
@@ -803,7 +902,7 @@ impl Extractor<'_> {
         for (name, value) in &meta.xattrs {
             self.apply_xattr(raw, name, value, |n, v| crate::xattrs::set_fd(fd, n, v))?;
         }
-        Ok(())
+        Ok(chowned)
     }
 
     fn owner_and_xattrs_by_name(
