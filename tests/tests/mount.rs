@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use ovl_layer::idmap::RootlessMaps;
 use ovl_tests::{
@@ -733,22 +733,22 @@ fn a_work_dir_in_use_by_a_running_rootless_command_is_refused() {
     first
         .arg(t.path().join("work"))
         .arg(t.path().join("merged"));
-    first.args([
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "touch ready; while [ ! -e {} ]; do sleep 0.05; done",
-            stop.display()
-        ),
-    ]);
+    // The command gives up by itself after 30 s, so a failing test never leaves it behind.
+    let script = format!(
+        "touch ready || exit 3; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        stop.display()
+    );
+    first
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut first = first.spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !t.path().join("upper/ready").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first mount never became ready"
-        );
+        if std::time::Instant::now() > deadline || first.try_wait().unwrap().is_some() {
+            std::fs::write(&stop, b"").unwrap();
+            panic!("the first mount never became ready: {:?}", first.wait());
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut second = mount_cmd(Some(&user));
@@ -968,4 +968,118 @@ impl ForUser for RootlessMaps {
         )
         .unwrap()
     }
+}
+
+#[test]
+fn persistent_fuse_mount_as_root_writes_fuse_markers() {
+    let Some(tarball) = root_setup() else { return };
+    if !require(
+        "fuse-overlayfs",
+        ovl_tests::which("fuse-overlayfs").is_some(),
+    ) || !require("a usable /dev/fuse", ovl_tests::make_fuse_usable())
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let lower = p.join("lower");
+    import_as_root(&tarball, &lower);
+    let merged = mkdir(&p.join("merged"));
+    let mut c = Command::new(bin("ovl-mount"));
+    c.args(["--driver", "fuse", "--lower"])
+        .arg(&lower)
+        .arg("--upper")
+        .arg(p.join("u"));
+    let out = output(c.arg("--work").arg(p.join("w")).arg(&merged));
+    assert!(ok(&out).starts_with(&format!("mounted overlay on {} (", merged.display())));
+    let edit = output(Command::new("sh").current_dir(&merged).args(["-c", EDIT]));
+    run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged));
+    ok(&edit);
+    assert_eq!(std::fs::read_dir(&merged).unwrap().count(), 0);
+    let upper = p.join("u");
+    assert_common_upper(&upper);
+    let apk = upper.join("etc/apk");
+    assert!(
+        std::fs::symlink_metadata(apk.join(".wh..wh..opq"))
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+    assert!(is_kernel_whiteout(&apk.join(".wh..opq")));
+    assert_eq!(
+        xattr(&apk, "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        xattrs_with_prefix(&upper, "user.overlay."),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn rootless_auto_falls_back_to_fuse_when_the_kernel_refuses() {
+    let Some((user, _)) = user_setup() else {
+        return;
+    };
+    if !require("a usable /dev/fuse", ovl_tests::make_fuse_usable()) {
+        return;
+    }
+    // An upper on an overlayfs is refused by the kernel ("not supported as upperdir"), while
+    // fuse-overlayfs takes it: a real refusal to fall back from.
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let (outer_lower, outer) = (mkdir(&p.join("ol")), mkdir(&p.join("om")));
+    let mut c = Command::new(bin("ovl-mount"));
+    c.arg("--lower")
+        .arg(&outer_lower)
+        .arg("--upper")
+        .arg(p.join("ou"))
+        .arg("--work")
+        .arg(p.join("ow"));
+    ok(&output(c.arg(&outer)));
+    let result = std::panic::catch_unwind(|| {
+        ovl_tests::set_mode(&outer, 0o777);
+        let lower = mkdir(&outer.join("lower"));
+        std::fs::write(lower.join("f"), b"lower\n").unwrap();
+        ovl_tests::set_mode(&lower.join("f"), 0o644);
+        let merged = mkdir(&outer.join("merged"));
+        let b = mkdir(&outer.join("box"));
+        std::os::unix::fs::chown(&b, Some(user.uid), Some(user.gid)).unwrap();
+        let run = |driver: &str| {
+            let mut c = command_as(&user, &bin("ovl-mount"));
+            c.args(["-v", "--driver", driver, "--lower"])
+                .arg(&lower)
+                .arg("--upper")
+                .arg(b.join("u"));
+            output(c.arg("--work").arg(b.join("w")).arg(&merged).args([
+                "--",
+                "sh",
+                "-c",
+                "cat f && rm f",
+            ]))
+        };
+        let out = run("auto");
+        assert_eq!(ok(&out), "lower\n");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(
+                "driver: fuse-overlayfs (the kernel refused overlayfs in the user namespace"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("not supported as upperdir"),
+            "the kernel's own reason is quoted: {err}"
+        );
+        // mknod 0/0 inside an overlayfs is refused to a user namespace: fuse-overlayfs then
+        // writes its `.wh.` file form.
+        assert!(is_kernel_whiteout(&b.join("u/f")) || b.join("u/.wh.f").is_file());
+        // Forced, the kernel driver fails instead, and says why.
+        fails_with(
+            &run("kernel"),
+            &["the kernel refused the overlay mount", "kernel says"],
+        );
+    });
+    run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&outer));
+    result.unwrap();
 }

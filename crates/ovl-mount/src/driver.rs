@@ -144,7 +144,7 @@ pub fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounte
         }
         DriverChoice::Auto if version < host::USERNS_OVERLAY => {
             let why = format!(
-                "rootless, and Linux {release} is older than 5.11, which first allows overlayfs in a user namespace"
+                "Linux {release} is older than 5.11, which first allows overlayfs in a user namespace"
             );
             match fuse_mount(spec, layout) {
                 Ok(m) => Ok(done(m, Driver::Fuse, why)),
@@ -158,14 +158,10 @@ pub fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounte
             Ok(m) => Ok(done(
                 m,
                 Driver::KernelRootless,
-                format!(
-                    "rootless, and Linux {release} allows overlayfs with userxattr in a user namespace"
-                ),
+                format!("Linux {release} allows overlayfs with userxattr in a user namespace"),
             )),
             Err(MountError::KernelMount { detail, .. }) => {
-                let why = format!(
-                    "rootless, and the kernel refused overlayfs in the user namespace: {detail}"
-                );
+                let why = format!("the kernel refused overlayfs in the user namespace: {detail}");
                 match fuse_mount(spec, layout) {
                     Ok(m) => Ok(done(m, Driver::Fuse, why)),
                     Err(e) => Err(MountError::NoDriver {
