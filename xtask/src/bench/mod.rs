@@ -14,6 +14,7 @@ mod corpus;
 mod generate;
 mod import;
 pub mod runner;
+mod squash;
 
 use std::fs;
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ pub use corpus::{Corpus, CorpusChoice};
 pub use runner::{Case, Contender, Job};
 
 /// Every case, in the order they run.
-const CASES: &[fn(&Ctx) -> Case] = &[import::case];
+const CASES: &[fn(&Ctx) -> Case] = &[import::case, squash::case];
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
