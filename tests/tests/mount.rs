@@ -665,11 +665,18 @@ fn two_hundred_lowers_mount_rootless_kernel_and_fuse() {
             .arg(format!("{}:{}", user.uid, user.gid))
             .arg(t.path()),
     );
-    for driver in ["kernel", "fuse"] {
+    for (driver, extra) in [
+        ("kernel", ""),
+        ("kernel", "--legacy-mount-api"),
+        ("fuse", ""),
+    ] {
         let mut c = command_as(&user, &bin("ovl-mount"));
-        c.args(["-v", "--driver", driver, "--lower", &lowers])
-            .arg("--upper")
-            .arg(t.path().join(format!("u-{driver}")));
+        c.args(["-v", "--driver", driver, "--lower", &lowers]);
+        if !extra.is_empty() {
+            c.arg(extra);
+        }
+        let driver = &format!("{driver}{extra}");
+        c.arg("--upper").arg(t.path().join(format!("u-{driver}")));
         c.arg("--work")
             .arg(t.path().join(format!("w-{driver}")))
             .arg(&merged);

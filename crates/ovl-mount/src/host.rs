@@ -157,6 +157,24 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_too_old_says_which_and_what_to_do() {
+        require_kernel((5, 2), "x", "5.2", "hint").unwrap();
+        let e = require_kernel(
+            (999, 0),
+            "rootless kernel overlayfs",
+            "999.0",
+            "use --driver fuse",
+        )
+        .unwrap_err();
+        let (release, _) = kernel();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("too old") && msg.contains(&release) && msg.contains("use --driver fuse"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn missing_fuse_pieces_are_clear() {
         let e = fuse_program(Some(Path::new("/nonexistent/fuse-overlayfs"))).unwrap_err();
         assert!(
