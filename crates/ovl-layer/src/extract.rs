@@ -876,60 +876,61 @@ impl Extractor<'_> {
         meta: &Meta,
         raw: &[u8],
     ) -> Result<bool, ExtractError> {
-        let mut chowned = false;
-        match self.opts.owners {
-            OwnerPolicy::Preserve if self.creator != Some((meta.uid, meta.gid)) => {
+        self.owner_and_xattrs(
+            meta,
+            raw,
+            |uid, gid| {
                 rustix::fs::fchown(
                     fd,
-                    Some(rustix::fs::Uid::from_raw(meta.uid)),
-                    Some(rustix::fs::Gid::from_raw(meta.gid)),
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
                 )
-                .map_err(|e| owner_err(raw, meta, e))?;
-                chowned = true;
-            }
-            OwnerPolicy::Preserve => {}
-            OwnerPolicy::Record => {
-                if meta.uid != 0 || meta.gid != 0 {
-                    self.apply_xattr(
-                        raw,
-                        ROOTLESS_XATTR,
-                        &encode_rootless_owner(meta.uid, meta.gid),
-                        |n, v| crate::xattrs::set_fd(fd, n, v),
-                    )?;
-                }
-            }
-        }
-        for (name, value) in &meta.xattrs {
-            self.apply_xattr(raw, name, value, |n, v| crate::xattrs::set_fd(fd, n, v))?;
-        }
-        Ok(chowned)
+                .map_err(Into::into)
+            },
+            |n, v| crate::xattrs::set_fd(fd, n, v),
+        )
     }
 
+    /// Set owner and xattrs by name (symlinks, devices, fifos: nothing to open).
     fn owner_and_xattrs_by_name(
         &mut self,
         leaf: &Leaf,
         meta: &Meta,
         raw: &[u8],
-    ) -> Result<(), ExtractError> {
+    ) -> Result<bool, ExtractError> {
+        self.owner_and_xattrs(
+            meta,
+            raw,
+            |uid, gid| leaf.chown(uid, gid),
+            |n, v| leaf.set_xattr(n, v),
+        )
+    }
+
+    /// The owner policy and xattrs, through whichever `chown`/`set_xattr` fit the entry.
+    fn owner_and_xattrs(
+        &mut self,
+        meta: &Meta,
+        raw: &[u8],
+        chown: impl Fn(u32, u32) -> io::Result<()>,
+        set_xattr: impl Fn(&str, &[u8]) -> io::Result<()>,
+    ) -> Result<bool, ExtractError> {
+        let mut chowned = false;
         match self.opts.owners {
-            OwnerPolicy::Preserve => leaf
-                .chown(meta.uid, meta.gid)
-                .map_err(|e| owner_err(raw, meta, e))?,
-            OwnerPolicy::Record => {
-                if meta.uid != 0 || meta.gid != 0 {
-                    self.apply_xattr(
-                        raw,
-                        ROOTLESS_XATTR,
-                        &encode_rootless_owner(meta.uid, meta.gid),
-                        |n, v| leaf.set_xattr(n, v),
-                    )?;
-                }
+            OwnerPolicy::Preserve if self.creator != Some((meta.uid, meta.gid)) => {
+                chown(meta.uid, meta.gid).map_err(|e| owner_err(raw, meta, e))?;
+                chowned = true;
             }
+            OwnerPolicy::Preserve => {}
+            OwnerPolicy::Record if meta.uid != 0 || meta.gid != 0 => {
+                let owner = encode_rootless_owner(meta.uid, meta.gid);
+                self.apply_xattr(raw, ROOTLESS_XATTR, &owner, &set_xattr)?;
+            }
+            OwnerPolicy::Record => {}
         }
         for (name, value) in &meta.xattrs {
-            self.apply_xattr(raw, name, value, |n, v| leaf.set_xattr(n, v))?;
+            self.apply_xattr(raw, name, value, &set_xattr)?;
         }
-        Ok(())
+        Ok(chowned)
     }
 
     fn apply_xattr(

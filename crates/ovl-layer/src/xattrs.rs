@@ -8,44 +8,37 @@ use std::path::Path;
 
 /// Every xattr of `path` (not following a final symlink), sorted by name.
 pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let names = match xattr::list(path) {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for name in names {
-        let Some(name) = name.to_str().map(str::to_owned) else {
-            continue;
-        };
-        if let Some(v) = xattr::get(path, &name)? {
-            out.push((name, v));
-        }
-    }
-    out.sort();
-    Ok(out)
+    collect(xattr::list(path), |name| xattr::get(path, name))
 }
 
 /// Every xattr of an open file, sorted by name.
 pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let fd = fd.as_fd();
     let path = std::path::PathBuf::from(format!(
         "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&fd)
+        std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd())
     ));
     // The magic link resolves to the open file itself; lgetxattr would read the link, so
     // follow it deliberately.
-    let mut out = Vec::new();
-    let names = match xattr::list_deref(&path) {
+    collect(xattr::list_deref(&path), |name| {
+        xattr::get_deref(&path, name)
+    })
+}
+
+fn collect(
+    names: io::Result<xattr::XAttrs>,
+    get: impl Fn(&str) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let names = match names {
         Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let mut out = Vec::new();
     for name in names {
         let Some(name) = name.to_str().map(str::to_owned) else {
             continue;
         };
-        if let Some(v) = xattr::get_deref(&path, &name)? {
+        if let Some(v) = get(&name)? {
             out.push((name, v));
         }
     }
