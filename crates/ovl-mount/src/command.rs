@@ -34,7 +34,8 @@ pub fn ignore_terminal_signals() {
 pub fn run(argv: &[OsString], merged: &Path, chroot: bool) -> Result<i32> {
     let (program, args) = argv.split_first().expect("a command");
     let mut cmd = Command::new(program);
-    cmd.args(args);
+    // The command is not a re-executed ovl tool, even if it runs one.
+    cmd.args(args).env_remove(ovl_layer::userns::ENV_IN_USERNS);
     let root = if chroot {
         Some(crate::kernel::c_path(merged)?)
     } else {

@@ -24,7 +24,7 @@ pub fn run(spec: &MountSpec) -> Result<i32> {
     if spec.chroot && spec.persistent() {
         return Err(MountError::ChrootNeedsCmd);
     }
-    if in_userns() {
+    if reexecuted() {
         return inside_userns(spec);
     }
     if !rustix::process::geteuid().is_root() {
@@ -35,6 +35,12 @@ pub fn run(spec: &MountSpec) -> Result<i32> {
     } else {
         root_command(spec)
     }
+}
+
+/// True in the copy of ovl-mount that [`reexec_self`] started: the marker variable is set and
+/// this process really is in a user namespace (not the initial one, whose map is the identity).
+fn reexecuted() -> bool {
+    in_userns() && ovl_layer::userns::current_maps().uid != IdMap::identity()
 }
 
 fn note(spec: &MountSpec, msg: &str) {
