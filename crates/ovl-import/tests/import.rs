@@ -609,3 +609,47 @@ fn rootless_without_subordinate_ids_records_owners_in_the_rootlesscontainers_xat
     // Whiteouts still work: mknod 0/0 is allowed in a user namespace.
     assert!(is_whiteout(&dest.join("gone")));
 }
+
+#[test]
+fn a_progress_bar_is_drawn_on_a_terminal_and_never_with_quiet() {
+    if !require(
+        "script (util-linux) for a pseudo-terminal",
+        which("script").is_some(),
+    ) {
+        return;
+    }
+    let Some(alpine) = ovl_tests::alpine_minirootfs() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let on_tty = |extra: &str, dest: &str| {
+        let log = t.path().join(format!("{dest}.log"));
+        let cmd = format!(
+            "{} {extra} {} {}",
+            bin("ovl-import").display(),
+            alpine.display(),
+            t.path().join(dest).display()
+        );
+        run_ok(
+            Command::new("script")
+                .args(["-qec", &cmd])
+                .arg(&log)
+                .stdin(Stdio::null()),
+        );
+        String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned()
+    };
+    let shown = on_tty("", "a");
+    assert!(
+        shown.contains("import [") && shown.contains("MiB"),
+        "no bar on a terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains("ovl-import: ") && shown.contains(" entries, "),
+        "no summary: {shown:?}"
+    );
+    let quiet = on_tty("--quiet", "b");
+    assert!(
+        !quiet.contains("import [") && !quiet.contains(" entries, "),
+        "--quiet printed: {quiet:?}"
+    );
+}
