@@ -62,9 +62,9 @@ pub fn in_userns() -> bool {
 
 /// The path of a program in PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let path =
+        std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin".into());
     std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
         .map(|d| d.join(program))
         .find(|p| rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok())
 }
