@@ -92,17 +92,17 @@ fn small_change_set(lower: &Path, upper: &Path) -> Result<()> {
         fs::write(upper.join("etc").join(&f), data)?;
     }
     let share = lower.join("usr/share");
-    if share.is_dir() {
-        if let Some(d) = first(&share, |m| m.is_dir())? {
-            fs::create_dir_all(upper.join("usr/share"))?;
-            let wh = upper.join("usr/share").join(d);
-            let st = Command::new("mknod")
-                .arg(&wh)
-                .args(["c", "0", "0"])
-                .status()?;
-            if !st.success() {
-                bail!("mknod {} c 0 0 failed", wh.display());
-            }
+    if share.is_dir()
+        && let Some(d) = first(&share, |m| m.is_dir())?
+    {
+        fs::create_dir_all(upper.join("usr/share"))?;
+        let wh = upper.join("usr/share").join(d);
+        let st = Command::new("mknod")
+            .arg(&wh)
+            .args(["c", "0", "0"])
+            .status()?;
+        if !st.success() {
+            bail!("mknod {} c 0 0 failed", wh.display());
         }
     }
     let lib = lower.join("usr/lib");
