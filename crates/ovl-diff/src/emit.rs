@@ -34,10 +34,39 @@ pub struct Stats {
     pub skipped_sockets: u64,
 }
 
-/// Write every change of `upper` to `tw`.
-pub fn emit<W: Write>(upper: &Upper, tw: &mut TarWriter<W>) -> Result<Stats, DiffError> {
+/// Write every change of `upper` to `tw`, refusing entries owned by `refuse_ids` (see
+/// [`crate::unmapped_id_markers`]) and writing an owner read as `id_alias.0` as `id_alias.1`
+/// (see [`crate::alias_overflow`]).
+pub fn emit<W: Write>(
+    upper: &Upper,
+    tw: &mut TarWriter<W>,
+    refuse_ids: Option<(u32, u32)>,
+    id_alias: Option<(u32, u32)>,
+) -> Result<Stats, DiffError> {
     let mut st = Stats::default();
-    upper.walk(&mut |c| change(upper, tw, &mut st, c))?;
+    upper.walk(&mut |mut c| {
+        if let (Change::Entry(e), Some((ou, og))) = (&c, refuse_ids) {
+            if e.meta.uid == ou || e.meta.gid == og {
+                return Err(DiffError::Entry {
+                    path: upper.display(&e.path),
+                    reason: format!(
+                        "owned by an id this user namespace does not map (it reads as {}:{}): \
+                         its real owner is a host id, which a layer cannot carry",
+                        e.meta.uid, e.meta.gid
+                    ),
+                });
+            }
+        }
+        if let (Change::Entry(e), Some((alias, id))) = (&mut c, id_alias) {
+            if e.meta.uid == alias {
+                e.meta.uid = id;
+            }
+            if e.meta.gid == alias {
+                e.meta.gid = id;
+            }
+        }
+        change(upper, tw, &mut st, c)
+    })?;
     Ok(st)
 }
 

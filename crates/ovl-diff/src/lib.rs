@@ -48,6 +48,12 @@ pub struct DiffOptions {
     pub tar: TarOptions,
     /// Compression threads (the output does not depend on it).
     pub threads: usize,
+    /// Ids that mean "not mapped in this user namespace" (the kernel's overflow uid and gid,
+    /// when the namespace does not map them): an entry owned by one is refused, since its real
+    /// owner is a host id the layer cannot carry. See [`unmapped_id_markers`].
+    pub refuse_ids: Option<(u32, u32)>,
+    /// `(alias, id)`: an owner read as `alias` is written as `id` (see [`alias_overflow`]).
+    pub id_alias: Option<(u32, u32)>,
 }
 
 impl DiffOptions {
@@ -59,6 +65,8 @@ impl DiffOptions {
             ids: None,
             tar: TarOptions::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            refuse_ids: None,
+            id_alias: None,
         }
     }
 }
@@ -75,5 +83,113 @@ pub fn diff<W: std::io::Write + Send>(
             ids: opts.ids.clone(),
         },
     )?;
-    output::write_layer(out, opts, |tw| emit::emit(&upper, tw))
+    output::write_layer(out, opts, |tw| {
+        emit::emit(&upper, tw, opts.refuse_ids, opts.id_alias)
+    })
+}
+
+/// Inside a user namespace, the ids an unmapped host id reads back as (the kernel's overflow
+/// uid and gid), when this namespace does not map them itself; `None` outside a namespace or
+/// when they are real container ids here.
+pub fn unmapped_id_markers() -> Option<(u32, u32)> {
+    let read = |f: &str| -> Option<String> { std::fs::read_to_string(f).ok() };
+    let uid_map = ovl_layer::idmap::IdMap::parse_proc(&read("/proc/self/uid_map")?)?;
+    let gid_map = ovl_layer::idmap::IdMap::parse_proc(&read("/proc/self/gid_map")?)?;
+    if uid_map == ovl_layer::idmap::IdMap::identity() {
+        return None;
+    }
+    let ou: u32 = read("/proc/sys/kernel/overflowuid")?.trim().parse().ok()?;
+    let og: u32 = read("/proc/sys/kernel/overflowgid")?.trim().parse().ok()?;
+    if uid_map.to_host(ou).is_some() && gid_map.to_host(og).is_some() {
+        return None;
+    }
+    Some((ou, og))
+}
+
+/// The container id an unmapped host id reads as inside a user namespace (the kernel's
+/// overflow id) is also a real container id (nobody) in a full rootless map, so the two cannot
+/// be told apart there. The namespace ovl-diff makes for itself therefore maps the host id of
+/// container `overflow` to container `alias` instead (an id above the rootless range): inside,
+/// `alias` is the real nobody (written back as `overflow`), and `overflow` can only be an
+/// unmapped host id (refused). A map that does not hold `overflow` is returned as it is.
+pub fn alias_overflow(
+    map: &ovl_layer::idmap::IdMap,
+    overflow: u32,
+    alias: u32,
+) -> ovl_layer::idmap::IdMap {
+    use ovl_layer::idmap::{IdMap, IdRange};
+    let mut out = Vec::new();
+    let mut found = false;
+    for r in map.ranges() {
+        let end = u64::from(r.container) + u64::from(r.count);
+        if overflow < r.container || u64::from(overflow) >= end {
+            out.push(*r);
+            continue;
+        }
+        found = true;
+        let before = overflow - r.container;
+        if before > 0 {
+            out.push(IdRange {
+                container: r.container,
+                host: r.host,
+                count: before,
+            });
+        }
+        out.push(IdRange {
+            container: alias,
+            host: r.host + before,
+            count: 1,
+        });
+        let after = r.count - before - 1;
+        if after > 0 {
+            out.push(IdRange {
+                container: overflow + 1,
+                host: r.host + before + 1,
+                count: after,
+            });
+        }
+    }
+    if found { IdMap::new(out) } else { map.clone() }
+}
+
+/// The container id [`alias_overflow`] moves nobody to.
+pub const OVERFLOW_ALIAS: u32 = ovl_layer::idmap::ROOTLESS_RANGE + 1;
+
+/// `(alias, overflow)` when this process runs in a namespace made with [`alias_overflow`]
+/// (read from its own id maps): owners read as the alias are written as the overflow id.
+pub fn id_alias_in_this_namespace() -> Option<(u32, u32)> {
+    let (ou, og) = unmapped_id_markers()?;
+    let read = |f: &str| {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| ovl_layer::idmap::IdMap::parse_proc(&t))
+    };
+    let (um, gm) = (read("/proc/self/uid_map")?, read("/proc/self/gid_map")?);
+    (ou == og && um.to_host(OVERFLOW_ALIAS).is_some() && gm.to_host(OVERFLOW_ALIAS).is_some())
+        .then_some((OVERFLOW_ALIAS, ou))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ovl_layer::idmap::{IdMap, SubRange, rootless_map};
+
+    #[test]
+    fn overflow_is_aliased_out_of_the_map() {
+        let m = rootless_map(
+            1000,
+            &[SubRange {
+                start: 100_000,
+                count: 65536,
+            }],
+        );
+        let a = alias_overflow(&m, 65534, 65537);
+        assert_eq!(a.to_host(65534), None);
+        assert_eq!(a.to_host(65537), m.to_host(65534));
+        assert_eq!(a.to_host(65533), m.to_host(65533));
+        assert_eq!(a.to_host(65535), m.to_host(65535));
+        assert_eq!(a.to_host(0), Some(1000));
+        let single = IdMap::single(1000);
+        assert_eq!(alias_overflow(&single, 65534, 65537), single);
+    }
 }

@@ -74,13 +74,28 @@ fn in_a_user_namespace() -> bool {
 }
 
 fn reexec_rootless() -> i32 {
-    let plan = match UsernsPlan::for_current_user(false) {
+    let mut plan = match UsernsPlan::for_current_user(false) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("ovl-diff: error: reading /etc/subuid and /etc/subgid: {e}");
             return 1;
         }
     };
+    // Keep "nobody" apart from unmapped host ids inside (see alias_overflow).
+    let overflow = |f: &str| -> u32 {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(65534)
+    };
+    let (ou, og) = (
+        overflow("/proc/sys/kernel/overflowuid"),
+        overflow("/proc/sys/kernel/overflowgid"),
+    );
+    let alias = ovl_diff::OVERFLOW_ALIAS;
+    plan.maps.uid = ovl_diff::alias_overflow(&plan.maps.uid, ou, alias);
+    plan.maps.gid = ovl_diff::alias_overflow(&plan.maps.gid, og, alias);
+
     match userns::reexec_self(&plan) {
         Ok(code) => code,
         Err(e) => {
@@ -104,6 +119,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(t) = cli.threads {
         opts.threads = t.max(1);
     }
+    opts.refuse_ids = ovl_diff::unmapped_id_markers();
+    opts.id_alias = ovl_diff::id_alias_in_this_namespace();
     let upper = cli.upper.display().to_string();
     let what = || format!("exporting the upper {upper}");
 

@@ -183,7 +183,7 @@ fn finish_hashing<W: Write>(
 }
 
 /// A file written through a temporary sibling (`.NAME.ovl-diff-PID`), renamed over `dest`
-/// only when complete and synced: a failed run never leaves a partial layer under the name.
+/// only when complete: a failed run never leaves a partial layer under the name.
 #[derive(Debug)]
 pub struct AtomicFile {
     pub dest: PathBuf,
@@ -226,7 +226,9 @@ impl AtomicFile {
             path: p.to_path_buf(),
             source: e,
         };
-        f.sync_all().map_err(|e| io(e, &self.tmp))?;
+        // No fsync: the rename makes the file appear only whole, and a layer is reproducible
+        // (a crash costs a re-run, not a wrong layer that looks right: ext4 flushes data
+        // renamed over an old file). Layout blobs, which an index points to, are synced.
         drop(f);
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| io(e, &self.dest))?;
         Ok(())

@@ -672,3 +672,85 @@ fn mknod_or_wh(p: &Path, _upper: &Path) {
         .unwrap();
     }
 }
+
+/// Run by the unprivileged owner outside any namespace, host ids come out as container ids
+/// (through the user's subordinate ranges), and an id outside them is refused, never written.
+#[test]
+fn rootless_owner_gets_container_ids() {
+    if !require("root (to set up the users)", is_root()) {
+        return;
+    }
+    let Some(user) = ovl_tests::test_user() else {
+        require("the unprivileged test user", false);
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let u = t.path().join("upper");
+    std::fs::create_dir_all(u.join("etc")).unwrap();
+    std::fs::write(u.join("etc/shadow"), b"secret").unwrap();
+    std::fs::set_permissions(u.join("etc/shadow"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::write(u.join("etc/mine"), b"mine").unwrap();
+    let own = |p: &Path, uid: u32, gid: u32| {
+        rustix::fs::chown(
+            p,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .unwrap()
+    };
+    own(&u, user.uid, user.gid);
+    own(&u.join("etc"), user.uid, user.gid);
+    // Where container ids live on the host for this user (the same idmap code as the tools).
+    let maps = ovl_layer::idmap::RootlessMaps::for_user(
+        &user.name,
+        user.uid,
+        user.gid,
+        Path::new("/etc/subuid"),
+        Path::new("/etc/subgid"),
+    )
+    .unwrap();
+    assert!(maps.has_subordinate_ids());
+    let host_uid = |c: u32| maps.uid.to_host(c).unwrap();
+    let host_gid = |c: u32| maps.gid.to_host(c).unwrap();
+    own(&u.join("etc/shadow"), user.uid, host_gid(42));
+    own(&u.join("etc/mine"), host_uid(1000), host_gid(1000));
+    // nobody (65534) is a real container id: kept apart from unmapped host ids.
+    std::fs::write(u.join("etc/nobody"), b"n").unwrap();
+    own(&u.join("etc/nobody"), host_uid(65534), host_gid(65534));
+    for p in ["etc", "etc/shadow", "etc/mine", "etc/nobody"] {
+        set_mtime(&u.join(p), 1_300_000_000, 0);
+    }
+    let out = ovl_tests::command_as(&user, Path::new(BIN))
+        .arg("-q")
+        .arg(&u)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_listing(
+        &listing(&out.stdout),
+        &[
+            "d etc/ 755 0:0 t=1300000000",
+            "f etc/mine 644 1000:1000 size=4 data=mine t=1300000000",
+            "f etc/nobody 644 65534:65534 size=1 data=n t=1300000000",
+            "f etc/shadow 640 0:42 size=6 data=secret t=1300000000",
+        ],
+    );
+
+    // A host id outside the user's ranges (here root's) cannot be expressed: refused.
+    own(&u.join("etc/mine"), 0, 0);
+    let out = ovl_tests::command_as(&user, Path::new(BIN))
+        .arg("-q")
+        .arg(&u)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("etc/mine") && err.contains("does not map"),
+        "{err}"
+    );
+}

@@ -163,6 +163,9 @@ pub struct Upper {
     root: Root,
     lowers: Lowers,
     ids: Option<RootlessMaps>,
+    /// The directory [`Upper::open_source`] opened last: files come in walk order, so most
+    /// opens reuse it instead of resolving the whole path again.
+    last_dir: std::sync::Mutex<Option<(Layer, LayerPath, OwnedFd)>>,
 }
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
@@ -185,6 +188,7 @@ impl Upper {
             root,
             lowers: Lowers { roots: lowers },
             ids: opts.ids.clone(),
+            last_dir: std::sync::Mutex::new(None),
         })
     }
 
@@ -247,18 +251,41 @@ impl Upper {
                 self.lowers.roots[i].display(&src.path),
             ),
         };
-        rustix::fs::openat2(
-            root.fd(),
-            src.path.as_os_str(),
+        let err = |e: rustix::io::Errno| UpperError::Io {
+            path: label.clone(),
+            source: e.into(),
+        };
+        let (parent, name) = src.path.split_last().ok_or_else(|| UpperError::Io {
+            path: label.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the root is not a file"),
+        })?;
+        let name = CString::new(name).map_err(|_| err(rustix::io::Errno::INVAL))?;
+        let mut cache = self.last_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = matches!(&*cache, Some((l, p, _)) if *l == src.layer && *p == parent);
+        if !hit {
+            let dir = rustix::fs::openat2(
+                root.fd(),
+                if parent.is_root() {
+                    OsStr::new(".")
+                } else {
+                    parent.as_os_str()
+                },
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                RESOLVE,
+            )
+            .map_err(err)?;
+            *cache = Some((src.layer.clone(), parent, dir));
+        }
+        let (_, _, dir) = cache.as_ref().expect("just filled");
+        rustix::fs::openat(
+            dir,
+            name.as_c_str(),
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
-            RESOLVE,
         )
         .map(std::fs::File::from)
-        .map_err(|e| UpperError::Io {
-            path: label,
-            source: e.into(),
-        })
+        .map_err(err)
     }
 
     fn io(&self, p: &LayerPath, e: io::Error) -> UpperError {

@@ -11,6 +11,7 @@
 //! add `mod NAME;` below and `NAME::case` to [`CASES`].
 
 mod corpus;
+mod diff;
 mod generate;
 mod import;
 pub mod runner;
@@ -26,7 +27,7 @@ pub use corpus::{Corpus, CorpusChoice};
 pub use runner::{Case, Contender, Job};
 
 /// Every case, in the order they run.
-const CASES: &[fn(&Ctx) -> Case] = &[import::case, squash::case];
+const CASES: &[fn(&Ctx) -> Case] = &[import::case, squash::case, diff::case, diff::case_gzip];
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
