@@ -128,6 +128,13 @@ fn prove(driver: Driver) {
         );
     }
 
+    eprintln!(
+        "{driver:?}: layer {} bytes, gzip {} bytes, merged view {} entries",
+        std::fs::metadata(&layer).unwrap().len(),
+        std::fs::metadata(&gz1).unwrap().len(),
+        s.merged.len()
+    );
+
     // The proof: umoci applies base + layer; the result is the merged view.
     let work = s.dir.path().join("umoci");
     std::fs::create_dir(&work).unwrap();

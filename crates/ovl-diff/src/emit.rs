@@ -86,7 +86,18 @@ fn change<W: Write>(
             st.whiteouts += 1;
             marker(upper, tw, &parent.join(&whiteout::whiteout_name(name)))
         }
-        Change::Entry(e) if e.path.is_root() => Ok(()),
+        // The root's own metadata is not exported, but an opaque root hides every lower.
+        Change::Entry(e) if e.path.is_root() => match e.kind {
+            Kind::Dir { opaque: true } => {
+                st.opaque_dirs += 1;
+                marker(
+                    upper,
+                    tw,
+                    &LayerPath::parse(whiteout::OPAQUE_MARKER).expect("a name"),
+                )
+            }
+            _ => Ok(()),
+        },
         Change::Entry(e) => entry(upper, tw, st, e),
     }
 }

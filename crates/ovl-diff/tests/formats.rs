@@ -327,9 +327,12 @@ fn fuse_overlayfs_upper() {
     for p in ["d", "d/opq", "d/ropq", "d/opq/kept"] {
         set_mtime(&u.join(p), 1_400_000_000, 0);
     }
+    // An opaque root (it hides every lower) is a marker at the top of the layer.
+    xattr::set(&u, "user.fuseoverlayfs.opaque", b"y").unwrap();
     assert_listing(
         &listing(&layer_of(&u, &[])),
         &[
+            "f .wh..wh..opq 644 0:0 size=0 data= t=0",
             "d d/ 755 0:0 t=1400000000",
             "f d/.wh.deleted 644 0:0 size=0 data= t=0",
             "d d/opq/ 755 0:0 t=1400000000",
