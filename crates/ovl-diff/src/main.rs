@@ -116,6 +116,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Compress::Zstd => Compression::Zstd,
     };
     opts.tar = ovl_layer::tarout::TarOptions::from_env().map_err(anyhow::Error::msg)?;
+    // Digests cost a core's worth of sha256: skip them when nothing will show them.
+    opts.tar.skip_digest = cli.quiet && cli.json.is_none() && cli.oci_layout.is_none();
     if let Some(t) = cli.threads {
         opts.threads = t.max(1);
     }

@@ -74,12 +74,16 @@ struct Hashing<W> {
     inner: W,
     hasher: sha2::Sha256,
     count: u64,
+    /// Off when nobody reads the digest (see [`ovl_layer::tarout::TarOptions::skip_digest`]).
+    enabled: bool,
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if self.enabled {
+            self.hasher.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -134,6 +138,7 @@ where
                 inner: out,
                 hasher: sha2::Sha256::new(),
                 count: 0,
+                enabled: !opts.tar.skip_digest,
             };
             let gz = ovl_layer::pgzip::GzOptions {
                 threads: opts.threads.max(1),
@@ -147,6 +152,7 @@ where
                 inner: out,
                 hasher: sha2::Sha256::new(),
                 count: 0,
+                enabled: !opts.tar.skip_digest,
             };
             (|| {
                 let mut enc = zstd::stream::write::Encoder::new(h, ZSTD_LEVEL)?;
@@ -172,9 +178,14 @@ fn finish_hashing<W: Write>(
     stats: Stats,
 ) -> (W, LayerInfo, Stats) {
     let _ = h.flush();
+    let digest = if h.enabled {
+        h.hasher.finalize().into()
+    } else {
+        [0; 32]
+    };
     let info = LayerInfo {
         compression,
-        digest: h.hasher.finalize().into(),
+        digest,
         size: h.count,
         diff_id: sum.diff_id,
         tar_size: sum.size,

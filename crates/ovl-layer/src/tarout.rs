@@ -69,6 +69,8 @@ pub enum Data<'a> {
 pub struct TarOptions {
     /// `SOURCE_DATE_EPOCH`: no mtime in the layer is later than this.
     pub clamp_mtime: Option<i64>,
+    /// Do not compute the diffID (nobody will read it): [`TarSummary::diff_id`] is all zeros.
+    pub skip_digest: bool,
 }
 
 impl TarOptions {
@@ -80,6 +82,7 @@ impl TarOptions {
                 .parse::<i64>()
                 .map(|t| TarOptions {
                     clamp_mtime: Some(t),
+                    skip_digest: false,
                 })
                 .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
             _ => Ok(TarOptions::default()),
@@ -95,6 +98,9 @@ pub struct TarWriter<W: Write> {
     opts: TarOptions,
     buf: Vec<u8>,
     pending: Vec<u8>,
+    /// Buffers already written, to reuse once the hashing thread is done with them: fresh
+    /// memory for every megabyte costs a page fault per page.
+    spent: std::collections::VecDeque<std::sync::Arc<Vec<u8>>>,
 }
 
 const BLOCK: usize = 512;
@@ -106,7 +112,7 @@ const FLUSH_AT: usize = 1 << 20;
 /// What a finished stream was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TarSummary {
-    /// sha256 of the uncompressed stream.
+    /// sha256 of the uncompressed stream (zeros with [`TarOptions::skip_digest`]).
     pub diff_id: [u8; 32],
     pub size: u64,
 }
@@ -115,11 +121,12 @@ impl<W: Write> TarWriter<W> {
     pub fn new(out: W, opts: TarOptions) -> Self {
         TarWriter {
             out,
-            hasher: HashThread::spawn(),
+            hasher: HashThread::spawn(!opts.skip_digest),
             written: 0,
             opts,
             buf: vec![0; READ_BUF],
             pending: Vec::with_capacity(FLUSH_AT + READ_BUF),
+            spent: std::collections::VecDeque::new(),
         }
     }
 
@@ -133,15 +140,32 @@ impl<W: Write> TarWriter<W> {
 
     fn flush_pending(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
-            let buf = std::sync::Arc::new(std::mem::replace(
-                &mut self.pending,
-                Vec::with_capacity(FLUSH_AT + READ_BUF),
-            ));
+            let next = self.spare_buffer();
+            let buf = std::sync::Arc::new(std::mem::replace(&mut self.pending, next));
             self.hasher.send(std::sync::Arc::clone(&buf));
             self.out.write_all(&buf)?;
             self.written += buf.len() as u64;
+            self.spent.push_back(buf);
         }
         Ok(())
+    }
+
+    /// An empty buffer: the oldest written one if the hasher is done with it, else a new one.
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        if let Some(oldest) = self.spent.pop_front() {
+            match std::sync::Arc::try_unwrap(oldest) {
+                Ok(mut v) => {
+                    v.clear();
+                    return v;
+                }
+                Err(still_hashing) => {
+                    if self.spent.len() < 16 {
+                        self.spent.push_front(still_hashing);
+                    }
+                }
+            }
+        }
+        Vec::with_capacity(FLUSH_AT + READ_BUF)
     }
 
     fn pad(&mut self, len: u64) -> io::Result<()> {
@@ -407,7 +431,13 @@ struct HashThread {
 }
 
 impl HashThread {
-    fn spawn() -> Self {
+    fn spawn(enabled: bool) -> Self {
+        if !enabled {
+            return HashThread {
+                tx: None,
+                handle: None,
+            };
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(8);
         let handle = std::thread::Builder::new()
             .name("ovl-sha256".into())
@@ -434,11 +464,10 @@ impl HashThread {
 
     fn finish(&mut self) -> [u8; 32] {
         drop(self.tx.take());
-        self.handle
-            .take()
-            .expect("finished once")
-            .join()
-            .expect("the hashing thread panicked")
+        match self.handle.take() {
+            Some(h) => h.join().expect("the hashing thread panicked"),
+            None => [0; 32],
+        }
     }
 }
 
@@ -801,6 +830,7 @@ mod tests {
             Vec::new(),
             TarOptions {
                 clamp_mtime: Some(1000),
+                ..Default::default()
             },
         );
         let mut e = entry(b"f", TarKind::File { size: 0 });
