@@ -119,15 +119,15 @@ pub struct Scenario {
 
 /// What a comparison with the merged view leaves out, and why:
 /// - the root entry: its metadata is the mount's (the upperdir's), not the image's;
-/// - directory mtimes: adding or removing entries (whiteouts applied by an extractor, the
-///   overlay's own copy-up) touches them;
 /// - overlay-private xattrs (never part of an image) and SELinux labels (the host's policy).
 ///
-/// Everything else (kind, mode incl. setuid, owner, size, file mtimes to the ns, content,
-/// symlink targets, device numbers, xattrs, hardlink groups) is compared.
+/// Everything else (kind, mode incl. setuid, owner, size, mtimes to the ns *including
+/// directories'*, content, symlink targets, device numbers, xattrs, hardlink groups) is
+/// compared. A tool whose result legitimately touches directory mtimes (an extractor that
+/// restores them only for directories it wrote) can set `ignore_dir_mtime` on a copy.
 pub fn compare_options() -> SnapshotOptions {
     SnapshotOptions {
-        ignore_dir_mtime: true,
+        ignore_dir_mtime: false,
         ignore_mtime: false,
         ignore_xattr_prefixes: vec![
             "trusted.overlay.".into(),
