@@ -1,5 +1,7 @@
 //! `cargo xtask <command>`: project automation (see `cargo xtask --help`).
 
+mod e2e;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -17,6 +19,9 @@ enum Cmd {
     Fetch,
     /// Benchmark the ovl tools against their baselines (tar, bsdtar, ...) on a real-sized rootfs.
     Bench(xtask::bench::BenchArgs),
+    /// Run a container's layer life end to end with the release binaries (import, mount and
+    /// change, diff and apply with umoci, squash) for every driver this machine can run.
+    E2e(e2e::E2eArgs),
 }
 
 fn main() {
@@ -24,6 +29,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Cmd::Fetch => fetch(),
         Cmd::Bench(args) => xtask::bench::run(&args),
+        Cmd::E2e(args) => e2e::run(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -16,7 +16,7 @@ use sha2::Digest;
 use crate::path::display_bytes;
 
 /// One entry of a tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// `d` dir, `f` file, `l` symlink, `c` char dev, `b` block dev, `p` fifo, `s` socket.
     pub kind: char,
@@ -165,6 +165,20 @@ fn hash_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// A snapshot as JSON, to hand one from one process to another (e.g. out of a user namespace
+/// whose merged view only exists inside it): a list of `[path bytes, entry]` pairs, since JSON
+/// object keys would have to be UTF-8. [`from_json`] reads it back.
+pub fn to_json(s: &Snapshot) -> String {
+    let pairs: Vec<(&Vec<u8>, &Entry)> = s.iter().collect();
+    serde_json::to_string(&pairs).expect("a snapshot serializes")
+}
+
+/// The inverse of [`to_json`].
+pub fn from_json(text: &[u8]) -> serde_json::Result<Snapshot> {
+    let pairs: Vec<(Vec<u8>, Entry)> = serde_json::from_slice(text)?;
+    Ok(pairs.into_iter().collect())
+}
+
 /// Every difference between two snapshots, one line each, naming the path.
 pub fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
     let mut out = Vec::new();
@@ -265,5 +279,21 @@ mod tests {
         );
         let sa = snapshot(&a, &opts).unwrap();
         assert_eq!(sa[&b"g".to_vec()].hardlink_group, Some(b"f".to_vec()));
+    }
+
+    #[test]
+    fn json_round_trips_every_field() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        std::fs::write(d.join("f"), b"x").unwrap();
+        std::fs::hard_link(d.join("f"), d.join("g")).unwrap();
+        std::os::unix::fs::symlink("t\u{e9}", d.join("l")).unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"bad-\xff-name");
+        std::fs::write(d.join(odd), b"y").unwrap();
+        let _ = xattr::set(d.join("f"), "user.e2e", b"\x00\xff");
+        let s = snapshot(d, &SnapshotOptions::default()).unwrap();
+        let back = from_json(to_json(&s).as_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert!(back.contains_key(b"bad-\xff-name".as_slice()));
     }
 }
