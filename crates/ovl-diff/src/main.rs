@@ -135,9 +135,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .try_clone()
             .context("duplicating a file handle")?;
         let (_, info, stats) = ovl_diff::diff(&opts, file).with_context(what)?;
+        // No host paths in the image's history: it leaves the machine.
         let created_by = format!(
-            "ovl-diff {}",
-            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+            "ovl-diff --compress {}",
+            cli_compress_name(opts.compression)
         );
         let appended =
             ovl_diff::oci::finish(&layout, blob, &info, &created_by, opts.tar.clamp_mtime)
@@ -219,4 +220,12 @@ fn summary(info: &LayerInfo, s: &Stats, dest: &str) -> String {
         info.size,
         info.diff_id_str(),
     )
+}
+
+fn cli_compress_name(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "none",
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+    }
 }

@@ -630,6 +630,11 @@ fn oci_layout_append() {
     let config = read(&blob(&manifest["config"]));
     assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
     assert_eq!(config["history"].as_array().unwrap().len(), 2);
+    let text = config.to_string();
+    assert!(
+        !text.contains(t.path().to_str().unwrap()),
+        "a host path in the image config: {text}"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(layout.join("blobs/sha256"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
