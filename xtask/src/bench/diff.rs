@@ -24,8 +24,9 @@ const MAX_SIZE_RATIO: f64 = 1.05;
 
 pub fn case(ctx: &Ctx) -> Case {
     let rootfs = ctx.corpus.rootfs.clone();
-    let rootfs2 = rootfs.clone();
+    let (rootfs2, rootfs3) = (rootfs.clone(), rootfs.clone());
     let ovl_diff = ctx.release_bin("ovl-diff");
+    let ovl_diff2 = ovl_diff.clone();
     Case {
         name: "diff",
         contenders: vec![
@@ -36,6 +37,21 @@ pub fn case(ctx: &Ctx) -> Case {
                 )))
             })
             .target_ratio(MAX_RATIO_TAR),
+            // `--quiet` with no digest asked for skips the sha256; this row pays for it, as
+            // `ovl-diff > layer.tar` (which prints the digest) does.
+            Contender::new("ovl-diff --json (digests)", move |run: &Path| {
+                Ok(Job::new(cmd(
+                    &ovl_diff2,
+                    &[
+                        &"--quiet",
+                        &"--json",
+                        &run.join("layer.json"),
+                        &"-o",
+                        &run.join("layer.tar"),
+                        &rootfs3,
+                    ],
+                )))
+            }),
             Contender::new("tar -cf", move |run: &Path| {
                 Ok(Job::new(cmd(
                     "tar",
