@@ -3,11 +3,13 @@
 //! The data model lives here once: what a whiteout or an opaque directory is in every form
 //! ([`whiteout`]), how names are normalised ([`path`]) and confined to a root ([`root`]), how
 //! ids are mapped for rootless use ([`idmap`], [`userns`]), and how layer tar streams are read
-//! and written ([`compress`], [`extract`]).
+//! and written ([`compress`], [`extract`]), and which directories mounted overlays use
+//! ([`mounts`]).
 
 pub mod compress;
 pub mod extract;
 pub mod idmap;
+pub mod mounts;
 pub mod path;
 pub mod pgzip;
 pub mod progress;

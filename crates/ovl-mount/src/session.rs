@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use ovl_layer::idmap::{IdMap, RootlessMaps};
+use ovl_layer::mounts;
 use ovl_layer::userns::{UsernsPlan, in_userns, reexec_self};
 use rustix::mount::MountPropagationFlags;
 
@@ -234,7 +235,7 @@ pub fn unmount(merged: &Path) -> Result<()> {
             source: e,
         },
     })?;
-    if inuse::mounted_at(&inuse::mounts(), &path).is_none() {
+    if mounts::mounted_at(&mounts::own_mounts(), &path).is_none() {
         return Err(MountError::NotMounted(path));
     }
     kernel::unmount(&path, false)
