@@ -4,16 +4,17 @@
 //! resolved from that fd with `openat2(RESOLVE_IN_ROOT)`, so a symlink (relative, absolute,
 //! chained) or a `..` can never lead out of the root, and a path is never re-resolved by name
 //! from `/` (no check-then-use race). The last component of a path is only ever touched with
-//! `*at` calls that do not follow it ([`Leaf`]).
+//! `*at` calls that do not follow it ([`Leaf`], through [`crate::fsops`]).
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timestamps};
+use rustix::fs::{Mode, OFlags, ResolveFlags, Stat, Timestamps};
 
+use crate::fsops;
 use crate::path::{LayerPath, display_bytes};
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
@@ -134,9 +135,10 @@ pub struct Leaf {
 
 impl Leaf {
     pub fn new(dir: OwnedFd, name: &[u8]) -> io::Result<Leaf> {
-        let name = CString::new(name)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
-        Ok(Leaf { dir, name })
+        Ok(Leaf {
+            dir,
+            name: fsops::cstr(name)?,
+        })
     }
 
     pub fn name_bytes(&self) -> &[u8] {
@@ -145,127 +147,46 @@ impl Leaf {
 
     /// lstat; `None` when nothing is there.
     pub fn stat(&self) -> io::Result<Option<Stat>> {
-        match rustix::fs::statat(&self.dir, self.name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some(st)),
-            Err(rustix::io::Errno::NOENT) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        fsops::stat_at(&self.dir, &self.name)
     }
 
     /// A path that reaches this name through the directory fd without following the name
     /// itself, for the calls that have no fd form (lsetxattr and friends on symlinks and
     /// devices).
     pub fn proc_path(&self) -> PathBuf {
-        let mut p = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
-        p.push(std::ffi::OsStr::from_bytes(self.name.as_bytes()));
-        p
+        fsops::proc_path(&self.dir, &self.name)
     }
 
     /// Remove whatever is at this name (a directory with everything below it).
     pub fn remove_all(&self) -> io::Result<()> {
-        match self.stat()? {
-            None => Ok(()),
-            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                remove_tree(&self.dir, self.name.as_c_str())
-            }
-            Some(_) => rustix::fs::unlinkat(&self.dir, self.name.as_c_str(), AtFlags::empty())
-                .map_err(Into::into),
-        }
+        fsops::remove_at(&self.dir, &self.name).map(drop)
     }
 
     /// Open this name as a directory for reading (`O_NOFOLLOW`).
     pub fn open_dir(&self) -> io::Result<OwnedFd> {
-        rustix::fs::openat(
-            &self.dir,
-            self.name.as_c_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(Into::into)
+        fsops::open_dir_at(&self.dir, &self.name)
     }
 
     pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
-        rustix::fs::chownat(
-            &self.dir,
-            self.name.as_c_str(),
-            Some(rustix::fs::Uid::from_raw(uid)),
-            Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(Into::into)
+        fsops::chown_at(&self.dir, &self.name, uid, gid)
     }
 
     /// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
     pub fn chmod(&self, mode: u32) -> io::Result<()> {
-        rustix::fs::chmodat(
-            &self.dir,
-            self.name.as_c_str(),
-            Mode::from_raw_mode(mode),
-            AtFlags::empty(),
-        )
-        .map_err(Into::into)
+        fsops::chmod_at(&self.dir, &self.name, mode)
     }
 
     pub fn set_times(&self, times: &Timestamps) -> io::Result<()> {
-        rustix::fs::utimensat(
-            &self.dir,
-            self.name.as_c_str(),
-            times,
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(Into::into)
+        fsops::set_times_at(&self.dir, &self.name, times)
     }
 
     pub fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
-        rustix::fs::lsetxattr(
-            self.proc_path(),
-            name,
-            value,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .map_err(Into::into)
+        crate::xattrs::set_at(&self.dir, &self.name, name, value)
     }
 
     pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
-        crate::xattrs::list_path(&self.proc_path())
+        crate::xattrs::list_at(&self.dir, &self.name)
     }
-}
-
-/// Remove directory `name` in `dir` and everything below it, without following any symlink.
-pub fn remove_tree(dir: &impl AsFd, name: &std::ffi::CStr) -> io::Result<()> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    empty_dir(&fd)?;
-    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)
-}
-
-/// Remove everything inside the directory open as `fd`.
-pub fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
-    let mut names = Vec::new();
-    for ent in rustix::fs::Dir::read_from(fd)? {
-        let ent = ent?;
-        let n = ent.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push((n.to_owned(), ent.file_type()));
-        }
-    }
-    for (n, ft) in names {
-        let is_dir = match ft {
-            FileType::Unknown => rustix::fs::statat(fd, n.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)?,
-            ft => ft == FileType::Directory,
-        };
-        if is_dir {
-            remove_tree(fd, &n)?;
-        } else {
-            rustix::fs::unlinkat(fd, n.as_c_str(), AtFlags::empty())?;
-        }
-    }
-    Ok(())
 }
 
 /// An io error that names the path it happened on.

@@ -23,16 +23,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 
+use crate::fsops::open_dir_at;
 use crate::idmap::RootlessMaps;
 use crate::path::LayerPath;
 use crate::root::Root;
 use crate::whiteout::{self, UpperEntry, UpperFacts, UpperXattr, XattrNs, key};
+use crate::xattrs::list_at;
 
 /// How to read an upper.
 #[derive(Debug, Clone, Default)]
@@ -212,7 +213,7 @@ impl Upper {
             links: HashMap::new(),
         };
         let path = LayerPath::root();
-        let fd = open_dir_at(self.root.fd(), c".").map_err(|e| self.io(&path, e))?;
+        let fd = open_dir_at(&self.root.fd(), c".").map_err(|e| self.io(&path, e))?;
         let st = rustix::fs::fstat(&fd).map_err(|e| self.io(&path, e.into()))?;
         let xattrs = crate::xattrs::list_fd(&fd).map_err(|e| self.io(&path, e))?;
         w.upper_dir(
@@ -278,14 +279,10 @@ impl Upper {
             *cache = Some((src.layer.clone(), parent, dir));
         }
         let (_, _, dir) = cache.as_ref().expect("just filled");
-        rustix::fs::openat(
-            dir,
-            name.as_c_str(),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map(std::fs::File::from)
-        .map_err(err)
+        crate::fsops::open_file_at(dir, &name).map_err(|e| UpperError::Io {
+            path: label.clone(),
+            source: e,
+        })
     }
 
     fn io(&self, p: &LayerPath, e: io::Error) -> UpperError {
@@ -791,7 +788,9 @@ fn is_sparse(st: &Stat) -> bool {
     (st.st_blocks as u64) * 512 < st.st_size as u64
 }
 
-fn special_kind(dirfd: &impl AsFd, name: &CStr, st: &Stat) -> io::Result<Kind> {
+/// The kind of the symlink, device, fifo or socket `name` in `dirfd`, lstat'ed as `st`;
+/// a directory or regular file is an error (they are not made from a kind alone).
+pub fn special_kind(dirfd: &impl AsFd, name: &CStr, st: &Stat) -> io::Result<Kind> {
     let dev = st.st_rdev;
     Ok(match FileType::from_raw_mode(st.st_mode) {
         FileType::Symlink => Kind::Symlink {
@@ -806,18 +805,14 @@ fn special_kind(dirfd: &impl AsFd, name: &CStr, st: &Stat) -> io::Result<Kind> {
             minor: rustix::fs::minor(dev),
         },
         FileType::Fifo => Kind::Fifo,
-        _ => Kind::Socket,
+        FileType::Socket => Kind::Socket,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a symlink, device, fifo or socket",
+            ));
+        }
     })
-}
-
-fn open_dir_at(dirfd: impl AsFd, name: &CStr) -> io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dirfd,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(Into::into)
 }
 
 /// Every child of an open directory with its lstat and xattrs, sorted by name.
@@ -834,7 +829,7 @@ fn read_children(fd: &OwnedFd) -> io::Result<Vec<Node>> {
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let st = rustix::fs::statat(fd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-        let xattrs = xattrs_at(fd, &name)?;
+        let xattrs = list_at(fd, &name)?;
         out.push(Node {
             name: name.into_bytes(),
             st,
@@ -842,13 +837,6 @@ fn read_children(fd: &OwnedFd) -> io::Result<Vec<Node>> {
         });
     }
     Ok(out)
-}
-
-/// The xattrs of `name` in `dirfd`, not following it.
-fn xattrs_at(dirfd: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dirfd.as_raw_fd()));
-    p.push(OsStr::from_bytes(name.to_bytes()));
-    crate::xattrs::list_path(&p)
 }
 
 /// The lower stack, top first, read with overlay semantics (whiteouts and opaque directories
@@ -878,7 +866,7 @@ enum At {
 impl Lowers {
     fn node(&self, layer: usize, p: &LayerPath) -> io::Result<Option<(OwnedFd, Node)>> {
         let Some((parent, name)) = p.split_last() else {
-            let fd = open_dir_at(self.roots[layer].fd(), c".")?;
+            let fd = open_dir_at(&self.roots[layer].fd(), c".")?;
             let st = rustix::fs::fstat(&fd)?;
             let xattrs = crate::xattrs::list_fd(&fd)?;
             return Ok(Some((
@@ -911,7 +899,7 @@ impl Lowers {
             Err(rustix::io::Errno::NOENT) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let xattrs = xattrs_at(&dir, &cname)?;
+        let xattrs = list_at(&dir, &cname)?;
         Ok(Some((
             dir,
             Node {

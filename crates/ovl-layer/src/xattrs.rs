@@ -2,13 +2,21 @@
 //!
 //! Owns the xattr I/O helpers; which xattrs mean what is decided in [`crate::whiteout`].
 
+use std::ffi::CStr;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+
+use crate::fsops::proc_path;
 
 /// Every xattr of `path` (not following a final symlink), sorted by name.
 pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     collect(xattr::list(path), |name| xattr::get(path, name))
+}
+
+/// Every xattr of NAME in DIR (not following NAME), sorted by name.
+pub fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String, Vec<u8>)>> {
+    list_path(&proc_path(dir, name))
 }
 
 /// Every xattr of an open file, sorted by name.
@@ -49,4 +57,15 @@ fn collect(
 /// Set an xattr on an open file or directory.
 pub fn set_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
     rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
+}
+
+/// Set an xattr on NAME in DIR (not following NAME).
+pub fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::Result<()> {
+    rustix::fs::lsetxattr(
+        proc_path(dir, name),
+        key,
+        value,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(Into::into)
 }

@@ -1,22 +1,24 @@
-//! File operations both squash modes share: entries created, linked, cloned or copied inside
-//! a directory fd, and metadata applied exactly.
+//! What both squash modes do to one entry: its content shared, a special file made, its
+//! metadata applied exactly.
 //!
 //! Owns how an entry's content is shared: a reflink (FICLONE) where the filesystem has it
 //! (probed once: ext4 has none), else a hardlink where the caller allows it, else a copy that
-//! keeps holes (SEEK_DATA/SEEK_HOLE). And the metadata order every tool uses: owner first
-//! (chown clears setuid bits and capabilities), then xattrs, then mode, then times last
-//! (every other change bumps them).
+//! keeps holes (SEEK_DATA/SEEK_HOLE). And the metadata order every tool uses:
+//! owner first (chown clears setuid bits and capabilities), then xattrs, then mode, then times
+//! last (every other change bumps them). The `*at` calls on one name are
+//! [`ovl_layer::fsops`]'s.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+use rustix::fs::{FileType, Mode, Stat, Timespec, Timestamps};
 
+use ovl_layer::fsops::{chmod_at, chown_at, proc_path, set_times_at};
+use ovl_layer::upper::Kind;
 use ovl_layer::whiteout::{self, UpperXattr};
 
 /// The metadata to give an entry, xattrs named as they are stored on disk (escaped).
@@ -192,133 +194,25 @@ fn copy_range_rw(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Resu
     Ok(())
 }
 
-/// `/proc/self/fd/DIR/NAME`: reaches NAME through the directory fd without following NAME,
-/// for the xattr calls that have no `*at` form.
-pub fn proc_path(dir: &impl AsRawFd, name: &CStr) -> PathBuf {
-    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    p.push(OsStr::from_bytes(name.to_bytes()));
-    p
-}
-
-pub fn cstr(name: &[u8]) -> io::Result<CString> {
-    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
-}
-
-/// lstat NAME in DIR; `None` when nothing is there.
-pub fn stat_at(dir: &impl AsFd, name: &CStr) -> io::Result<Option<Stat>> {
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(st)),
-        Err(rustix::io::Errno::NOENT) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-pub fn is_dir(st: &Stat) -> bool {
-    FileType::from_raw_mode(st.st_mode) == FileType::Directory
-}
-
-/// Open directory NAME in DIR for reading, never following a symlink.
-pub fn open_dir_at(dir: &impl AsFd, name: &CStr) -> io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(Into::into)
-}
-
-/// Remove whatever NAME is in DIR (a directory with everything below it); nothing there is fine.
-pub fn remove_at(dir: &OwnedFd, name: &CStr) -> io::Result<bool> {
-    match stat_at(dir, name)? {
-        None => Ok(false),
-        Some(st) if is_dir(&st) => ovl_layer::root::remove_tree(dir, name).map(|()| true),
-        Some(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
-            .map(|()| true)
-            .map_err(Into::into),
-    }
-}
-
-/// Create the empty regular file NAME in DIR (it must not exist).
-pub fn create_file(dir: &impl AsFd, name: &CStr) -> io::Result<File> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map(File::from)
-    .map_err(Into::into)
-}
-
-/// Open regular file NAME in DIR for reading.
-pub fn open_file_at(dir: &impl AsFd, name: &CStr) -> io::Result<File> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map(File::from)
-    .map_err(Into::into)
-}
-
-/// A hardlink: `from_dir/from` is also `to_dir/to` (a symlink itself is linked, not followed).
-pub fn link_at(from_dir: &impl AsFd, from: &CStr, to_dir: &impl AsFd, to: &CStr) -> io::Result<()> {
-    rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()).map_err(Into::into)
-}
-
-/// What kind of entry to make with [`make_special`].
-#[derive(Debug, Clone)]
-pub enum Special {
-    Symlink(Vec<u8>),
-    Char(u64),
-    Block(u64),
-    Fifo,
-    Socket,
-}
-
-impl Special {
-    /// The special kind of an upper-reader entry; `None` for files, dirs and hardlinks.
-    pub fn of(kind: &ovl_layer::upper::Kind) -> Option<Special> {
-        use ovl_layer::upper::Kind;
-        Some(match kind {
-            Kind::Symlink { target } => Special::Symlink(target.clone()),
-            Kind::CharDevice { major, minor } => Special::Char(rustix::fs::makedev(*major, *minor)),
-            Kind::BlockDevice { major, minor } => {
-                Special::Block(rustix::fs::makedev(*major, *minor))
-            }
-            Kind::Fifo => Special::Fifo,
-            Kind::Socket => Special::Socket,
-            _ => return None,
-        })
-    }
-
-    /// The special kind of an on-disk entry.
-    pub fn from_disk(dir: &impl AsFd, name: &CStr, st: &Stat) -> io::Result<Option<Special>> {
-        Ok(Some(match FileType::from_raw_mode(st.st_mode) {
-            FileType::Symlink => {
-                Special::Symlink(rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes())
-            }
-            FileType::CharacterDevice => Special::Char(st.st_rdev),
-            FileType::BlockDevice => Special::Block(st.st_rdev),
-            FileType::Fifo => Special::Fifo,
-            FileType::Socket => Special::Socket,
-            _ => return Ok(None),
-        }))
-    }
-}
-
-/// Make a symlink, device, fifo or socket NAME in DIR (metadata comes after, by name).
-pub fn make_special(dir: &impl AsFd, name: &CStr, kind: &Special) -> io::Result<()> {
+/// Make the symlink, device, fifo or socket `kind` as NAME in DIR (metadata comes after, by
+/// name).
+pub fn make_special(dir: &impl AsFd, name: &CStr, kind: &Kind) -> io::Result<()> {
     let (ft, dev) = match kind {
-        Special::Symlink(target) => {
+        Kind::Symlink { target } => {
             return rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name).map_err(Into::into);
         }
-        Special::Char(d) => (FileType::CharacterDevice, *d),
-        Special::Block(d) => (FileType::BlockDevice, *d),
-        Special::Fifo => (FileType::Fifo, 0),
-        Special::Socket => (FileType::Socket, 0),
+        Kind::CharDevice { major, minor } => (
+            FileType::CharacterDevice,
+            rustix::fs::makedev(*major, *minor),
+        ),
+        Kind::BlockDevice { major, minor } => {
+            (FileType::BlockDevice, rustix::fs::makedev(*major, *minor))
+        }
+        Kind::Fifo => (FileType::Fifo, 0),
+        Kind::Socket => (FileType::Socket, 0),
+        Kind::Dir { .. } | Kind::File { .. } | Kind::Hardlink { .. } => {
+            unreachable!("not a file, dir or hardlink")
+        }
     };
     rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev).map_err(Into::into)
 }
@@ -337,16 +231,10 @@ fn times(m: &DiskMeta) -> Timestamps {
 /// Give NAME in DIR exactly `meta`: owner, xattrs (public ones not in `meta` removed, private
 /// ones left alone), mode (not for symlinks: Linux has no lchmod), times.
 pub fn apply_meta(dir: &OwnedFd, name: &CStr, meta: &DiskMeta) -> io::Result<()> {
-    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
     let symlink = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
     if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {
-        rustix::fs::chownat(
-            dir,
-            name,
-            Some(rustix::fs::Uid::from_raw(meta.uid)),
-            Some(rustix::fs::Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        chown_at(dir, name, meta.uid, meta.gid)?;
     }
     let path = proc_path(dir, name);
     let have = ovl_layer::xattrs::list_path(&path)?;
@@ -361,10 +249,9 @@ pub fn apply_meta(dir: &OwnedFd, name: &CStr, meta: &DiskMeta) -> io::Result<()>
         }
     }
     if !symlink {
-        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())?;
+        chmod_at(dir, name, meta.mode)?;
     }
-    rustix::fs::utimensat(dir, name, &times(meta), AtFlags::SYMLINK_NOFOLLOW)?;
-    Ok(())
+    set_times_at(dir, name, &times(meta))
 }
 
 /// [`apply_meta`] on an open directory or file (the root of a tree has no name in a parent
@@ -386,7 +273,7 @@ pub fn apply_meta_fd(fd: &OwnedFd, meta: &DiskMeta) -> io::Result<()> {
     }
     for (n, v) in &meta.xattrs {
         if !have.iter().any(|(h, hv)| h == n && hv == v) {
-            rustix::fs::fsetxattr(fd, n.as_str(), v, rustix::fs::XattrFlags::empty())?;
+            ovl_layer::xattrs::set_fd(fd, n, v)?;
         }
     }
     rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;

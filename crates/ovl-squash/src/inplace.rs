@@ -56,15 +56,18 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, RenameFlags};
 
+use ovl_layer::fsops::{
+    create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, proc_path, remove_at, stat_at,
+};
 use ovl_layer::path::LayerPath;
 use ovl_layer::root::Root;
-use ovl_layer::upper::{Change, Entry, Kind, Layer, Upper, UpperOptions};
+use ovl_layer::upper::{Change, Entry, Kind, Layer, Upper, UpperOptions, special_kind};
 use ovl_layer::whiteout::{self, XattrNs};
 
 use crate::Summary;
 use crate::crash;
 use crate::error::{SquashError, io_at};
-use crate::fsops::{self, DiskMeta, Sharing, Special, cstr};
+use crate::fsops::{self, DiskMeta, Sharing};
 
 /// `.NAME.ovl-squash-SUFFIX` beside `dir`: its parent, and the sibling's name.
 fn sibling(dir: &Path, suffix: &str) -> Result<(PathBuf, CString), SquashError> {
@@ -120,8 +123,8 @@ pub fn squash_in_place(
     let (swap_parent, swap_name) = sibling(upper, "swap")?;
     let work_parent = open_path_dir(&work_parent)?;
     let swap_parent_fd = open_path_dir(&swap_parent)?;
-    fsops::remove_at(&work_parent, &work_name).map_err(io_at(lower.display()))?;
-    fsops::remove_at(&swap_parent_fd, &swap_name).map_err(io_at(upper.display()))?;
+    remove_at(&work_parent, &work_name).map_err(io_at(lower.display()))?;
+    remove_at(&swap_parent_fd, &swap_name).map_err(io_at(upper.display()))?;
 
     let mut ip = InPlace {
         lower: Root::open(lower).map_err(io_at(lower.display()))?,
@@ -148,7 +151,7 @@ pub fn squash_in_place(
     rustix::fs::syncfs(&lower_fd).map_err(|e| io_at(lower.display())(e.into()))?;
     // 4.
     ip.empty_upper(upper, &swap_parent_fd, &swap_name)?;
-    fsops::remove_at(&ip.work_parent, &ip.work_name).map_err(io_at(lower.display()))?;
+    remove_at(&ip.work_parent, &ip.work_name).map_err(io_at(lower.display()))?;
     Ok(())
 }
 
@@ -191,7 +194,7 @@ impl InPlace<'_> {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(io_at("the work directory beside the lower")(e.into())),
             }
-            let fd = fsops::open_dir_at(&self.work_parent, &self.work_name)
+            let fd = open_dir_at(&self.work_parent, &self.work_name)
                 .map_err(io_at("the work directory beside the lower"))?;
             self.work = Some(fd);
         }
@@ -305,10 +308,10 @@ impl InPlace<'_> {
                 )
             } else {
                 let (parent, n) = rel.split_last().expect("not the root");
-                let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
+                let mut fd = open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
                 for comp in parent.components() {
-                    fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?)
-                        .map_err(io_at(&rel))?;
+                    fd =
+                        open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?).map_err(io_at(&rel))?;
                 }
                 (fd, cstr(n).map_err(io_at(&rel))?)
             };
@@ -328,21 +331,20 @@ impl InPlace<'_> {
                     if t.starts_with(&target) {
                         let trel = relative(t, &target);
                         let (tp, tn) = trel.split_last().expect("a file, not the root");
-                        let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at(&at))?;
+                        let mut fd = open_dir_at(&work, &tmp).map_err(io_at(&at))?;
                         for comp in tp.components() {
-                            fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&at))?)
+                            fd = open_dir_at(&fd, &cstr(comp).map_err(io_at(&at))?)
                                 .map_err(io_at(&at))?;
                         }
-                        fsops::link_at(&fd, &cstr(tn).map_err(io_at(&at))?, &dir, &name)
+                        link_at(&fd, &cstr(tn).map_err(io_at(&at))?, &dir, &name)
                             .map_err(io_at(&at))?;
                     } else {
                         let l = self.upper.leaf(t, false).map_err(io_at(&at))?;
-                        fsops::link_at(&l.dir, &l.name, &dir, &name).map_err(io_at(&at))?;
+                        link_at(&l.dir, &l.name, &dir, &name).map_err(io_at(&at))?;
                     }
                 }
                 kind => {
-                    let sp = Special::of(kind).expect("not a file, dir or hardlink");
-                    fsops::make_special(&dir, &name, &sp)
+                    fsops::make_special(&dir, &name, kind)
                         .and_then(|()| {
                             fsops::apply_meta(&dir, &name, &DiskMeta::from_layer(&e.meta))
                         })
@@ -360,10 +362,10 @@ impl InPlace<'_> {
                 )
             } else {
                 let (parent, n) = rel.split_last().expect("not the root");
-                let mut fd = fsops::open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
+                let mut fd = open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
                 for comp in parent.components() {
-                    fd = fsops::open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?)
-                        .map_err(io_at(&rel))?;
+                    fd =
+                        open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?).map_err(io_at(&rel))?;
                 }
                 (fd, cstr(n).map_err(io_at(&rel))?)
             };
@@ -372,7 +374,7 @@ impl InPlace<'_> {
         crash::step();
         // Into place: the redirected upper entry does not look at its own lower path.
         let (ldir, lname) = self.lower_parent(&target)?;
-        if fsops::remove_at(&ldir, &lname).map_err(io_at(self.lower_at(&target)))? {
+        if remove_at(&ldir, &lname).map_err(io_at(self.lower_at(&target)))? {
             crash::step();
         }
         rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
@@ -383,7 +385,7 @@ impl InPlace<'_> {
             .upper
             .leaf(&target, false)
             .map_err(io_at(self.up.display(&target)))?;
-        let path = fsops::proc_path(&u.dir, &u.name);
+        let path = proc_path(&u.dir, &u.name);
         for ns in XattrNs::ALL {
             match rustix::fs::lremovexattr(&path, ns.name(whiteout::key::REDIRECT).as_str()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
@@ -418,8 +420,8 @@ impl InPlace<'_> {
                     .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
                 let have = l.xattrs()?;
                 if DiskMeta::from_disk(&st, &have) != meta {
-                    let from = fsops::open_file_at(&l.dir, &l.name)?;
-                    let to = fsops::create_file(dir, name)?;
+                    let from = open_file_at(&l.dir, &l.name)?;
+                    let to = create_file_at(dir, name)?;
                     self.sharing.fill(&from, &to)?;
                     drop(to);
                     return fsops::apply_meta(dir, name, &meta);
@@ -427,14 +429,14 @@ impl InPlace<'_> {
                 l
             }
         };
-        match fsops::link_at(&leaf.dir, &leaf.name, dir, name) {
+        match link_at(&leaf.dir, &leaf.name, dir, name) {
             Ok(()) => {
                 self.sum.moved += 1;
                 Ok(())
             }
             Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
-                let from = fsops::open_file_at(&leaf.dir, &leaf.name)?;
-                let to = fsops::create_file(dir, name)?;
+                let from = open_file_at(&leaf.dir, &leaf.name)?;
+                let to = create_file_at(dir, name)?;
                 self.sharing.fill(&from, &to)?;
                 drop(to);
                 fsops::apply_meta(dir, name, &meta)
@@ -447,18 +449,17 @@ impl InPlace<'_> {
     /// such step is under an upper directory that covers it) and `p`'s name.
     fn lower_parent(&mut self, p: &LayerPath) -> Result<(OwnedFd, CString), SquashError> {
         let (parent, name) = p.split_last().expect("not the root");
-        let mut cur =
-            fsops::open_dir_at(&self.lower.fd(), c".").map_err(io_at(self.lower_at(p)))?;
+        let mut cur = open_dir_at(&self.lower.fd(), c".").map_err(io_at(self.lower_at(p)))?;
         let mut prefix = LayerPath::root();
         for comp in parent.components() {
             prefix = prefix.join(comp);
             let at = self.lower_at(&prefix);
             let c = cstr(comp).map_err(io_at(&at))?;
-            match fsops::stat_at(&cur, &c).map_err(io_at(&at))? {
-                Some(st) if fsops::is_dir(&st) => {}
+            match stat_at(&cur, &c).map_err(io_at(&at))? {
+                Some(st) if is_dir(&st) => {}
                 other => {
                     if other.is_some() {
-                        fsops::remove_at(&cur, &c).map_err(io_at(&at))?;
+                        remove_at(&cur, &c).map_err(io_at(&at))?;
                         crash::step();
                     }
                     rustix::fs::mkdirat(&cur, c.as_c_str(), Mode::from_raw_mode(0o755))
@@ -466,7 +467,7 @@ impl InPlace<'_> {
                     crash::step();
                 }
             }
-            cur = fsops::open_dir_at(&cur, &c).map_err(io_at(&at))?;
+            cur = open_dir_at(&cur, &c).map_err(io_at(&at))?;
         }
         Ok((cur, cstr(name).map_err(io_at(self.lower_at(p)))?))
     }
@@ -517,7 +518,7 @@ impl InPlace<'_> {
     fn dir_meta(&mut self, p: &LayerPath, meta: &DiskMeta) -> Result<(), SquashError> {
         let at = self.lower_at(p);
         if p.is_root() {
-            let fd = fsops::open_dir_at(&self.lower.fd(), c".").map_err(io_at(&at))?;
+            let fd = open_dir_at(&self.lower.fd(), c".").map_err(io_at(&at))?;
             fsops::apply_meta_fd(&fd, meta).map_err(io_at(&at))?;
         } else {
             let leaf = self.lower.leaf(p, false).map_err(io_at(&at))?;
@@ -539,11 +540,11 @@ impl InPlace<'_> {
         }
         let at = self.lower_at(&e.path);
         let (ldir, lname) = self.lower_parent(&e.path)?;
-        let existing = fsops::stat_at(&ldir, &lname).map_err(io_at(&at))?;
+        let existing = stat_at(&ldir, &lname).map_err(io_at(&at))?;
         match &e.kind {
             Kind::Dir { opaque } => {
                 let keep = match &existing {
-                    Some(st) => fsops::is_dir(st) && !opaque,
+                    Some(st) => is_dir(st) && !opaque,
                     None => false,
                 };
                 if *opaque {
@@ -551,7 +552,7 @@ impl InPlace<'_> {
                 }
                 if !keep {
                     if existing.is_some() {
-                        fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                        remove_at(&ldir, &lname).map_err(io_at(&at))?;
                         crash::step();
                     }
                     rustix::fs::mkdirat(&ldir, lname.as_c_str(), Mode::from_raw_mode(0o700))
@@ -578,8 +579,8 @@ impl InPlace<'_> {
                     // Other names share the inode: give this name its own copy.
                     let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
                     let tmp = self.next_work_name();
-                    let from = fsops::open_file_at(&ldir, &lname).map_err(io_at(&at))?;
-                    let to = fsops::create_file(&work, &tmp).map_err(io_at(&at))?;
+                    let from = open_file_at(&ldir, &lname).map_err(io_at(&at))?;
+                    let to = create_file_at(&work, &tmp).map_err(io_at(&at))?;
                     self.sharing.fill(&from, &to).map_err(io_at(&at))?;
                     drop(to);
                     fsops::apply_meta(&work, &tmp, &meta).map_err(io_at(&at))?;
@@ -594,10 +595,10 @@ impl InPlace<'_> {
                 let same = matches!((&existing, &tst), (Some(a), Some(b)) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino));
                 if !same {
                     if existing.is_some() {
-                        fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                        remove_at(&ldir, &lname).map_err(io_at(&at))?;
                         crash::step();
                     }
-                    fsops::link_at(&t.dir, &t.name, &ldir, &lname).map_err(io_at(&at))?;
+                    link_at(&t.dir, &t.name, &ldir, &lname).map_err(io_at(&at))?;
                     crash::step();
                 }
             }
@@ -616,10 +617,10 @@ impl InPlace<'_> {
                     return Ok(());
                 }
                 if existing.is_some() {
-                    fsops::remove_at(&ldir, &lname).map_err(io_at(&at))?;
+                    remove_at(&ldir, &lname).map_err(io_at(&at))?;
                     crash::step();
                 }
-                match fsops::link_at(&u.dir, &u.name, &ldir, &lname) {
+                match link_at(&u.dir, &u.name, &ldir, &lname) {
                     Ok(()) => self.sum.moved += 1,
                     Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
                         // Another filesystem: a copy, made aside and renamed in whole.
@@ -627,14 +628,12 @@ impl InPlace<'_> {
                         let tmp = self.next_work_name();
                         let st = ust.expect("the upper entry is there");
                         if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
-                            let from = fsops::open_file_at(&u.dir, &u.name).map_err(io_at(&at))?;
-                            let to = fsops::create_file(&work, &tmp).map_err(io_at(&at))?;
+                            let from = open_file_at(&u.dir, &u.name).map_err(io_at(&at))?;
+                            let to = create_file_at(&work, &tmp).map_err(io_at(&at))?;
                             self.sharing.fill(&from, &to).map_err(io_at(&at))?;
                         } else {
-                            let sp = Special::from_disk(&u.dir, &u.name, &st)
-                                .map_err(io_at(&at))?
-                                .expect("not a dir");
-                            fsops::make_special(&work, &tmp, &sp).map_err(io_at(&at))?;
+                            let kind = special_kind(&u.dir, &u.name, &st).map_err(io_at(&at))?;
+                            fsops::make_special(&work, &tmp, &kind).map_err(io_at(&at))?;
                         }
                         fsops::apply_meta(&work, &tmp, &meta).map_err(io_at(&at))?;
                         rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
@@ -680,12 +679,12 @@ impl InPlace<'_> {
                 crash::step();
                 let _ = rustix::fs::fsync(parent);
                 // The old upper, now garbage.
-                fsops::remove_at(parent, swap).map_err(io_at(&at))?;
+                remove_at(parent, swap).map_err(io_at(&at))?;
                 crash::step();
                 Ok(())
             }
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::XDEV | rustix::io::Errno::BUSY) => {
-                fsops::remove_at(parent, swap).map_err(io_at(&at))?;
+                remove_at(parent, swap).map_err(io_at(&at))?;
                 // No exchange here: entry by entry, the root's times put back after each.
                 let times = rustix::fs::Timestamps {
                     last_access: rustix::fs::Timespec {
@@ -698,7 +697,7 @@ impl InPlace<'_> {
                     },
                 };
                 for n in names(&ufd).map_err(io_at(&at))? {
-                    fsops::remove_at(&ufd, &n).map_err(io_at(&at))?;
+                    remove_at(&ufd, &n).map_err(io_at(&at))?;
                     rustix::fs::futimens(&ufd, &times).map_err(|e| io_at(&at)(e.into()))?;
                     crash::step();
                 }

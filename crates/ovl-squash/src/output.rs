@@ -18,15 +18,16 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode};
 
+use ovl_layer::fsops::{create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at};
 use ovl_layer::path::LayerPath;
 use ovl_layer::root::Root;
 use ovl_layer::staging::Staging;
-use ovl_layer::upper::{Change, Kind, Layer, LowerStack, Upper, UpperOptions};
+use ovl_layer::upper::{Change, Kind, Layer, LowerStack, Upper, UpperOptions, special_kind};
 
 use crate::Summary;
 use crate::crash;
 use crate::error::{SquashError, io_at};
-use crate::fsops::{self, DiskMeta, Sharing, Special, cstr};
+use crate::fsops::{self, DiskMeta, Sharing};
 
 /// The tool name in the staging sibling's name.
 pub const TOOL: &str = "ovl-squash";
@@ -73,7 +74,7 @@ pub fn squash_to(
         links: HashMap::new(),
         sum,
     };
-    let root_fd = fsops::open_dir_at(&out_root.fd(), c".").map_err(io_at(staging.tmp.display()))?;
+    let root_fd = open_dir_at(&out_root.fd(), c".").map_err(io_at(staging.tmp.display()))?;
     if let Some(top) = stack
         .dir(&LayerPath::root())
         .map_err(io_at(lowers[0].display()))?
@@ -135,7 +136,7 @@ impl Builder<'_> {
                 rustix::fs::mkdirat(out, name.as_c_str(), Mode::from_raw_mode(0o700))
                     .map_err(|e| io_at(self.out_root.display(&cp))(e.into()))?;
                 crash::step();
-                let cfd = fsops::open_dir_at(out, &name).map_err(io_at(&at))?;
+                let cfd = open_dir_at(out, &name).map_err(io_at(&at))?;
                 self.lower_dir(&cp, &cfd, prune)?;
                 fsops::apply_meta(out, &name, &meta).map_err(io_at(self.out_root.display(&cp)))?;
                 crash::step();
@@ -145,7 +146,7 @@ impl Builder<'_> {
             if ent.st.st_nlink > 1 {
                 if let Some(first) = self.links.get(&key) {
                     let t = self.out_root.leaf(first, false).map_err(io_at(&at))?;
-                    fsops::link_at(&t.dir, &t.name, out, &name)
+                    link_at(&t.dir, &t.name, out, &name)
                         .map_err(io_at(self.out_root.display(&cp)))?;
                     crash::step();
                     continue;
@@ -158,9 +159,7 @@ impl Builder<'_> {
                 self.share_file(&src.dir, &src.name, clean, out, &name, &meta)
                     .map_err(io_at(self.out_root.display(&cp)))?;
             } else {
-                let kind = Special::from_disk(&src.dir, &src.name, &ent.st)
-                    .map_err(io_at(&at))?
-                    .expect("not a file or dir");
+                let kind = special_kind(&src.dir, &src.name, &ent.st).map_err(io_at(&at))?;
                 fsops::make_special(out, &name, &kind)
                     .and_then(|()| fsops::apply_meta(out, &name, &meta))
                     .map_err(io_at(self.out_root.display(&cp)))?;
@@ -182,7 +181,7 @@ impl Builder<'_> {
         meta: &DiskMeta,
     ) -> std::io::Result<()> {
         if self.sharing.link && linkable {
-            match fsops::link_at(src_dir, src, out, name) {
+            match link_at(src_dir, src, out, name) {
                 Ok(()) => {
                     self.sharing
                         .linked
@@ -194,8 +193,8 @@ impl Builder<'_> {
                 Err(e) => return Err(e),
             }
         }
-        let from = fsops::open_file_at(src_dir, src)?;
-        let to = fsops::create_file(out, name)?;
+        let from = open_file_at(src_dir, src)?;
+        let to = create_file_at(out, name)?;
         self.sharing.fill(&from, &to)?;
         drop(to);
         fsops::apply_meta(out, name, meta)
@@ -232,7 +231,7 @@ impl Builder<'_> {
             if opaque {
                 self.sum.opaque_dirs += 1;
             }
-            let keep = existing.as_ref().is_some_and(fsops::is_dir) && !opaque;
+            let keep = existing.as_ref().is_some_and(is_dir) && !opaque;
             if !keep {
                 leaf.remove_all().map_err(io_at(&at))?;
                 rustix::fs::mkdirat(&leaf.dir, leaf.name.as_c_str(), Mode::from_raw_mode(0o700))
@@ -279,7 +278,7 @@ impl Builder<'_> {
                     // change the new lower too.
                     None => {
                         let from = self.up.open_source(source)?;
-                        let to = fsops::create_file(&leaf.dir, &leaf.name).map_err(io_at(&at))?;
+                        let to = create_file_at(&leaf.dir, &leaf.name).map_err(io_at(&at))?;
                         self.sharing.fill(&from, &to).map_err(io_at(&at))?;
                         drop(to);
                         fsops::apply_meta(&leaf.dir, &leaf.name, &meta).map_err(io_at(&at))?;
@@ -288,11 +287,10 @@ impl Builder<'_> {
             }
             Kind::Hardlink { target } => {
                 let t = self.out_root.leaf(target, false).map_err(io_at(&at))?;
-                fsops::link_at(&t.dir, &t.name, &leaf.dir, &leaf.name).map_err(io_at(&at))?;
+                link_at(&t.dir, &t.name, &leaf.dir, &leaf.name).map_err(io_at(&at))?;
             }
             kind => {
-                let special = Special::of(kind).expect("not a file, dir or hardlink");
-                fsops::make_special(&leaf.dir, &leaf.name, &special)
+                fsops::make_special(&leaf.dir, &leaf.name, kind)
                     .and_then(|()| fsops::apply_meta(&leaf.dir, &leaf.name, &meta))
                     .map_err(io_at(&at))?;
             }
