@@ -177,7 +177,7 @@ fn entry<W: Write>(
             t.kind = TarKind::File { size };
             let mut f = upper.open_source(source)?;
             let chunks = if *sparse && size > 0 {
-                ovl_layer::tarout::data_chunks(&f, size).map_err(err)?
+                ovl_layer::copy::data_chunks(&f, size).map_err(err)?
             } else {
                 None
             };

@@ -480,34 +480,6 @@ impl Drop for HashThread {
     }
 }
 
-/// The data chunks of an open file, found with SEEK_DATA/SEEK_HOLE: `None` when it has no
-/// holes (or the filesystem cannot tell).
-pub fn data_chunks(file: &std::fs::File, size: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
-    use rustix::fs::SeekFrom;
-    let mut chunks = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if start >= size {
-            break;
-        }
-        let end = rustix::fs::seek(file, SeekFrom::Hole(start))
-            .map_err(io::Error::from)?
-            .min(size);
-        chunks.push((start, end - start));
-        pos = end;
-    }
-    if chunks.len() == 1 && chunks[0] == (0, size) {
-        return Ok(None);
-    }
-    Ok(Some(chunks))
-}
-
 /// The GNU sparse 1.0 map: the count, then offset and length per chunk, one decimal number a
 /// line, padded to a block. A file that ends in a hole gets a last empty chunk at its size, as
 /// GNU tar writes it.
@@ -793,7 +765,7 @@ mod tests {
         drop(f);
         let f = std::fs::File::open(&p).unwrap();
         let size = 4 << 20;
-        let Some(chunks) = data_chunks(&f, size).unwrap() else {
+        let Some(chunks) = crate::copy::data_chunks(&f, size).unwrap() else {
             eprintln!("SKIPPED: this filesystem reports no holes");
             return;
         };

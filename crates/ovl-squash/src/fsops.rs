@@ -1,9 +1,8 @@
 //! What both squash modes do to one entry: its content shared, a special file made, its
 //! metadata applied exactly.
 //!
-//! Owns how an entry's content is shared: a reflink (FICLONE) where the filesystem has it
-//! (probed once: ext4 has none), else a hardlink where the caller allows it, else a copy that
-//! keeps holes (SEEK_DATA/SEEK_HOLE). And the metadata order every tool uses:
+//! Owns the sharing policy: a reflink or a copy that keeps holes ([`ovl_layer::copy`]), or a
+//! hardlink where the caller allows it, each counted. And the metadata order every tool uses:
 //! owner first (chown clears setuid bits and capabilities), then xattrs, then mode, then times
 //! last (every other change bumps them). The `*at` calls on one name are
 //! [`ovl_layer::fsops`]'s.
@@ -13,10 +12,11 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FileType, Mode, Stat, Timespec, Timestamps};
 
+use ovl_layer::copy::{Filled, Filler};
 use ovl_layer::fsops::{chmod_at, chown_at, proc_path, set_times_at};
 use ovl_layer::upper::Kind;
 use ovl_layer::whiteout::{self, UpperXattr};
@@ -75,7 +75,7 @@ pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
 pub struct Sharing {
     /// Hardlink lower files that are unchanged (`--link`).
     pub link: bool,
-    reflink_works: AtomicBool,
+    filler: Filler,
     pub reflinked: AtomicU64,
     pub linked: AtomicU64,
     pub copied: AtomicU64,
@@ -86,7 +86,7 @@ impl Sharing {
     pub fn new(link: bool) -> Sharing {
         Sharing {
             link,
-            reflink_works: AtomicBool::new(true),
+            filler: Filler::default(),
             reflinked: AtomicU64::new(0),
             linked: AtomicU64::new(0),
             copied: AtomicU64::new(0),
@@ -97,101 +97,17 @@ impl Sharing {
     /// Fill the new, empty file `dst` with the content of `src`: a reflink when the filesystem
     /// has them, else a copy that keeps holes.
     pub fn fill(&self, src: &File, dst: &File) -> io::Result<()> {
-        if self.reflink_works.load(Ordering::Relaxed) {
-            match rustix::fs::ioctl_ficlone(dst, src) {
-                Ok(()) => {
-                    self.reflinked.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                // No reflinks here (ext4), or not across these two filesystems: copy from now on.
-                Err(
-                    rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::XDEV
-                    | rustix::io::Errno::INVAL
-                    | rustix::io::Errno::NOTTY
-                    | rustix::io::Errno::PERM,
-                ) => self.reflink_works.store(false, Ordering::Relaxed),
-                Err(e) => return Err(e.into()),
+        match self.filler.fill(src, dst)? {
+            Filled::Reflinked => {
+                self.reflinked.fetch_add(1, Ordering::Relaxed);
+            }
+            Filled::Copied(n) => {
+                self.copied.fetch_add(1, Ordering::Relaxed);
+                self.bytes_copied.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let n = copy_sparse(src, dst)?;
-        self.copied.fetch_add(1, Ordering::Relaxed);
-        self.bytes_copied.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// Copy `src` into the empty `dst`, data segments only, so holes stay holes. Returns the bytes
-/// of data copied.
-pub fn copy_sparse(src: &File, dst: &File) -> io::Result<u64> {
-    let size = rustix::fs::fstat(src)?.st_size as u64;
-    let mut off = 0u64;
-    let mut copied = 0u64;
-    while off < size {
-        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(off)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break, // only a hole is left
-            Err(e) => return Err(e.into()),
-        };
-        let hole = match rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)) {
-            Ok(h) => h.min(size),
-            Err(e) => return Err(e.into()),
-        };
-        copy_range(src, dst, data, hole - data)?;
-        copied += hole - data;
-        off = hole;
-    }
-    dst.set_len(size)?;
-    Ok(copied)
-}
-
-fn copy_range(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let mut o_in = off;
-        let mut o_out = off;
-        match rustix::fs::copy_file_range(
-            src,
-            Some(&mut o_in),
-            dst,
-            Some(&mut o_out),
-            len.min(1 << 30) as usize,
-        ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file shrank while copying",
-                ));
-            }
-            Ok(n) => {
-                off += n as u64;
-                len -= n as u64;
-            }
-            Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-                return copy_range_rw(src, dst, off, len);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-fn copy_range_rw(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 256 * 1024];
-    while len > 0 {
-        let want = buf.len().min(len as usize);
-        let n = src.read_at(&mut buf[..want], off)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while copying",
-            ));
-        }
-        dst.write_all_at(&buf[..n], off)?;
-        off += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
 }
 
 /// Make the symlink, device, fifo or socket `kind` as NAME in DIR (metadata comes after, by
