@@ -147,19 +147,26 @@ impl Filler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::io::{Seek, SeekFrom, Write};
+    use std::path::{Path, PathBuf};
 
-    #[test]
-    fn a_copy_keeps_data_and_holes() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("sparse");
+    /// `dir/sparse`: 4 MiB, of which only 6 bytes at 1 MiB are data (the rest is holes where the
+    /// filesystem has them).
+    pub(crate) fn sparse_file(dir: &Path) -> PathBuf {
+        use std::io::{Seek, SeekFrom, Write};
+        let p = dir.join("sparse");
         let mut f = File::create(&p).unwrap();
         f.seek(SeekFrom::Start(1 << 20)).unwrap();
         f.write_all(b"middle").unwrap();
         f.set_len(4 << 20).unwrap();
-        drop(f);
+        p
+    }
+
+    #[test]
+    fn a_copy_keeps_data_and_holes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = sparse_file(t.path());
         let src = File::open(&p).unwrap();
         let dst = File::create(t.path().join("copy")).unwrap();
         let n = copy_sparse(&src, &dst).unwrap();

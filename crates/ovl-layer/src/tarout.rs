@@ -755,14 +755,8 @@ mod tests {
 
     #[test]
     fn sparse_files_round_trip_through_the_extractor() {
-        use std::io::{Seek, SeekFrom};
         let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("sparse");
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.seek(SeekFrom::Start(1 << 20)).unwrap();
-        f.write_all(b"middle").unwrap();
-        f.set_len(4 << 20).unwrap();
-        drop(f);
+        let p = crate::copy::tests::sparse_file(t.path());
         let f = std::fs::File::open(&p).unwrap();
         let size = 4 << 20;
         let Some(chunks) = crate::copy::data_chunks(&f, size).unwrap() else {
