@@ -15,6 +15,14 @@ use std::process::Command;
 use ovl_layer::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
 use ovl_tests::*;
 
+/// The tests here run one at a time: a namespace another test makes (rootless ovl-mount,
+/// unshare) copies every mount of the moment, so a test's short-lived overlay mount could live
+/// on there and make a parallel squash rightly refuse a "mounted" dir.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn sh(script: &str, dir: &Path) {
     run_ok(
         Command::new("/bin/sh")
@@ -251,6 +259,7 @@ fn assert_result(what: &str, result: &Path, s: &Scenario) {
 
 #[test]
 fn output_is_the_merged_view_and_leaves_the_layers_alone() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -308,6 +317,7 @@ fn output_is_the_merged_view_and_leaves_the_layers_alone() {
 
 #[test]
 fn in_place_makes_the_lower_the_merged_view_and_empties_the_upper() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -341,6 +351,7 @@ fn in_place_makes_the_lower_the_merged_view_and_empties_the_upper() {
 
 #[test]
 fn several_lowers_flatten_into_one() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -366,6 +377,7 @@ fn several_lowers_flatten_into_one() {
 
 #[test]
 fn fuse_overlayfs_and_userxattr_uppers() {
+    let _serial = serial();
     if !root_ok() || !require("fuse-overlayfs", which("fuse-overlayfs").is_some()) {
         return;
     }
@@ -419,6 +431,7 @@ fn fuse_overlayfs_and_userxattr_uppers() {
 
 #[test]
 fn redirect_dir_and_metacopy_uppers_use_the_lowers() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -483,6 +496,7 @@ fn killed(out: &std::process::Output) -> bool {
 
 #[test]
 fn in_place_survives_a_kill_after_every_step() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -527,6 +541,7 @@ fn in_place_survives_a_kill_after_every_step() {
 
 #[test]
 fn in_place_survives_sigkill_at_random_times() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -561,6 +576,7 @@ fn in_place_survives_sigkill_at_random_times() {
 
 #[test]
 fn output_never_leaves_a_partial_newdir() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -611,6 +627,7 @@ fn output_never_leaves_a_partial_newdir() {
 
 #[test]
 fn refuses_dirs_of_a_mounted_overlay_in_any_namespace() {
+    let _serial = serial();
     if !root_ok() {
         return;
     }
@@ -677,6 +694,7 @@ fn refuses_dirs_of_a_mounted_overlay_in_any_namespace() {
 
 #[test]
 fn rootless_in_place_on_what_import_and_mount_made() {
+    let _serial = serial();
     if !root_ok() || !require("newuidmap (package uidmap)", which("newuidmap").is_some()) {
         return;
     }
