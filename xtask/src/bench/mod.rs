@@ -14,6 +14,7 @@ mod corpus;
 mod diff;
 mod generate;
 mod import;
+mod mount;
 pub mod runner;
 mod squash;
 
@@ -27,7 +28,13 @@ pub use corpus::{Corpus, CorpusChoice};
 pub use runner::{Case, Contender, Job};
 
 /// Every case, in the order they run.
-const CASES: &[fn(&Ctx) -> Case] = &[import::case, squash::case, diff::case, diff::case_gzip];
+const CASES: &[fn(&Ctx) -> Case] = &[
+    import::case,
+    mount::case,
+    squash::case,
+    diff::case,
+    diff::case_gzip,
+];
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
