@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use sha2::Digest;
+
 /// Set (to anything but `0`) to turn every skip into a failure. CI sets it.
 pub const REQUIRE_ALL: &str = "OVL_REQUIRE_ALL";
 /// The name of the unprivileged test user (default `ovltest`).
@@ -85,13 +87,30 @@ pub fn bin(name: &str) -> PathBuf {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
         let built = target.join("debug");
-        let dir = std::env::temp_dir().join(format!("ovl-test-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for tool in ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"] {
-            let dst = dir.join(tool);
-            std::fs::copy(built.join(tool), &dst).unwrap_or_else(|e| panic!("copy {tool}: {e}"));
+        const TOOLS: [&str; 4] = ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"];
+        // One copy per build (named by the binaries' sizes and mtimes), shared by every test
+        // process, instead of one per process left behind in /tmp.
+        let mut stamp = sha2::Sha256::new();
+        for tool in TOOLS {
+            let md = std::fs::metadata(built.join(tool)).unwrap_or_else(|e| panic!("{tool}: {e}"));
+            stamp.update(format!("{tool} {} {:?}\n", md.len(), md.modified().ok()).as_bytes());
         }
-        set_mode(&dir, 0o755);
+        let stamp = hex::encode(&stamp.finalize()[..8]);
+        let dir = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}"));
+        if !dir.join(TOOLS[TOOLS.len() - 1]).exists() {
+            // Build the copy beside it and rename: parallel test processes race here.
+            let tmp =
+                std::env::temp_dir().join(format!("ovl-test-bin-{stamp}.{}", std::process::id()));
+            std::fs::create_dir_all(&tmp).unwrap();
+            for tool in TOOLS {
+                std::fs::copy(built.join(tool), tmp.join(tool))
+                    .unwrap_or_else(|e| panic!("copy {tool}: {e}"));
+            }
+            set_mode(&tmp, 0o755);
+            if std::fs::rename(&tmp, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
         dir
     });
     dir.join(name)
