@@ -2,8 +2,9 @@
 //!
 //! Owns reading mounts for every tool: a mountinfo text parsed ([`parse_mountinfo`], its octal
 //! escapes undone), the dirs an overlay names in its options (`lowerdir=a:b`, `lowerdir+=a`,
-//! `datadir+=`, `upperdir=`, `workdir=`) or, for fuse-overlayfs, which shows none there, on its
-//! command line; every mount namespace this process may read ([`mounted_overlays`]); and whether
+//! `datadir+=`, `upperdir=`, `workdir=`; one reading, [`dirs_in_mountinfo_options`], for every
+//! way the overlay was mounted) or, for fuse-overlayfs, which shows none there, on its command
+//! line; every mount namespace this process may read ([`mounted_overlays`]); and whether
 //! given dirs are in use by any of them ([`find_use`]). What a tool refuses, and in which words,
 //! stays with the tool.
 //!
@@ -29,15 +30,14 @@ use std::path::{Path, PathBuf};
 pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fs_type: String,
-    /// As mountinfo shows them (still escaped): [`MountEntry::overlay_dirs`] and [`overlay_using`]
-    /// read them.
+    /// As mountinfo shows them (still escaped): [`MountEntry::overlay_dirs`] reads them.
     pub super_options: Vec<u8>,
 }
 
 impl MountEntry {
     /// The dirs of an overlay mount; `None` for other filesystems.
     pub fn overlay_dirs(&self) -> Option<Vec<UsedDir>> {
-        (self.fs_type == "overlay").then(|| dirs_in_options(&unescape_octal(&self.super_options)))
+        (self.fs_type == "overlay").then(|| dirs_in_mountinfo_options(&self.super_options))
     }
 }
 
@@ -116,27 +116,16 @@ pub fn mounted_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a Mount
     mounts.iter().rev().find(|m| m.mount_point == path)
 }
 
-/// The overlay whose option `key` (`upperdir` or `workdir`) is exactly `dir`, if any.
-///
-/// The options are split at each `,` as mountinfo shows them and only then unescaped, and the
-/// value is taken whole: exact for a value set through fsconfig (the new mount API, which
-/// ovl-mount uses), where a comma in a path shows as `\054`. [`MountEntry::overlay_dirs`]
-/// unescapes first and then honours overlayfs's own backslash escapes: exact for a mount(2)
-/// value written with `\,` or `\\`, but it cuts an fsconfig value at its comma. The two read
-/// the same for any path without a comma or a backslash; they stay two so that neither tool's
-/// answer changes (one reading right for both forms would be a behaviour change of its own).
+/// The overlay whose option `key` (`upperdir` or `workdir`) is exactly `dir`, if any, read as
+/// [`MountEntry::overlay_dirs`] reads every overlay.
 pub fn overlay_using<'a>(
     mounts: &'a [MountEntry],
     key: &str,
     dir: &Path,
 ) -> Option<&'a MountEntry> {
-    mounts.iter().filter(|m| m.fs_type == "overlay").find(|m| {
-        m.super_options.split(|&c| c == b',').any(|o| {
-            o.iter().position(|&c| c == b'=').is_some_and(|eq| {
-                &o[..eq] == key.as_bytes()
-                    && unescape_octal(&o[eq + 1..]) == dir.as_os_str().as_bytes()
-            })
-        })
+    mounts.iter().find(|m| {
+        m.overlay_dirs()
+            .is_some_and(|ds| ds.iter().any(|d| d.role == key && d.path == dir))
     })
 }
 
@@ -163,39 +152,63 @@ fn split_escaped(s: &[u8], sep: u8, keep_escapes: bool) -> Vec<Vec<u8>> {
     out
 }
 
-/// The dirs named by overlay mount options (`a=b,c=d`, already unescaped from mountinfo or a
-/// command line).
+/// The dirs named by overlay options as mountinfo shows them, whichever way the overlay was
+/// mounted.
+///
+/// The kernel shows each option through `seq_escape`: a comma, space, tab, newline or backslash
+/// inside a value appears as an octal escape (`\054`, `\134`, ...), so every raw `,` is a
+/// separator. Each field then has its octal escapes undone, which gives the value exactly as
+/// overlayfs holds it, and overlayfs's own rules read that value (seen on Linux 6.18):
+/// - `lowerdir=`: layers split at each `:` not escaped with a backslash, a backslash escaping
+///   the next character (`upperdir=/u\,p` given to mount(2) shows as `u\134\054p`);
+/// - `upperdir=`, `workdir=`: a backslash escapes the next character, through mount(2) and
+///   fsconfig alike (fsconfig `upperdir=/u,p` shows as `u\054p`; `/u\\q` names `/u\q`);
+/// - `lowerdir+=`, `datadir+=` (fsconfig, one layer each): the path as given, no escapes.
+pub fn dirs_in_mountinfo_options(opts: &[u8]) -> Vec<UsedDir> {
+    let mut out = Vec::new();
+    for field in opts.split(|&c| c == b',') {
+        option_dirs(&unescape_octal(field), &mut out);
+    }
+    out
+}
+
+/// The dirs named by overlay mount options written as for mount(2) (`a=b,c=d`, a `\,` inside a
+/// value; a fuse-overlayfs command line).
 pub fn dirs_in_options(opts: &[u8]) -> Vec<UsedDir> {
     let mut out = Vec::new();
     for opt in split_escaped(opts, b',', true) {
-        let Some(eq) = opt.iter().position(|&c| c == b'=') else {
-            continue;
-        };
-        let (key, val) = (&opt[..eq], &opt[eq + 1..]);
-        let key = String::from_utf8_lossy(key).into_owned();
-        let push = |out: &mut Vec<UsedDir>, role: &str, p: &[u8]| {
-            if !p.is_empty() {
-                out.push(UsedDir {
-                    role: role.to_string(),
-                    path: PathBuf::from(OsStr::from_bytes(p)),
-                });
-            }
-        };
-        match key.as_str() {
-            // `a:b`, `::` before data-only lowers, `\:` for a colon in a path.
-            "lowerdir" => {
-                for p in split_escaped(val, b':', false) {
-                    push(&mut out, "lowerdir", &p);
-                }
-            }
-            "lowerdir+" | "datadir+" => {
-                push(&mut out, "lowerdir", &split_escaped(val, 0, false).concat())
-            }
-            "upperdir" | "workdir" => push(&mut out, &key, &split_escaped(val, 0, false).concat()),
-            _ => {}
-        }
+        option_dirs(&opt, &mut out);
     }
     out
+}
+
+/// The dirs one overlay option `key=value` names, the value read by overlayfs's rules (see
+/// [`dirs_in_mountinfo_options`]).
+fn option_dirs(opt: &[u8], out: &mut Vec<UsedDir>) {
+    let Some(eq) = opt.iter().position(|&c| c == b'=') else {
+        return;
+    };
+    let (key, val) = (&opt[..eq], &opt[eq + 1..]);
+    let key = String::from_utf8_lossy(key).into_owned();
+    let push = |out: &mut Vec<UsedDir>, role: &str, p: &[u8]| {
+        if !p.is_empty() {
+            out.push(UsedDir {
+                role: role.to_string(),
+                path: PathBuf::from(OsStr::from_bytes(p)),
+            });
+        }
+    };
+    match key.as_str() {
+        // `a:b`, `::` before data-only lowers, `\:` for a colon in a path.
+        "lowerdir" => {
+            for p in split_escaped(val, b':', false) {
+                push(out, "lowerdir", &p);
+            }
+        }
+        "lowerdir+" | "datadir+" => push(out, "lowerdir", val),
+        "upperdir" | "workdir" => push(out, &key, &split_escaped(val, 0, false).concat()),
+        _ => {}
+    }
 }
 
 /// The overlays in a mountinfo text, named as mounted in namespace `ns` by process `pid`.
@@ -393,6 +406,156 @@ mod tests {
         assert_eq!(fuse.len(), 4);
         assert_eq!(fuse[2].path, PathBuf::from("u"));
         assert_eq!(fuse_overlayfs_dirs(b"x\0-olowerdir=/a\0").len(), 1);
+    }
+
+    /// Lines captured on Linux 6.18 (see `dirs_in_mountinfo_options`): the same dirs, with a
+    /// comma, a colon and a backslash in their names, mounted through mount(2) with overlayfs's
+    /// escapes and through fsconfig with the names as they are.
+    const ESCAPED: &[u8] = b"\
+46 27 0:39 / /tmp/mi/m rw,relatime - overlay overlay rw,lowerdir=/tmp/mi/l\\134\\0541:/tmp/mi/l\\134:2:/tmp/mi/l\\134\\1343,upperdir=/tmp/mi/u\\134\\054p,workdir=/tmp/mi/w\\134\\134x,uuid=on
+47 27 0:40 / /tmp/mi/n rw,relatime - overlay none rw,lowerdir+=/tmp/mi/l\\0541,lowerdir+=/tmp/mi/l:2,lowerdir+=/tmp/mi/l\\1343,upperdir=/tmp/mi/u\\054p,workdir=/tmp/mi/w\\134\\134x
+";
+
+    #[test]
+    fn one_reading_for_mount2_and_fsconfig_options() {
+        let want: Vec<(String, PathBuf)> = [
+            ("lowerdir", "/tmp/mi/l,1"),
+            ("lowerdir", "/tmp/mi/l:2"),
+            ("lowerdir", "/tmp/mi/l\\3"),
+            ("upperdir", "/tmp/mi/u,p"),
+            ("workdir", "/tmp/mi/w\\x"),
+        ]
+        .map(|(r, p)| (r.to_string(), PathBuf::from(p)))
+        .to_vec();
+        let m = parse_mountinfo(ESCAPED);
+        for (e, mp) in m.iter().zip(["/tmp/mi/m", "/tmp/mi/n"]) {
+            let got: Vec<_> = e
+                .overlay_dirs()
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.role, d.path))
+                .collect();
+            assert_eq!(got, want, "{mp}");
+            for (key, dir) in [("upperdir", "/tmp/mi/u,p"), ("workdir", "/tmp/mi/w\\x")] {
+                assert_eq!(
+                    overlay_using(&m[..], key, Path::new(dir)).map(|e| e.mount_point.clone()),
+                    Some(PathBuf::from("/tmp/mi/m")),
+                    "{key}"
+                );
+                let only = std::slice::from_ref(e);
+                assert!(
+                    overlay_using(only, key, Path::new(dir)).is_some(),
+                    "{mp} {key}"
+                );
+            }
+            let only = std::slice::from_ref(e);
+            assert!(overlay_using(only, "upperdir", Path::new("/tmp/mi/u\\,p")).is_none());
+            assert!(overlay_using(only, "upperdir", Path::new("/tmp/mi/u")).is_none());
+        }
+    }
+
+    fn root_or_skip(what: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("OVL_REQUIRE_ALL").is_none(),
+            "OVL_REQUIRE_ALL=1 and {what} needs root"
+        );
+        eprintln!("SKIPPED: {what} needs root");
+        false
+    }
+
+    /// Unmounts on drop.
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
+    /// Real mounts, both ways, of dirs with a comma, a colon and a backslash in their names:
+    /// each is found by what it names.
+    #[test]
+    fn real_mounts_of_awkward_names_read_back_exactly() {
+        use rustix::mount::*;
+        if !root_or_skip("mounting overlays") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = |n: &str| {
+            let p = t.path().join(n);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let (l1, l2, l3) = (d("l,1"), d("l:2"), d("l\\3"));
+        let (u1, w1, m1) = (d("u,p1"), d("w\\x1"), d("m1"));
+        let (u2, w2, m2) = (d("u,p2"), d("w\\x2"), d("m2"));
+        // mount(2): overlayfs's escapes in one option string.
+        let esc = |p: &Path, also: &[char]| {
+            let mut s = String::new();
+            for c in p.to_str().unwrap().chars() {
+                if c == '\\' || c == ',' || also.contains(&c) {
+                    s.push('\\');
+                }
+                s.push(c);
+            }
+            s
+        };
+        let data = format!(
+            "lowerdir={}:{}:{},upperdir={},workdir={}",
+            esc(&l1, &[':']),
+            esc(&l2, &[':']),
+            esc(&l3, &[':']),
+            esc(&u1, &[]),
+            esc(&w1, &[])
+        );
+        mount(
+            "overlay",
+            &m1,
+            "overlay",
+            MountFlags::empty(),
+            Some(std::ffi::CString::new(data).unwrap().as_c_str()),
+        )
+        .unwrap();
+        let _m1 = Mounted(m1.clone());
+        // fsconfig: one lowerdir+ per layer as it is; upperdir and workdir still take
+        // overlayfs's backslash escapes (a raw comma needs none).
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+        for l in [&l1, &l2, &l3] {
+            fsconfig_set_string(&fs, "lowerdir+", l.as_path()).unwrap();
+        }
+        fsconfig_set_string(&fs, "upperdir", u2.to_str().unwrap()).unwrap();
+        fsconfig_set_string(&fs, "workdir", esc(&w2, &[]).as_str()).unwrap();
+        fsconfig_create(&fs).unwrap();
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).unwrap();
+        move_mount(
+            &mnt,
+            "",
+            rustix::fs::CWD,
+            &m2,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .unwrap();
+        let _m2 = Mounted(m2.clone());
+        let all = own_mounts();
+        for (m, u, w) in [(&m1, &u1, &w1), (&m2, &u2, &w2)] {
+            let e = mounted_at(&all, m).expect("mounted");
+            let dirs: Vec<_> = e
+                .overlay_dirs()
+                .unwrap()
+                .into_iter()
+                .map(|d| d.path)
+                .collect();
+            assert_eq!(
+                dirs,
+                vec![l1.clone(), l2.clone(), l3.clone(), u.clone(), w.clone()],
+                "{}",
+                String::from_utf8_lossy(&e.super_options)
+            );
+            assert_eq!(overlay_using(&all, "upperdir", u).unwrap().mount_point, *m);
+            assert_eq!(overlay_using(&all, "workdir", w).unwrap().mount_point, *m);
+        }
     }
 
     #[test]
