@@ -762,3 +762,31 @@ fn rootless_owner_gets_container_ids() {
         "{err}"
     );
 }
+
+/// An `overlay.whiteout` file is a whiteout only in a directory marked `overlay.opaque=x`
+/// (overlayfs.rst, "whiteouts and opaque directories"): elsewhere it is an ordinary empty file
+/// of the merged view, and its private xattr is dropped.
+#[test]
+fn xattr_whiteout_without_an_opaque_x_parent_is_a_file() {
+    let t = tempfile::tempdir().unwrap();
+    let u = t.path().join("upper");
+    std::fs::create_dir_all(u.join("plain")).unwrap();
+    std::fs::create_dir_all(u.join("x")).unwrap();
+    std::fs::write(u.join("plain/f"), b"").unwrap();
+    xattr::set(u.join("plain/f"), "user.overlay.whiteout", b"").unwrap();
+    std::fs::write(u.join("x/f"), b"").unwrap();
+    xattr::set(u.join("x/f"), "user.overlay.whiteout", b"").unwrap();
+    xattr::set(u.join("x"), "user.overlay.opaque", b"x").unwrap();
+    for p in ["plain", "plain/f", "x"] {
+        set_mtime(&u.join(p), 1_500_000_000, 0);
+    }
+    assert_listing(
+        &listing(&layer_of(&u, &[])),
+        &[
+            "d plain/ 755 0:0 t=1500000000",
+            "f plain/f 644 0:0 size=0 data= t=1500000000",
+            "d x/ 755 0:0 t=1500000000",
+            "f x/.wh.f 644 0:0 size=0 data= t=0",
+        ],
+    );
+}

@@ -317,7 +317,8 @@ impl Node {
         FileType::from_raw_mode(self.st.st_mode)
     }
 
-    fn classify(&self) -> UpperEntry {
+    /// What this entry means; `parent_xwhiteouts`: its directory is marked `opaque=x`.
+    fn classify(&self, parent_xwhiteouts: bool) -> UpperEntry {
         let ft = self.file_type();
         let get = |n: &str| self.xattr(n);
         whiteout::classify_upper(&UpperFacts {
@@ -327,12 +328,23 @@ impl Node {
             is_dir: ft == FileType::Directory,
             rdev: self.st.st_rdev,
             size: self.st.st_size as u64,
+            parent_xwhiteouts,
             xattr: &get,
         })
     }
 
     fn own_opaque(&self) -> bool {
         whiteout::dir_is_opaque(&|n: &str| self.xattr(n))
+    }
+
+    /// A directory marked `opaque=x`: its `overlay.whiteout` files are whiteouts.
+    fn has_xwhiteouts(&self) -> bool {
+        whiteout::dir_has_xwhiteouts(&|n: &str| self.xattr(n))
+    }
+
+    /// Whether this entry is a whiteout depends on its parent's `opaque=x` mark.
+    fn depends_on_parent_mark(&self) -> bool {
+        self.classify(true) != self.classify(false)
     }
 }
 
@@ -377,10 +389,11 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         let up = self.up;
         let children = read_children(fd).map_err(|e| up.io(path, e))?;
         let mut opaque = me.own_opaque() || ctx.force_opaque;
+        let xwhiteouts = me.has_xwhiteouts();
         let mut whiteouts = BTreeSet::new();
         let mut plain = BTreeMap::new();
         for c in children {
-            match c.classify() {
+            match c.classify(xwhiteouts) {
                 UpperEntry::OpaqueMarker => opaque = true,
                 UpperEntry::Whiteout => {
                     whiteouts.insert(c.name.clone());
@@ -915,8 +928,15 @@ impl Lowers {
         let Some((_dirfd, node)) = self.node(layer, p)? else {
             return Ok(At::Missing);
         };
-        if !p.is_root() && node.classify() != UpperEntry::Plain {
-            return Ok(At::Hides);
+        if !p.is_root() {
+            let parent_x = node.depends_on_parent_mark() && {
+                let (parent, _) = p.split_last().expect("not the root");
+                self.node(layer, &parent)?
+                    .is_some_and(|(_, dir)| dir.has_xwhiteouts())
+            };
+            if node.classify(parent_x) != UpperEntry::Plain {
+                return Ok(At::Hides);
+            }
         }
         if node.file_type() == FileType::Directory {
             let mut opaque = node.own_opaque();
@@ -924,7 +944,7 @@ impl Lowers {
                 // fuse-overlayfs's marker files.
                 for m in [whiteout::OPAQUE_MARKER, whiteout::FUSE_OPAQUE_DEVICE] {
                     if let Some((_, n)) = self.node(layer, &p.join(m))? {
-                        opaque |= n.classify() == UpperEntry::OpaqueMarker;
+                        opaque |= n.classify(false) == UpperEntry::OpaqueMarker;
                     }
                 }
             }
@@ -997,9 +1017,16 @@ impl Lowers {
                 Mode::empty(),
                 RESOLVE,
             )?;
+            let dir_xattrs = crate::xattrs::list_fd(&fd)?;
+            let xwhiteouts = whiteout::dir_has_xwhiteouts(&|n: &str| {
+                dir_xattrs
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+            });
             let mut this_layer = Vec::new();
             for node in read_children(&fd)? {
-                match node.classify() {
+                match node.classify(xwhiteouts) {
                     UpperEntry::OpaqueMarker => {}
                     UpperEntry::Whiteout => this_layer.push(node.name.clone()),
                     UpperEntry::WhiteoutOf(t) => this_layer.push(t),
@@ -1293,6 +1320,45 @@ mod tests {
                 "dir e opaque",
                 "file e/b Lower(1) d/b",
                 "file e/c Lower(0) d/c",
+            ]
+            .map(String::from)
+        );
+    }
+
+    /// In the lowers too, an `overlay.whiteout` file hides only inside an `opaque=x` directory.
+    #[test]
+    fn lower_xattr_whiteouts_need_an_opaque_x_parent() {
+        let t = tempfile::tempdir().unwrap();
+        let (l1, l2, u) = (t.path().join("l1"), t.path().join("l2"), t.path().join("u"));
+        for d in ["d", "x"] {
+            std::fs::create_dir_all(l2.join(d)).unwrap();
+            std::fs::write(l2.join(d).join("a"), b"a").unwrap();
+            std::fs::create_dir_all(l1.join(d)).unwrap();
+            std::fs::write(l1.join(d).join("a"), b"").unwrap();
+            xattr::set(l1.join(d).join("a"), "user.overlay.whiteout", b"").unwrap();
+        }
+        xattr::set(l1.join("x"), "user.overlay.opaque", b"x").unwrap();
+        std::fs::create_dir_all(u.join("e")).unwrap();
+        xattr::set(u.join("e"), "user.overlay.redirect", b"/d").unwrap();
+        std::fs::create_dir_all(u.join("y")).unwrap();
+        xattr::set(u.join("y"), "user.overlay.redirect", b"/x").unwrap();
+        let up = Upper::open(
+            &u,
+            &UpperOptions {
+                lowers: vec![l1, l2],
+                ids: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            summary(&up.changes().unwrap()),
+            [
+                "dir .",
+                "redirect e <- d",
+                "dir e opaque",
+                "file e/a Lower(0) d/a",
+                "redirect y <- x",
+                "dir y opaque",
             ]
             .map(String::from)
         );

@@ -7,7 +7,8 @@
 //!   rootless `userxattr` mounts), and the kernel's escaping of `overlay.*` xattrs that come from
 //!   outside (`trusted.overlay.X` is stored as `trusted.overlay.overlay.X`).
 //! - how an entry of an upperdir is classified: kernel 0/0 char device whiteouts, xattr
-//!   whiteouts (Linux >= 6.7), and fuse-overlayfs's `.wh.` files and `.wh..opq` devices.
+//!   whiteouts (Linux >= 6.7; only in a directory marked `opaque=x`), and fuse-overlayfs's
+//!   `.wh.` files and `.wh..opq` devices.
 
 use std::borrow::Cow;
 
@@ -156,6 +157,9 @@ pub struct UpperFacts<'a> {
     pub is_dir: bool,
     pub rdev: u64,
     pub size: u64,
+    /// The parent directory is marked `overlay.opaque=x` ([`dir_has_xwhiteouts`]): only there
+    /// is a file with `overlay.whiteout` a whiteout.
+    pub parent_xwhiteouts: bool,
     /// Looks up an xattr of the entry by full name.
     pub xattr: &'a dyn Fn(&str) -> Option<Vec<u8>>,
 }
@@ -185,8 +189,11 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
     if f.is_char_device && f.rdev == 0 {
         return UpperEntry::Whiteout;
     }
+    // An xattr whiteout counts only inside a directory marked `opaque=x` (overlayfs.rst):
+    // elsewhere the kernel shows it as an ordinary empty file.
     if f.is_regular
         && f.size == 0
+        && f.parent_xwhiteouts
         && XattrNs::ALL
             .iter()
             .any(|ns| (f.xattr)(&ns.name(key::WHITEOUT)).is_some())
@@ -211,6 +218,14 @@ pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
         .iter()
         .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
         || (xattr)(FUSE_OPAQUE_XATTR).is_some_and(|v| v.first() == Some(&b'y') || v.is_empty())
+}
+
+/// True when a directory is marked as holding xattr whiteouts (`overlay.opaque=x` in either
+/// namespace); such a directory is not itself opaque.
+pub fn dir_has_xwhiteouts(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+    XattrNs::ALL
+        .iter()
+        .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_HAS_XWHITEOUTS))
 }
 
 #[cfg(test)]
@@ -267,6 +282,7 @@ mod tests {
             is_dir: false,
             rdev: 0,
             size: 0,
+            parent_xwhiteouts: false,
             xattr: &none,
         };
         assert_eq!(
@@ -291,10 +307,18 @@ mod tests {
             xattr: &wh,
             ..facts(b"x", false, true)
         };
+        // Not in a directory marked opaque=x: an ordinary empty file.
+        assert_eq!(classify_upper(&f), UpperEntry::Plain);
+        let f = UpperFacts {
+            parent_xwhiteouts: true,
+            ..f
+        };
         assert_eq!(classify_upper(&f), UpperEntry::Whiteout);
         let opq = |n: &str| (n == "trusted.overlay.opaque").then(|| b"y".to_vec());
         assert!(dir_is_opaque(&opq));
         let x = |n: &str| (n == "trusted.overlay.opaque").then(|| b"x".to_vec());
         assert!(!dir_is_opaque(&x));
+        assert!(dir_has_xwhiteouts(&x));
+        assert!(!dir_has_xwhiteouts(&opq));
     }
 }
