@@ -44,6 +44,8 @@ pub fn emit<W: Write>(
     id_alias: Option<(u32, u32)>,
 ) -> Result<Stats, DiffError> {
     let mut st = Stats::default();
+    // Sockets are not written: their other names must not become links to nothing.
+    let mut sockets: std::collections::HashSet<LayerPath> = std::collections::HashSet::new();
     upper.walk(&mut |mut c| {
         if let (Change::Entry(e), Some((ou, og))) = (&c, refuse_ids) {
             if e.meta.uid == ou || e.meta.gid == og {
@@ -63,6 +65,18 @@ pub fn emit<W: Write>(
             }
             if e.meta.gid == alias {
                 e.meta.gid = id;
+            }
+        }
+        if let Change::Entry(e) = &c {
+            match &e.kind {
+                Kind::Socket => {
+                    sockets.insert(e.path.clone());
+                }
+                Kind::Hardlink { target } if sockets.contains(target) => {
+                    st.skipped_sockets += 1;
+                    return Ok(());
+                }
+                _ => {}
             }
         }
         change(upper, tw, &mut st, c)

@@ -790,3 +790,24 @@ fn xattr_whiteout_without_an_opaque_x_parent_is_a_file() {
         ],
     );
 }
+
+/// Sockets cannot be in a tar: a second name of a socket must not become a link entry to a
+/// name the layer does not hold.
+#[test]
+fn hardlinked_sockets_leave_no_dangling_link() {
+    let t = tempfile::tempdir().unwrap();
+    let u = t.path().join("upper");
+    std::fs::create_dir_all(u.join("run")).unwrap();
+    let _l = std::os::unix::net::UnixListener::bind(u.join("run/a.sock")).unwrap();
+    std::fs::hard_link(u.join("run/a.sock"), u.join("run/b.sock")).unwrap();
+    std::fs::write(u.join("run/z"), b"z").unwrap();
+    set_mtime(&u.join("run"), 1_500_000_000, 0);
+    set_mtime(&u.join("run/z"), 1_500_000_000, 0);
+    assert_listing(
+        &listing(&layer_of(&u, &[])),
+        &[
+            "d run/ 755 0:0 t=1500000000",
+            "f run/z 644 0:0 size=1 data=z t=1500000000",
+        ],
+    );
+}
