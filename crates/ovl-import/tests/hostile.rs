@@ -498,6 +498,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         "hardlink-dotdot-sandbox.tar" => &["outside/sentinel"],
         "hardlink-via-symlink.tar" => &["s/passwd", "etc/passwd"],
         "hardlink-to-dir.tar" => &["director", "d", "h"],
+        "hardlink-to-whiteout.tar" => &["whiteout", "gone"],
         "whiteout-via-symlink.tar" | "whiteout-via-symlink-sandbox.tar" | "whiteout-dotdot.tar" => {
             &["victim"]
         }
@@ -976,6 +977,7 @@ fixture_tests! {
     hardlink_dotdot_sandbox => "hardlink-dotdot-sandbox.tar",
     hardlink_dotdot => "hardlink-dotdot.tar",
     hardlink_to_dir => "hardlink-to-dir.tar",
+    hardlink_to_whiteout => "hardlink-to-whiteout.tar",
     hardlink_to_symlink_chmod => "hardlink-to-symlink-chmod.tar",
     hardlink_to_symlink_write => "hardlink-to-symlink-write.tar",
     hardlink_via_symlink => "hardlink-via-symlink.tar",

@@ -795,6 +795,17 @@ impl Extractor<'_> {
                 ),
             ));
         }
+        // A 0/0 char device on disk is a whiteout (made by this layer's `.wh.` entries): the
+        // target is deleted, and linking it would silently white out the new name too.
+        if FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0 {
+            return Err(entry_err(
+                raw,
+                format!(
+                    "hardlink target {:?} is a whiteout (deleted in this layer), not a file",
+                    display_bytes(&target_raw)
+                ),
+            ));
+        }
         // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
         self.create_replacing(leaf, raw, "hardlink", || {
             rustix::fs::linkat(
