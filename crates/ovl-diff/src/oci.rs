@@ -3,7 +3,8 @@
 //!
 //! Owns the layout update and its order: the layer blob first (written to a temporary name in
 //! `blobs/sha256/` and renamed to its digest), then the new config and manifest blobs, and
-//! `index.json` last, replaced by rename; a crash at any point leaves the layout as it was plus
+//! `index.json` last, replaced by rename under an flock of the layout directory (concurrent
+//! appends are serialised, none lost); a crash at any point leaves the layout as it was plus
 //! unreferenced blobs. The image tagged TAG (or the layout's only image) is the base: the new
 //! config adds the diffID and a history entry, the new manifest adds the layer, and TAG then
 //! names the new manifest. With no such image (or no layout yet) the image starts from
@@ -83,12 +84,45 @@ fn io_err(p: &Path, e: std::io::Error) -> DiffError {
     }
 }
 
+/// An exclusive lock on the layout directory (flock), held while the layout is made and while
+/// `index.json` is read, updated and replaced: appends running at the same time go one after
+/// the other instead of losing each other's manifests.
+struct LayoutLock {
+    _fd: std::os::fd::OwnedFd,
+}
+
+fn lock_layout(dir: &Path) -> Result<LayoutLock, DiffError> {
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io_err(dir, e.into()))?;
+    loop {
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive) {
+            Ok(()) => return Ok(LayoutLock { _fd: fd }),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(io_err(dir, e.into())),
+        }
+    }
+}
+
 /// Make the layout if it does not exist, and open a temporary file for the layer blob.
 pub fn begin(layout: &LayoutRef) -> Result<PendingBlob, DiffError> {
     let dir = &layout.dir;
     let blobs = dir.join("blobs").join("sha256");
+    let created = match std::fs::create_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            true
+        }
+        Err(e) => return Err(io_err(dir, e)),
+    };
+    let _lock = lock_layout(dir)?;
     if !dir.join("oci-layout").exists() {
-        if dir.exists()
+        if !created
             && std::fs::read_dir(dir)
                 .map_err(|e| io_err(dir, e))?
                 .next()
@@ -100,13 +134,14 @@ pub fn begin(layout: &LayoutRef) -> Result<PendingBlob, DiffError> {
             ));
         }
         std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
-        write_replace(
-            &dir.join("oci-layout"),
-            br#"{"imageLayoutVersion":"1.0.0"}"#,
-        )?;
+        // `oci-layout` last: it says the layout is whole.
         write_replace(
             &dir.join("index.json"),
             &serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": []})).expect("json"),
+        )?;
+        write_replace(
+            &dir.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
         )?;
     }
     std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
@@ -146,6 +181,8 @@ pub fn finish(
     let blob_path = blob_path(dir, &info.digest_str());
     std::fs::rename(&blob.tmp, &blob_path).map_err(|e| io_err(&blob_path, e))?;
 
+    // From reading index.json to replacing it, one writer at a time.
+    let _lock = lock_layout(dir)?;
     let index_path = dir.join("index.json");
     let mut index: Value =
         serde_json::from_slice(&std::fs::read(&index_path).map_err(|e| io_err(&index_path, e))?)

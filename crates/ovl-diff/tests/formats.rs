@@ -811,3 +811,53 @@ fn hardlinked_sockets_leave_no_dangling_link() {
         ],
     );
 }
+
+/// Appends to one layout at the same time (a fresh layout included) all land: index.json is
+/// read, updated and replaced by one writer at a time, never a lost update.
+#[test]
+fn oci_layout_concurrent_appends() {
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("img");
+    let spec = format!("{}:v1", layout.display());
+    let n = 8;
+    let uppers: Vec<_> = (0..n)
+        .map(|i| {
+            let u = t.path().join(format!("u{i}"));
+            std::fs::create_dir_all(&u).unwrap();
+            std::fs::write(u.join(format!("f{i}")), format!("{i}")).unwrap();
+            u
+        })
+        .collect();
+    let children: Vec<_> = uppers
+        .iter()
+        .map(|u| {
+            Command::new(BIN)
+                .args(["-q", "--oci-layout", &spec])
+                .arg(u)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = read(&layout.join("index.json"));
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1, "{index}");
+    let digest = manifests[0]["digest"].as_str().unwrap();
+    let manifest = read(
+        &layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    );
+    assert_eq!(
+        manifest["layers"].as_array().unwrap().len(),
+        n,
+        "appends were lost: {manifest}"
+    );
+}
