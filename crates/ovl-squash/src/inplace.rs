@@ -41,8 +41,11 @@
 //!    sibling. Emptying the upper entry by entry instead would bump the upper root's mtime,
 //!    which *is* the merged root's mtime, at every removal: the exchange changes nothing a
 //!    mount shows. (Where the exchange is impossible, e.g. the upper is a mount point, entries
-//!    are removed one by one and the root's times restored after each: the merged root's
-//!    mtime is then off in the instant between the two.)
+//!    are removed one by one, a directory's opaque markers before its entries (else a crash
+//!    would leave an opaque upper directory hiding the lower entries of the children already
+//!    gone, and a re-run would empty that lower directory for good), and each directory's
+//!    times restored after each removal in it: the merged directory's mtime is then off in
+//!    the instant between the two.)
 //!
 //! A concurrent second squash of the same lower is refused by an exclusive flock on it.
 //! The lower's own markers (a whiteout left in a single lower by an import) are left where the
@@ -697,7 +700,7 @@ impl InPlace<'_> {
                     },
                 };
                 for n in names(&ufd).map_err(io_at(&at))? {
-                    remove_at(&ufd, &n).map_err(io_at(&at))?;
+                    remove_upper_entry(&ufd, &n).map_err(io_at(&at))?;
                     rustix::fs::futimens(&ufd, &times).map_err(|e| io_at(&at)(e.into()))?;
                     crash::step();
                 }
@@ -706,6 +709,57 @@ impl InPlace<'_> {
             Err(e) => Err(io_at(&at)(e.into())),
         }
     }
+}
+
+/// Remove NAME from the upper directory DIR without the merged view changing at any instant
+/// (the lower already is that view): a directory first stops being opaque (its opaque xattrs
+/// and fuse-overlayfs marker entries go before any other entry, so it never hides the lower
+/// entries its removed children covered), then loses its entries one by one, each followed by
+/// its own times put back (they are the merged directory's), then goes itself.
+fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
+    let Some(st) = stat_at(dir, name)? else {
+        return Ok(());
+    };
+    if !is_dir(&st) {
+        return rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).map_err(Into::into);
+    }
+    let fd = open_dir_at(dir, name)?;
+    let mut opaque: Vec<String> = XattrNs::ALL
+        .iter()
+        .map(|ns| ns.name(whiteout::key::OPAQUE))
+        .collect();
+    opaque.push(whiteout::FUSE_OPAQUE_XATTR.to_string());
+    for (n, v) in ovl_layer::xattrs::list_fd(&fd)? {
+        // `x` only says the directory holds xattr whiteouts: it hides nothing.
+        if opaque.contains(&n) && v != whiteout::OPAQUE_HAS_XWHITEOUTS {
+            match rustix::fs::fremovexattr(&fd, n.as_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(e.into()),
+            }
+            crash::step();
+        }
+    }
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    let mut children = names(&fd)?;
+    children.sort_by_key(|n| {
+        let n = n.to_bytes();
+        n != whiteout::OPAQUE_MARKER && n != whiteout::FUSE_OPAQUE_DEVICE
+    });
+    for n in children {
+        remove_upper_entry(&fd, &n)?;
+        rustix::fs::futimens(&fd, &times)?;
+        crash::step();
+    }
+    rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR).map_err(Into::into)
 }
 
 fn change_path(c: &Change) -> &LayerPath {
