@@ -508,6 +508,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         "pax-malformed.tar" => &["pax", "extended header", "ovl-hostile-pax"],
         "gnu-longname-escape.tar" => &["ovl-hostile-longname"],
         "gnu-longlink-escape.tar" => &["ovl-hostile-longlink"],
+        "pax-huge.tar.gz" | "gnu-longname-huge.tar.gz" => &["larger than", "too large", "MiB"],
         "truncated.tar"
         | "truncated-header.tar"
         | "no-eof-marker.tar"
@@ -972,6 +973,7 @@ fixture_tests! {
     garbage_bin => "garbage.bin",
     gnu_longlink_escape => "gnu-longlink-escape.tar",
     gnu_longname_escape => "gnu-longname-escape.tar",
+    gnu_longname_huge => "gnu-longname-huge.tar.gz",
     hardlink_abs_in_archive => "hardlink-abs-in-archive.tar",
     hardlink_abs => "hardlink-abs.tar",
     hardlink_dotdot_sandbox => "hardlink-dotdot-sandbox.tar",
@@ -990,6 +992,7 @@ fixture_tests! {
     pax_linkpath_escape => "pax-linkpath-escape.tar",
     pax_malformed => "pax-malformed.tar",
     pax_path_escape => "pax-path-escape.tar",
+    pax_huge => "pax-huge.tar.gz",
     root_file => "root-file.tar",
     symlink_chain => "symlink-chain.tar",
     symlink_loop => "symlink-loop.tar",

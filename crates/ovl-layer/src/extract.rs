@@ -18,10 +18,12 @@
 //! so it comes first), times. Directories get their mode and times at the end, after
 //! everything below them was written.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::rc::Rc;
 
 use rustix::fs::{FileType, Mode, OFlags, Timespec, Timestamps};
 
@@ -177,13 +179,25 @@ pub fn extract<R: Read>(
 impl Extractor<'_> {
     fn run<R: Read>(mut self, reader: R) -> Result<ExtractStats, ExtractError> {
         let ex = &mut self;
+        let header_budget = Rc::new(Cell::new(None));
         let mut archive = tar::Archive::new(EndMarkerReader {
             inner: reader,
             last: [1; 512],
+            header_budget: header_budget.clone(),
+            offset: 0,
         });
-        for entry in archive.entries().map_err(ExtractError::Read)? {
-            let entry = entry.map_err(ExtractError::Read)?;
-            ex.entry(entry)?;
+        let mut entries = archive.entries().map_err(ExtractError::Read)?;
+        loop {
+            // tar-rs buffers PAX records, GNU long names and sparse maps whole while it reads
+            // an entry's headers: only a bounded amount may be read until it hands the entry
+            // over (the previous entry's data is drained below, so none of it counts).
+            header_budget.set(Some(MAX_ENTRY_HEADERS));
+            let next = entries.next();
+            header_budget.set(None);
+            let Some(entry) = next else { break };
+            let mut entry = entry.map_err(ExtractError::Read)?;
+            ex.entry(&mut entry)?;
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| data_err(&entry.path_bytes(), e))?;
         }
         // tar-rs ends quietly at EOF on a block boundary; a stream cut there would silently lose
         // every entry after the cut, so the end-of-archive zero block is required.
@@ -198,15 +212,49 @@ impl Extractor<'_> {
     }
 }
 
-/// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF.
+/// The most bytes tar-rs may read for one entry's headers (its header blocks, PAX records, GNU
+/// long name and long link records, GNU sparse maps), all of which it holds in memory. Go's
+/// archive/tar (containerd, umoci, docker) refuses a PAX header or long name over 1 MiB.
+pub const MAX_ENTRY_HEADERS: u64 = 2 << 20;
+
+/// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF, and
+/// refuses to read more than the budget while it is set (see [`MAX_ENTRY_HEADERS`]).
 struct EndMarkerReader<R> {
     inner: R,
     last: [u8; 512],
+    /// Bytes still allowed before the next entry is handed over; `None`: no limit.
+    header_budget: Rc<Cell<Option<u64>>>,
+    /// Bytes read so far (for messages).
+    offset: u64,
 }
 
 impl<R: Read> Read for EndMarkerReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let budget = self.header_budget.get();
+        let buf = match budget {
+            Some(0) if !buf.is_empty() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the headers of the entry after byte {} (PAX extended header, GNU long name \
+                         or sparse map) are larger than {} MiB: refused, they would be held in \
+                         memory",
+                        self.offset.saturating_sub(MAX_ENTRY_HEADERS),
+                        MAX_ENTRY_HEADERS >> 20
+                    ),
+                ));
+            }
+            Some(left) => {
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                &mut buf[..n]
+            }
+            None => buf,
+        };
         let n = self.inner.read(buf)?;
+        self.offset += n as u64;
+        if let Some(left) = budget {
+            self.header_budget.set(Some(left - n as u64));
+        }
         if n >= 512 {
             self.last.copy_from_slice(&buf[n - 512..n]);
         } else if n > 0 {
@@ -305,13 +353,24 @@ fn is_refusal(e: &io::Error) -> bool {
 }
 
 impl Extractor<'_> {
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ExtractError> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
         let raw = entry.path_bytes().into_owned();
         let kind = entry.header().entry_type();
         if matches!(kind, tar::EntryType::XGlobalHeader) {
             return Ok(());
         }
-        let meta = self.meta(&mut entry, &raw)?;
+        if matches!(
+            kind,
+            tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink
+        ) {
+            // tar-rs applies these only from a ustar or GNU header; reading one as an entry
+            // would buffer all of its data.
+            return Err(entry_err(
+                &raw,
+                format!("a {kind:?} extension header without ustar or GNU magic"),
+            ));
+        }
+        let meta = self.meta(entry, &raw)?;
         let mut pax_sparse = None;
         let mut raw = raw;
         if let Some(pax) = entry.pax_extensions().map_err(|e| entry_err(&raw, e))? {
@@ -381,7 +440,7 @@ impl Extractor<'_> {
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let sparse = kind == tar::EntryType::GNUSparse || pax_sparse.is_some();
-                self.regular(&leaf, &mut entry, meta, sparse, pax_sparse, &raw)
+                self.regular(&leaf, entry, meta, sparse, pax_sparse, &raw)
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -402,9 +461,9 @@ impl Extractor<'_> {
                 })
                 .map_err(|e| entry_err(&raw, format!("set times: {e}")))
             }
-            tar::EntryType::Link => self.hardlink(&leaf, &entry, &raw),
+            tar::EntryType::Link => self.hardlink(&leaf, entry, &raw),
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                self.special(&leaf, &entry, meta, &raw)
+                self.special(&leaf, entry, meta, &raw)
             }
             other => Err(entry_err(&raw, format!("unsupported entry type {other:?}"))),
         }
@@ -1071,6 +1130,70 @@ mod tests {
             })
         );
         assert_eq!(parse_pax_time(b"x"), None);
+    }
+
+    /// `head`, then zeros up to `total` bytes, produced lazily; counts what was read.
+    struct Lazy {
+        head: Vec<u8>,
+        total: u64,
+        pos: Rc<Cell<u64>>,
+    }
+
+    impl Read for Lazy {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let pos = self.pos.get();
+            let n = buf.len().min((self.total - pos) as usize);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = self.head.get(pos as usize + i).copied().unwrap_or(0);
+            }
+            self.pos.set(pos + n as u64);
+            Ok(n)
+        }
+    }
+
+    fn header(mut h: tar::Header, name: &[u8], kind: tar::EntryType, size: u64) -> Vec<u8> {
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    /// A PAX header, a GNU long name, or an extension header tar-rs does not apply (no magic),
+    /// declared 1 GiB long: refused after a bounded read, never buffered whole.
+    #[test]
+    fn huge_extension_headers_are_refused_unread() {
+        let cases = [
+            (tar::Header::new_ustar(), tar::EntryType::XHeader),
+            (tar::Header::new_gnu(), tar::EntryType::GNULongName),
+            (tar::Header::new_gnu(), tar::EntryType::GNULongLink),
+            (tar::Header::new_old(), tar::EntryType::XHeader),
+        ];
+        for (h, kind) in cases {
+            let t = tempfile::tempdir().unwrap();
+            let root = Root::open(t.path()).unwrap();
+            let pos = Rc::new(Cell::new(0));
+            let lazy = Lazy {
+                head: header(h, b"hdr", kind, 1 << 30),
+                total: (1 << 30) + 4096,
+                pos: pos.clone(),
+            };
+            let opts = ExtractOptions {
+                opaque_ns: XattrNs::User,
+                owners: OwnerPolicy::Record,
+            };
+            let err = extract(lazy, &root, opts).unwrap_err().to_string();
+            assert!(
+                pos.get() <= MAX_ENTRY_HEADERS + 512,
+                "{kind:?}: read {} bytes ({err})",
+                pos.get()
+            );
+            assert!(
+                err.contains("MiB") || err.contains("extension header"),
+                "{kind:?}: {err}"
+            );
+        }
     }
 
     #[test]
