@@ -1088,3 +1088,51 @@ fn rootless_auto_falls_back_to_fuse_when_the_kernel_refuses() {
     run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&outer));
     result.unwrap();
 }
+
+#[test]
+fn upper_and_work_with_a_backslash_and_a_comma_in_their_names() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let lower = mkdir(&p.join("lower"));
+    std::fs::write(lower.join("f"), b"lower").unwrap();
+    let (upper, work) = (p.join("u\\x,1"), p.join("w\\y,1"));
+    // What overlayfs would take for them if the backslash were not escaped.
+    let (decoy_u, decoy_w) = (mkdir(&p.join("ux,1")), mkdir(&p.join("wy,1")));
+    let merged = mkdir(&p.join("merged"));
+    let mount = |upper: &Path, work: &Path, merged: &Path| {
+        output(
+            Command::new(bin("ovl-mount"))
+                .arg("--lower")
+                .arg(&lower)
+                .arg("--upper")
+                .arg(upper)
+                .arg("--work")
+                .arg(work)
+                .arg(merged),
+        )
+    };
+    ok(&mount(&upper, &work, &merged));
+    let result = std::panic::catch_unwind(|| {
+        std::fs::write(merged.join("hello"), b"hi").unwrap();
+        assert_eq!(std::fs::read(upper.join("hello")).unwrap(), b"hi");
+        assert_eq!(std::fs::read_dir(&decoy_u).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&decoy_w).unwrap().count(), 0);
+        // The mount table names them exactly: a second overlay on them is refused.
+        let other = mkdir(&p.join("other"));
+        fails_with(
+            &mount(&p.join("u2"), &work, &other),
+            &["work directory", "in use"],
+        );
+        fails_with(
+            &mount(&upper, &p.join("w2"), &other),
+            &["upper directory", "in use"],
+        );
+    });
+    ok(&output(
+        Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged),
+    ));
+    result.unwrap();
+}

@@ -115,15 +115,17 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
         }
     }
     if let (Some(upper), Some(work)) = (&layout.upper, &layout.work) {
-        fsconfig_set_string(&fs, "upperdir", upper.as_path()).map_err(|e| {
-            refused(
-                layout,
-                &format!("upper directory {}", upper.display()),
-                e,
-                Some(&fs),
-            )
-        })?;
-        fsconfig_set_string(&fs, "workdir", work.as_path()).map_err(|e| {
+        fsconfig_set_string(&fs, "upperdir", escape_backslashes(upper).as_os_str()).map_err(
+            |e| {
+                refused(
+                    layout,
+                    &format!("upper directory {}", upper.display()),
+                    e,
+                    Some(&fs),
+                )
+            },
+        )?;
+        fsconfig_set_string(&fs, "workdir", escape_backslashes(work).as_os_str()).map_err(|e| {
             refused(
                 layout,
                 &format!("work directory {}", work.display()),
@@ -148,6 +150,20 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
     )
     .map_err(|e| refused(layout, "attaching the overlay", e, None))?;
     Ok(())
+}
+
+/// `p` with each backslash doubled: overlayfs reads a backslash in an `upperdir` or `workdir`
+/// value as an escape, given through fsconfig too (`lowerdir+` takes its path as it is).
+fn escape_backslashes(p: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::with_capacity(p.as_os_str().len());
+    for &b in p.as_os_str().as_bytes() {
+        if b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 /// The messages the kernel logged on an fs context (`e overlay: ...` lines).
