@@ -512,6 +512,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         "truncated.tar"
         | "truncated-header.tar"
         | "no-eof-marker.tar"
+        | "no-eof-marker-zero-tail.tar"
         | "truncated.tar.gz"
         | "truncated-trailer.tar.gz"
         | "truncated.tar.zst" => TRUNCATED,
@@ -984,6 +985,7 @@ fixture_tests! {
     hardlink_to_symlink_write => "hardlink-to-symlink-write.tar",
     hardlink_via_symlink => "hardlink-via-symlink.tar",
     no_eof_marker => "no-eof-marker.tar",
+    no_eof_marker_zero_tail => "no-eof-marker-zero-tail.tar",
     opaque_via_symlink_sandbox => "opaque-via-symlink-sandbox.tar",
     opaque_via_symlink => "opaque-via-symlink.tar",
     overlay_xattr_redirect => "overlay-xattr-redirect.tar",

@@ -185,6 +185,7 @@ impl Extractor<'_> {
             last: [1; 512],
             header_budget: header_budget.clone(),
             offset: 0,
+            saw_eof: false,
         });
         let mut entries = archive.entries().map_err(ExtractError::Read)?;
         loop {
@@ -201,7 +202,10 @@ impl Extractor<'_> {
         }
         // tar-rs ends quietly at EOF on a block boundary; a stream cut there would silently lose
         // every entry after the cut, so the end-of-archive zero block is required.
-        if archive.into_inner().last != [0; 512] {
+        // A zero block read as data is no end marker: tar-rs stops at a zero header without
+        // reading on, so any EOF it met means the stream ended where a header was due.
+        let inner = archive.into_inner();
+        if inner.saw_eof || inner.last != [0; 512] {
             return Err(ExtractError::Read(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the archive ends without its end-of-archive blocks: it is truncated",
@@ -226,6 +230,8 @@ struct EndMarkerReader<R> {
     header_budget: Rc<Cell<Option<u64>>>,
     /// Bytes read so far (for messages).
     offset: u64,
+    /// The inner reader reported its end (a read of 0 bytes into a non-empty buffer).
+    saw_eof: bool,
 }
 
 impl<R: Read> Read for EndMarkerReader<R> {
@@ -251,6 +257,7 @@ impl<R: Read> Read for EndMarkerReader<R> {
             None => buf,
         };
         let n = self.inner.read(buf)?;
+        self.saw_eof |= n == 0 && !buf.is_empty();
         self.offset += n as u64;
         if let Some(left) = budget {
             self.header_budget.set(Some(left - n as u64));
