@@ -508,6 +508,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         "pax-malformed.tar" => &["pax", "extended header", "ovl-hostile-pax"],
         "gnu-longname-escape.tar" => &["ovl-hostile-longname"],
         "gnu-longlink-escape.tar" => &["ovl-hostile-longlink"],
+        "pax-sparse-map-huge.tar.gz" => &["sparse map", "chunks"],
         "pax-huge.tar.gz" | "gnu-longname-huge.tar.gz" => &["larger than", "too large", "MiB"],
         "truncated.tar"
         | "truncated-header.tar"
@@ -994,6 +995,7 @@ fixture_tests! {
     pax_linkpath_escape => "pax-linkpath-escape.tar",
     pax_malformed => "pax-malformed.tar",
     pax_path_escape => "pax-path-escape.tar",
+    pax_sparse_map_huge => "pax-sparse-map-huge.tar.gz",
     pax_huge => "pax-huge.tar.gz",
     root_file => "root-file.tar",
     symlink_chain => "symlink-chain.tar",

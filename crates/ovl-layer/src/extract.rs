@@ -221,6 +221,9 @@ impl Extractor<'_> {
 /// archive/tar (containerd, umoci, docker) refuses a PAX header or long name over 1 MiB.
 pub const MAX_ENTRY_HEADERS: u64 = 2 << 20;
 
+/// The most chunks a PAX sparse map may list (the map is held in memory, 16 bytes a chunk).
+pub const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
+
 /// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF, and
 /// refuses to read more than the budget while it is set (see [`MAX_ENTRY_HEADERS`]).
 struct EndMarkerReader<R> {
@@ -794,6 +797,16 @@ impl Extractor<'_> {
                 .ok_or_else(|| entry_err(raw, "bad PAX sparse map"))
         };
         let count = read_number(entry)?;
+        // The map is held whole before the data: bound it (16 bytes a chunk).
+        if count > MAX_SPARSE_CHUNKS {
+            return Err(entry_err(
+                raw,
+                format!(
+                    "PAX sparse map lists {count} chunks, more than the {MAX_SPARSE_CHUNKS} \
+                     allowed"
+                ),
+            ));
+        }
         let mut chunks = Vec::new();
         for _ in 0..count {
             let off = read_number(entry)?;
