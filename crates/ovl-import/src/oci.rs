@@ -4,6 +4,7 @@
 //! with the digest every blob must have (checked while it streams, see
 //! [`ovl_layer::compress::VerifyingReader`]).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -60,6 +61,36 @@ fn parse_digest(d: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// The most bytes index.json or a manifest (or nested index) may have: they are read whole.
+const MAX_JSON: u64 = 4 << 20;
+
+/// `path` must be a regular file (a symlink to /dev/zero or a FIFO would be read forever):
+/// its length.
+fn regular_file(path: &Path) -> Result<u64, String> {
+    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !m.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    Ok(m.len())
+}
+
+/// Read a JSON file of the layout: a regular file of at most [`MAX_JSON`] bytes.
+fn read_json_file(path: &Path) -> Result<Vec<u8>, String> {
+    let len = regular_file(path)?;
+    if len > MAX_JSON {
+        return Err(format!(
+            "{}: {len} bytes, more than the {} MiB a manifest or index may have",
+            path.display(),
+            MAX_JSON >> 20
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_JSON).read_to_end(&mut bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(bytes)
+}
+
 fn blob_path(dir: &Path, digest: &str) -> PathBuf {
     dir.join("blobs")
         .join("sha256")
@@ -74,7 +105,7 @@ fn read_blob<T: for<'de> Deserialize<'de>>(dir: &Path, d: &Descriptor) -> Result
     };
     let want = parse_digest(&d.digest).map_err(bad)?;
     let path = blob_path(dir, &d.digest);
-    let bytes = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let bytes = read_json_file(&path).map_err(bad)?;
     let got: [u8; 32] = {
         use sha2::Digest;
         sha2::Sha256::digest(&bytes).into()
@@ -92,8 +123,7 @@ pub fn layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>, ImportErr
         why,
     };
     let index_path = dir.join("index.json");
-    let text =
-        std::fs::read(&index_path).map_err(|e| bad(format!("{}: {e}", index_path.display())))?;
+    let text = read_json_file(&index_path).map_err(bad)?;
     let index: Index =
         serde_json::from_slice(&text).map_err(|e| bad(format!("index.json: {e}")))?;
     let chosen = match tag {
@@ -129,9 +159,12 @@ pub fn layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>, ImportErr
         .layers
         .iter()
         .map(|l| {
+            let digest = parse_digest(&l.digest).map_err(bad)?;
+            let path = blob_path(dir, &l.digest);
+            regular_file(&path).map_err(bad)?;
             Ok(LayerBlob {
-                path: blob_path(dir, &l.digest),
-                digest: parse_digest(&l.digest).map_err(bad)?,
+                path,
+                digest,
                 size: l.size,
                 media_type: l.media_type.clone(),
             })

@@ -432,6 +432,71 @@ fn oci_layout_layers_become_lowerdirs_and_bad_digests_are_refused() {
     }));
 }
 
+/// Run `cmd` for at most 30 s; `None` when it had to be killed.
+fn output_within_30s(cmd: &mut Command) -> Option<std::process::Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+/// A layout's blobs are files named by digest, but a hostile layout can make one a symlink to
+/// /dev/zero or a FIFO: refused as not a regular file, quickly, instead of read forever.
+#[test]
+fn oci_blobs_that_are_not_regular_files_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let layer = Layer::new().file("f", b"f").bytes();
+    for what in ["layer-dev-zero", "manifest-fifo"] {
+        let layout = t.path().join(what);
+        let blobs = oci_layout(
+            &layout,
+            "v1",
+            &[(layer.clone(), "application/vnd.oci.image.layer.v1.tar")],
+        );
+        if what == "layer-dev-zero" {
+            std::fs::remove_file(&blobs[0]).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", &blobs[0]).unwrap();
+        } else {
+            // The manifest is the one blob written last (after the layer and the config).
+            let index = std::fs::read_to_string(layout.join("index.json")).unwrap();
+            let m = index.split("sha256:").nth(1).unwrap()[..64].to_string();
+            let path = layout.join("blobs/sha256").join(m);
+            std::fs::remove_file(&path).unwrap();
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &path,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .unwrap();
+        }
+        let dest = t.path().join(format!("{what}-dest"));
+        let out = output_within_30s(
+            import_cmd()
+                .arg("--quiet")
+                .arg(format!("oci:{}", layout.display()))
+                .arg(&dest),
+        )
+        .unwrap_or_else(|| panic!("{what}: ovl-import still running after 30 s"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: {err}");
+        assert!(err.contains("not a regular file"), "{what}: {err}");
+        assert!(!dest.exists(), "{what}");
+    }
+}
+
 #[test]
 fn an_existing_dest_is_refused_and_left_alone() {
     let t = tempfile::tempdir().unwrap();
