@@ -13,6 +13,11 @@
 //!   (lower entries included), and a metacopy file's data is read from the lower file it points
 //!   to. Without lowers they are refused ([`UpperError::NeedsLowers`]): a wrong result is never
 //!   produced silently;
+//! - `index=on` copy-ups of a lower file with other hardlinks: the merged view shows every name
+//!   of the lower inode as the copied-up file (the kernel finds it through workdir/index), but
+//!   the upper holds only the names that were copied up. Before anything is emitted, the upper
+//!   is checked for such a file whose merged link count (its `overlay.nlink` xattr) is more
+//!   than its names in the upper, and refused ([`UpperError::IndexedHardlink`]);
 //! - the metadata a layer carries: xattrs filtered by [`whiteout::classify_upper_xattr`] (plus
 //!   `security.selinux` dropped and `security.capability` put in its namespace-root form) and,
 //!   when asked, host ids mapped back to container ids.
@@ -63,6 +68,14 @@ pub enum UpperError {
         xattr: String,
         value: String,
     },
+    #[error(
+        "{path}: {why}. A layer made from this upper would leave the file's other names \
+         unchanged and no longer linked to it (the lower file has other hardlinks and the overlay \
+         was mounted with index=on, which changes them all in the merged view). Refused: copy up \
+         every name of the file through the mount (e.g. chmod or touch each) before exporting, or \
+         mount without index=on before changing such files"
+    )]
+    IndexedHardlink { path: String, why: String },
     #[error(
         "{path}: {which} {id} is not mapped to a container id (the upper holds a host id outside \
          the user's subordinate ranges)"
@@ -207,6 +220,7 @@ impl Upper {
         &self,
         f: &mut dyn FnMut(Change) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.check_index_links()?;
         let mut w = Walker {
             up: self,
             f,
@@ -291,7 +305,108 @@ impl Upper {
             source: e,
         }
     }
+
+    /// Refuses an upper holding a file copied up through the inodes index (`index=on`) that has
+    /// names in the merged view the upper does not hold ([`UpperError::IndexedHardlink`]).
+    ///
+    /// The kernel marks such a file (only it: an index copy-up of a lower inode with other
+    /// links, or of any file with nfs_export=on) with `overlay.nlink` (either namespace), kept
+    /// as `U[+-]N` = merged link count minus the upper inode's link count, which is its names
+    /// in the upper plus its one name in workdir/index. So the merged count is
+    /// `names in the upper + 1 + N`, however the upper was copied since (with or without its
+    /// workdir); more than the names in the upper means a name outside it. `L[+-]N` (relative
+    /// to the lower inode, left by an interrupted copy-up of another name) cannot be checked
+    /// from the upper: refused too. Ordinary uppers (index=off, no copy-up of a hardlinked
+    /// file, links made in the upper) have no `overlay.nlink` and pass.
+    fn check_index_links(&self) -> Result<(), UpperError> {
+        let mut seen = IndexedFiles::new();
+        let root = LayerPath::root();
+        let fd = open_dir_at(&self.root.fd(), c".").map_err(|e| self.io(&root, e))?;
+        self.scan_links(&fd, &root, &mut seen)?;
+        let mut bad: Vec<(LayerPath, String)> = Vec::new();
+        for (names, v) in seen.into_values() {
+            let first = names.iter().min().expect("one name at least").clone();
+            let have = names.len() as i64;
+            let shown = crate::path::display_bytes(&v);
+            // `U+0`, `U-1`, `L+2` (the kernel's "%+i").
+            let parsed = match v.as_slice() {
+                [form @ (b'U' | b'L'), sign @ (b'+' | b'-'), digits @ ..]
+                    if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) =>
+                {
+                    std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse::<i64>().ok())
+                        .map(|n| (*form, if *sign == b'-' { -n } else { n }))
+                }
+                _ => None,
+            };
+            match parsed {
+                Some((b'U', d)) => {
+                    let merged = have + 1 + d;
+                    if merged > have {
+                        bad.push((
+                            first,
+                            format!(
+                                "copied up through the inodes index with {merged} names in the \
+                                 merged view (overlay.nlink={shown}), {have} of them in the upper"
+                            ),
+                        ));
+                    }
+                }
+                Some((b'L', _)) => bad.push((
+                    first,
+                    format!(
+                        "copied up through the inodes index, with its merged link count \
+                         relative to the lower file (overlay.nlink={shown}, an interrupted \
+                         copy-up): whether every name is in the upper cannot be told"
+                    ),
+                )),
+                _ => {
+                    return Err(UpperError::BadXattr {
+                        path: self.root.display(&first),
+                        xattr: format!("overlay.{}", key::NLINK),
+                        value: shown,
+                    });
+                }
+            }
+        }
+        match bad.into_iter().min_by(|a, b| a.0.cmp(&b.0)) {
+            None => Ok(()),
+            Some((p, why)) => Err(UpperError::IndexedHardlink {
+                path: self.root.display(&p),
+                why,
+            }),
+        }
+    }
+
+    fn scan_links(
+        &self,
+        fd: &OwnedFd,
+        path: &LayerPath,
+        seen: &mut IndexedFiles,
+    ) -> Result<(), UpperError> {
+        for c in read_children(fd).map_err(|e| self.io(path, e))? {
+            let cpath = path.join(&c.name);
+            if c.file_type() == FileType::Directory {
+                let name = CString::new(c.name.clone()).expect("no NUL in a dirent name");
+                let cfd = open_dir_at(fd, &name).map_err(|e| self.io(&cpath, e))?;
+                self.scan_links(&cfd, &cpath, seen)?;
+                continue;
+            }
+            // Every name of the inode carries it: only marked inodes are counted.
+            let Some(nlink) = c.overlay_xattr(key::NLINK) else {
+                continue;
+            };
+            let e = seen.entry((c.st.st_dev, c.st.st_ino)).or_default();
+            e.0.push(cpath);
+            e.1 = nlink;
+        }
+        Ok(())
+    }
 }
+
+/// (dev, ino) of an upper file with `overlay.nlink` -> (its names in the upper, the value).
+type IndexedFiles = HashMap<(u64, u64), (Vec<LayerPath>, Vec<u8>)>;
 
 /// One directory child: its name, lstat and xattrs.
 struct Node {
@@ -1361,6 +1476,61 @@ mod tests {
                 "dir y opaque",
             ]
             .map(String::from)
+        );
+    }
+
+    /// `overlay.nlink` (as an index=on copy-up leaves it, seen on 6.18: `U+0` on the only
+    /// upper name of a lower file with two names) refuses the upper unless every merged name
+    /// is in it; what `changes()` (ovl-squash) and `walk()` (ovl-diff) both meet first.
+    #[test]
+    fn index_copy_up_missing_names_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let u = t.path();
+        std::fs::create_dir_all(u.join("d")).unwrap();
+        std::fs::write(u.join("hl1"), b"x").unwrap();
+        let changes = |u: &Path| Upper::open(u, &UpperOptions::default()).unwrap().changes();
+        // One name in the upper, two in the merged view.
+        xattr::set(u.join("hl1"), "user.overlay.nlink", b"U+0").unwrap();
+        let err = changes(u).unwrap_err();
+        assert!(matches!(err, UpperError::IndexedHardlink { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("{}/hl1", u.display())), "{msg}");
+        assert!(msg.contains("index=on") && msg.contains("2 names"), "{msg}");
+        // Both names copied up (the kernel then writes U-1): fine, a link entry.
+        std::fs::hard_link(u.join("hl1"), u.join("d/hl2")).unwrap();
+        xattr::set(u.join("hl1"), "user.overlay.nlink", b"U-1").unwrap();
+        assert_eq!(
+            summary(&changes(u).unwrap()),
+            [
+                "dir .",
+                "dir d",
+                "file d/hl2 Upper d/hl2",
+                "link hl1 -> d/hl2"
+            ]
+            .map(String::from)
+        );
+        // A third name made through the mount (U+0 again) but only two in the upper.
+        xattr::set(u.join("hl1"), "user.overlay.nlink", b"U+0").unwrap();
+        let err = changes(u).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("{}/d/hl2", u.display())),
+            "{err}"
+        );
+        // Relative to the lower: cannot be checked, refused; junk: a bad xattr.
+        xattr::set(u.join("hl1"), "user.overlay.nlink", b"L+0").unwrap();
+        let err = changes(u).unwrap_err();
+        assert!(matches!(err, UpperError::IndexedHardlink { .. }), "{err}");
+        for junk in [&b"2"[..], b"U+", b"U\xc3\xa9", b"X+1", b"U+1x"] {
+            xattr::set(u.join("hl1"), "user.overlay.nlink", junk).unwrap();
+            let err = changes(u).unwrap_err();
+            assert!(matches!(err, UpperError::BadXattr { .. }), "{err}");
+        }
+        // nfs_export=on indexes every copy-up: one name, one merged name (U-1) is fine.
+        std::fs::remove_file(u.join("d/hl2")).unwrap();
+        xattr::set(u.join("hl1"), "user.overlay.nlink", b"U-1").unwrap();
+        assert_eq!(
+            summary(&changes(u).unwrap()),
+            ["dir .", "dir d", "file hl1 Upper hl1"].map(String::from)
         );
     }
 

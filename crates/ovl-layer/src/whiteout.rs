@@ -105,6 +105,10 @@ pub mod key {
     pub const REDIRECT: &str = "redirect";
     pub const METACOPY: &str = "metacopy";
     pub const ORIGIN: &str = "origin";
+    /// On a file copied up through the inodes index (`index=on`): its link count in the merged
+    /// view, `U[+-]N` relative to the upper inode's (index link included) or `L[+-]N` relative
+    /// to the lower inode's.
+    pub const NLINK: &str = "nlink";
 }
 
 /// Value of `overlay.opaque` on a directory hidden from below.
