@@ -109,10 +109,17 @@ pub fn spawn_in_userns(mut cmd: Command, plan: &UsernsPlan) -> Result<Child, Use
         flags |= libc::CLONE_NEWNS;
     }
     let (w, r) = (to_parent_w.as_raw_fd(), to_child_r.as_raw_fd());
-    // SAFETY: the closure runs in the forked child and only makes raw syscalls (unshare, getpid,
-    // write, read): nothing that allocates or takes a lock.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child and only makes raw syscalls (prctl, getppid,
+    // unshare, getpid, write, read): nothing that allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
+            // The namespaced child dies with us (a SIGTERM to the tool must not leave it
+            // working on, or holding a mount namespace).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
+            {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
             if libc::unshare(flags) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -44,10 +44,17 @@ pub fn run(argv: &[OsString], merged: &Path, chroot: bool) -> Result<i32> {
     if root.is_none() {
         cmd.current_dir(merged);
     }
-    // SAFETY: the closure only makes async-signal-safe calls (signal, chroot, chdir) on memory
-    // prepared before the fork.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, signal, chroot,
+    // chdir) on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // CMD must not outlive us (e.g. a SIGTERM to ovl-mount): it would keep the mount
+            // namespace, and so the overlay and its upper, alive.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
+            {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
             if let Some(root) = &root {
