@@ -383,6 +383,10 @@ impl InPlace<'_> {
         rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
             .map_err(|e| io_at(self.lower_at(&target))(e.into()))?;
         crash::step();
+        // The rename and the data copied through the work directory must be on disk before
+        // the upper stops pointing at the old path: after a power loss the redirect would
+        // otherwise be gone while the lower still has the old layout.
+        rustix::fs::syncfs(&work).map_err(|e| io_at(self.lower_at(&target))(e.into()))?;
         // The upper entry now finds the same content at its own path.
         let u = self
             .upper
