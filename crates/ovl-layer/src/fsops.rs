@@ -137,11 +137,57 @@ pub fn chown_at(dir: &impl AsFd, name: &CStr, uid: u32, gid: u32) -> io::Result<
     .map_err(Into::into)
 }
 
-/// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
+/// chmod by name, never following NAME: a symlink is refused with EOPNOTSUPP, as glibc's
+/// lchmod does (Linux has no lchmod; plain `fchmodat` would change the symlink's target).
 pub fn chmod_at(dir: &impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
-    rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty()).map_err(Into::into)
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    // An O_PATH fd has no fchmod; its /proc magic link leads to the inode itself.
+    rustix::fs::chmod(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(Into::into)
 }
 
 pub fn set_times_at(dir: &impl AsFd, name: &CStr, times: &Timestamps) -> io::Result<()> {
     rustix::fs::utimensat(dir, name, times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A name that turned into a symlink between its creation and the chmod: the chmod must not
+    /// reach the symlink's target (Linux has no lchmod; `fchmodat` follows by default).
+    #[test]
+    fn chmod_at_never_follows_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("target");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&target, t.path().join("link")).unwrap();
+        std::fs::write(t.path().join("file"), b"y").unwrap();
+        let dir = rustix::fs::open(
+            t.path(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        assert!(chmod_at(&dir, c"link", 0o4777).is_err());
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&target), 0o600);
+        chmod_at(&dir, c"file", 0o4751).unwrap();
+        assert_eq!(mode(&t.path().join("file")), 0o4751);
+    }
 }
