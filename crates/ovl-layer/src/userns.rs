@@ -57,7 +57,9 @@ impl UsernsPlan {
 
 /// True in a process that [`reexec_self`] started.
 pub fn in_userns() -> bool {
-    std::env::var_os(ENV_IN_USERNS).is_some()
+    // The variable alone is not proof (it can be inherited or set by hand): the process must
+    // also be in a user namespace, i.e. not see the initial identity map.
+    std::env::var_os(ENV_IN_USERNS).is_some() && current_maps().uid != IdMap::identity()
 }
 
 /// The path of a program in PATH.
