@@ -718,3 +718,37 @@ fn a_progress_bar_is_drawn_on_a_terminal_and_never_with_quiet() {
         "--quiet printed: {quiet:?}"
     );
 }
+
+#[test]
+fn an_inherited_reexec_marker_does_not_skip_the_user_namespace() {
+    if !require("root (to set up the unprivileged test user)", is_root())
+        || !require("newuidmap (package uidmap)", which("newuidmap").is_some())
+    {
+        return;
+    }
+    let Some(user) = ovl_tests::test_user() else {
+        require("the unprivileged test user", false);
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = Layer::header();
+    h.set_gid(42);
+    h.set_size(1);
+    b.append_data(&mut h, "shadow", &b"x"[..]).unwrap();
+    let archive = t.path().join("a.tar");
+    std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    let dest = t.path().join("dest");
+    // The marker set by hand (or leaked from a parent) in the initial namespace.
+    let mut cmd = command_as(&user, Path::new("/usr/bin/env"));
+    cmd.arg(format!("{}=1", ovl_layer::userns::ENV_IN_USERNS))
+        .arg(bin("ovl-import"))
+        .arg("--quiet")
+        .arg(&archive)
+        .arg(&dest);
+    run_ok(&mut cmd);
+    let gid = std::fs::symlink_metadata(dest.join("shadow"))
+        .unwrap()
+        .gid();
+    assert_eq!(Some(gid), ovl_tests::rootless_maps(&user).gid.to_host(42));
+}

@@ -127,6 +127,9 @@ struct DeferredDir {
     path: LayerPath,
     mode: u32,
     times: Timestamps,
+    /// (device, inode) of the directory the entry made: the path is looked up again at the
+    /// end, and may by then lead elsewhere (a parent replaced by a symlink).
+    id: (u64, u64),
 }
 
 struct Extractor<'a> {
@@ -538,10 +541,8 @@ impl Extractor<'_> {
         let mode = h.mode().map_err(|e| bad("mode", e))? & 0o7777;
         let secs = h.mtime().map_err(|e| bad("mtime", e))?;
         let mut m = Meta {
-            uid: u32::try_from(uid)
-                .map_err(|_| entry_err(raw, format!("uid {uid} does not fit in 32 bits")))?,
-            gid: u32::try_from(gid)
-                .map_err(|_| entry_err(raw, format!("gid {gid} does not fit in 32 bits")))?,
+            uid: owner_id(raw, "uid", uid)?,
+            gid: owner_id(raw, "gid", gid)?,
             mode,
             mtime: Timespec {
                 tv_sec: secs as i64,
@@ -606,6 +607,7 @@ impl Extractor<'_> {
         )
         .map_err(|e| entry_err(raw, e))?;
         self.owner_and_xattrs_fd(&fd, &meta, raw)?;
+        let id = dir_id(&fd).map_err(|e| entry_err(raw, e))?;
         self.dirs.push(DeferredDir {
             path: LayerPath::root(),
             mode: meta.mode,
@@ -613,6 +615,7 @@ impl Extractor<'_> {
                 last_access: meta.atime,
                 last_modification: meta.mtime,
             },
+            id,
         });
         Ok(())
     }
@@ -673,6 +676,7 @@ impl Extractor<'_> {
                 .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
             self.stats.opaques += 1;
         }
+        let id = dir_id(&fd).map_err(|e| entry_err(raw, e))?;
         self.dirs.push(DeferredDir {
             path,
             mode: meta.mode,
@@ -680,6 +684,7 @@ impl Extractor<'_> {
                 last_access: meta.atime,
                 last_modification: meta.mtime,
             },
+            id,
         });
         Ok(())
     }
@@ -1052,13 +1057,14 @@ impl Extractor<'_> {
                 )
                 .map_err(|e| entry_err(&raw, e))?
             } else {
-                let leaf = self
-                    .root
-                    .leaf(&d.path, false)
-                    .map_err(|e| entry_err(&raw, e))?;
+                // A later entry may have replaced the directory, or a parent of it (even by a
+                // symlink to another directory): its metadata went with it, and must not land
+                // on whatever the path leads to now.
+                let Ok(leaf) = self.root.leaf(&d.path, false) else {
+                    continue;
+                };
                 match leaf.open_dir() {
                     Ok(fd) => fd,
-                    // A later entry replaced the directory: its metadata went with it.
                     Err(e)
                         if matches!(
                             e.raw_os_error(),
@@ -1070,6 +1076,9 @@ impl Extractor<'_> {
                     Err(e) => return Err(entry_err(&raw, e)),
                 }
             };
+            if dir_id(&fd).map_err(|e| entry_err(&raw, e))? != d.id {
+                continue;
+            }
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))
                 .map_err(|e| entry_err(&raw, format!("chmod: {e}")))?;
             rustix::fs::futimens(&fd, &d.times)
@@ -1077,6 +1086,28 @@ impl Extractor<'_> {
         }
         Ok(())
     }
+}
+
+/// An owner id from a header: 32 bits, and not 2^32-1, which chown reads as "leave unchanged"
+/// (the file would silently keep our owner).
+fn owner_id(raw: &[u8], what: &str, id: u64) -> Result<u32, ExtractError> {
+    match u32::try_from(id) {
+        Ok(u32::MAX) => Err(entry_err(
+            raw,
+            format!("{what} {id} is not a valid owner (chown reads it as \"unchanged\")"),
+        )),
+        Ok(v) => Ok(v),
+        Err(_) => Err(entry_err(
+            raw,
+            format!("{what} {id} does not fit in 32 bits"),
+        )),
+    }
+}
+
+/// (device, inode) of an open directory.
+fn dir_id(fd: &impl AsFd) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 fn owner_err(raw: &[u8], meta: &Meta, e: impl Into<io::Error>) -> ExtractError {
@@ -1118,6 +1149,73 @@ pub fn set_opaque(fd: &OwnedFd, ns: XattrNs) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_header(kind: tar::EntryType, mode: u32, mtime: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(mtime);
+        h.set_size(0);
+        h
+    }
+
+    fn extract_into(dir: &std::path::Path, tar: Vec<u8>) -> Result<ExtractStats, ExtractError> {
+        let root = Root::open(dir).unwrap();
+        let owners = if rustix::process::geteuid().is_root() {
+            OwnerPolicy::Preserve
+        } else {
+            OwnerPolicy::Record
+        };
+        extract(
+            &tar[..],
+            &root,
+            ExtractOptions {
+                opaque_ns: XattrNs::User,
+                owners,
+            },
+        )
+    }
+
+    #[test]
+    fn deferred_directory_metadata_never_lands_on_another_directory() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, mode, mtime) in [
+            ("x/", 0o755, 3),
+            ("x/b/", 0o751, 4),
+            ("a/", 0o755, 1),
+            ("a/b/", 0o700, 2),
+        ] {
+            b.append_data(
+                &mut test_header(tar::EntryType::Directory, mode, mtime),
+                path,
+                std::io::empty(),
+            )
+            .unwrap();
+        }
+        // `a` becomes a symlink to `x`: `a/b` now leads to `x/b`, which must keep its own mode.
+        let mut h = test_header(tar::EntryType::Symlink, 0o777, 5);
+        b.append_link(&mut h, "a", "x").unwrap();
+        let t = tempfile::tempdir().unwrap();
+        extract_into(t.path(), b.into_inner().unwrap()).unwrap();
+        let xb = std::fs::metadata(t.path().join("x/b")).unwrap();
+        assert_eq!((xb.permissions().mode() & 0o7777, xb.mtime()), (0o751, 4));
+    }
+
+    #[test]
+    fn an_owner_of_minus_one_is_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = test_header(tar::EntryType::Regular, 0o644, 1);
+        h.set_uid(u64::from(u32::MAX));
+        b.append_data(&mut h, "f", std::io::empty()).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let err = extract_into(t.path(), b.into_inner().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4294967295") && err.contains("\"f\""), "{err}");
+    }
 
     #[test]
     fn pax_times() {
