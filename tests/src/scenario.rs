@@ -127,15 +127,8 @@ pub struct Scenario {
 /// restores them only for directories it wrote) can set `ignore_dir_mtime` on a copy.
 pub fn compare_options() -> SnapshotOptions {
     SnapshotOptions {
-        ignore_dir_mtime: false,
-        ignore_mtime: false,
-        ignore_xattr_prefixes: vec![
-            "trusted.overlay.".into(),
-            "user.overlay.".into(),
-            "user.fuseoverlayfs.".into(),
-            "security.selinux".into(),
-        ],
         skip_root: true,
+        ..SnapshotOptions::merged_view()
     }
 }
 

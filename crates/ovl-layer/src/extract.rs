@@ -607,17 +607,7 @@ impl Extractor<'_> {
         )
         .map_err(|e| entry_err(raw, e))?;
         self.owner_and_xattrs_fd(&fd, &meta, raw)?;
-        let id = dir_id(&fd).map_err(|e| entry_err(raw, e))?;
-        self.dirs.push(DeferredDir {
-            path: LayerPath::root(),
-            mode: meta.mode,
-            times: Timestamps {
-                last_access: meta.atime,
-                last_modification: meta.mtime,
-            },
-            id,
-        });
-        Ok(())
+        self.defer_dir(LayerPath::root(), &fd, &meta, raw)
     }
 
     fn opaque_marker(&mut self, dir: &LayerPath, raw: &[u8]) -> Result<(), ExtractError> {
@@ -676,17 +666,7 @@ impl Extractor<'_> {
                 .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
             self.stats.opaques += 1;
         }
-        let id = dir_id(&fd).map_err(|e| entry_err(raw, e))?;
-        self.dirs.push(DeferredDir {
-            path,
-            mode: meta.mode,
-            times: Timestamps {
-                last_access: meta.atime,
-                last_modification: meta.mtime,
-            },
-            id,
-        });
-        Ok(())
+        self.defer_dir(path, &fd, &meta, raw)
     }
 
     fn regular<R: Read>(
@@ -1043,6 +1023,28 @@ impl Extractor<'_> {
             }
             Err(e) => Err(entry_err(raw, format!("set xattr {name}: {e}"))),
         }
+    }
+
+    /// Remember a directory's mode and times for [`Self::finish_dirs`]: set now, they would
+    /// block writing below it (a 0555 dir) or be bumped by every entry made in it.
+    fn defer_dir(
+        &mut self,
+        path: LayerPath,
+        fd: &impl AsFd,
+        meta: &Meta,
+        raw: &[u8],
+    ) -> Result<(), ExtractError> {
+        let id = dir_id(fd).map_err(|e| entry_err(raw, e))?;
+        self.dirs.push(DeferredDir {
+            path,
+            mode: meta.mode,
+            times: Timestamps {
+                last_access: meta.atime,
+                last_modification: meta.mtime,
+            },
+            id,
+        });
+        Ok(())
     }
 
     fn finish_dirs(&mut self) -> Result<(), ExtractError> {

@@ -47,6 +47,24 @@ pub struct SnapshotOptions {
     pub skip_root: bool,
 }
 
+impl SnapshotOptions {
+    /// What a merged view shows, strictly: everything but the overlay's own markers (both
+    /// xattr namespaces, fuse-overlayfs's) and SELinux labels (the host's policy, not the
+    /// image's), which are not content.
+    pub fn merged_view() -> Self {
+        let mut ignore: Vec<String> = crate::whiteout::XattrNs::ALL
+            .iter()
+            .map(|ns| ns.prefix().to_string())
+            .collect();
+        ignore.push(crate::whiteout::FUSE_PRIVATE_PREFIX.to_string());
+        ignore.push("security.selinux".to_string());
+        SnapshotOptions {
+            ignore_xattr_prefixes: ignore,
+            ..Default::default()
+        }
+    }
+}
+
 /// A tree: relative path bytes (root is empty) -> entry, sorted bytewise.
 pub type Snapshot = BTreeMap<Vec<u8>, Entry>;
 

@@ -228,17 +228,7 @@ fn read_snapshot(path: &Path) -> Result<Snapshot> {
 /// content, symlink target, device number, other xattrs, hardlink groups. Each comparison
 /// names what else it leaves out.
 pub fn snapshot_options() -> SnapshotOptions {
-    SnapshotOptions {
-        ignore_dir_mtime: false,
-        ignore_mtime: false,
-        ignore_xattr_prefixes: vec![
-            "trusted.overlay.".into(),
-            "user.overlay.".into(),
-            "user.fuseoverlayfs.".into(),
-            "security.selinux".into(),
-        ],
-        skip_root: false,
-    }
+    SnapshotOptions::merged_view()
 }
 
 /// An error for two trees that differ: "WHAT: N differences (first: A, second: B)" and at most
