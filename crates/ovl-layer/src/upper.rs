@@ -385,19 +385,58 @@ impl Upper {
         path: &LayerPath,
         seen: &mut IndexedFiles,
     ) -> Result<(), UpperError> {
-        for c in read_children(fd).map_err(|e| self.io(path, e))? {
-            let cpath = path.join(&c.name);
-            if c.file_type() == FileType::Directory {
-                let name = CString::new(c.name.clone()).expect("no NUL in a dirent name");
+        // This pass runs over every entry before anything is written: list the xattr names of
+        // non-directories only, and stat and read values only where `overlay.nlink` is there
+        // (st_nlink would be a cheaper filter, but an upper copied without its workdir has
+        // lost the index link).
+        let mut names = Vec::new();
+        for ent in rustix::fs::Dir::read_from(fd).map_err(|e| self.io(path, e.into()))? {
+            let ent = ent.map_err(|e| self.io(path, e.into()))?;
+            let n = ent.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push((ent.file_name().to_owned(), ent.file_type()));
+            }
+        }
+        let marked: Vec<String> = XattrNs::ALL.iter().map(|ns| ns.name(key::NLINK)).collect();
+        for (name, ft) in names {
+            let cpath = path.join(name.as_bytes());
+            let is_dir = match ft {
+                FileType::Directory => true,
+                FileType::Unknown => {
+                    let st = rustix::fs::statat(fd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| self.io(&cpath, e.into()))?;
+                    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                }
+                _ => false,
+            };
+            if is_dir {
                 let cfd = open_dir_at(fd, &name).map_err(|e| self.io(&cpath, e))?;
                 self.scan_links(&cfd, &cpath, seen)?;
                 continue;
             }
-            // Every name of the inode carries it: only marked inodes are counted.
-            let Some(nlink) = c.overlay_xattr(key::NLINK) else {
+            let listed = match xattr::list(crate::fsops::proc_path(fd, &name)) {
+                Ok(l) => l.collect::<Vec<_>>(),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => continue,
+                Err(e) => return Err(self.io(&cpath, e)),
+            };
+            if !listed
+                .iter()
+                .any(|n| marked.iter().any(|m| n.as_encoded_bytes() == m.as_bytes()))
+            {
+                continue;
+            }
+            let st = rustix::fs::statat(fd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| self.io(&cpath, e.into()))?;
+            let xattrs = list_at(fd, &name).map_err(|e| self.io(&cpath, e))?;
+            let node = Node {
+                name: name.into_bytes(),
+                st,
+                xattrs,
+            };
+            let Some(nlink) = node.overlay_xattr(key::NLINK) else {
                 continue;
             };
-            let e = seen.entry((c.st.st_dev, c.st.st_ino)).or_default();
+            let e = seen.entry((node.st.st_dev, node.st.st_ino)).or_default();
             e.0.push(cpath);
             e.1 = nlink;
         }
