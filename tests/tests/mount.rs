@@ -2,14 +2,16 @@
 //! Alpine rootfs that `ovl-import` laid down, what each driver writes into the upper, `--chroot`
 //! with the image's own `adduser`, persistent mounts, 200 lowers, and every prerequisite error.
 
+use std::ffi::OsStr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use ovl_layer::idmap::RootlessMaps;
 use ovl_tests::{
-    TestUser, bin, command_as, is_root, output, require, run_ok, test_user, user_tempdir,
+    TestUser, bin, command_as, is_root, output, require, rootless_maps, run_ok, test_user,
+    user_tempdir,
 };
+use tempfile::TempDir;
 
 /// The edit every driver test makes inside the mount (working directory MERGED).
 const EDIT: &str = "rm etc/motd && rm -rf etc/apk && mkdir etc/apk && touch etc/apk/new";
@@ -40,31 +42,94 @@ fn user_setup() -> Option<(TestUser, PathBuf)> {
     Some((user.unwrap(), ovl_tests::alpine_minirootfs()?))
 }
 
-/// Import the Alpine rootfs into `dest` as root.
-fn import_as_root(tarball: &Path, dest: &Path) {
-    run_ok(
-        Command::new(bin("ovl-import"))
-            .arg("-q")
-            .arg(tarball)
-            .arg(dest),
-    );
+/// `user_setup`, and a /dev/fuse the test user can open.
+fn user_fuse_setup() -> Option<(TestUser, PathBuf)> {
+    user_setup().filter(|_| fuse_usable())
 }
 
-/// Import the Alpine rootfs into `dest` as `user` (files land owned by its subordinate ids).
-fn import_as(user: &TestUser, tarball: &Path, dest: &Path) {
-    run_ok(
-        command_as(user, &bin("ovl-import"))
-            .arg("-q")
-            .arg(tarball)
-            .arg(dest),
-    );
+fn fuse_usable() -> bool {
+    require("a usable /dev/fuse", ovl_tests::make_fuse_usable())
+}
+
+/// The fuse-overlayfs binary and a usable /dev/fuse.
+fn fuse_overlayfs_usable() -> bool {
+    require(
+        "fuse-overlayfs",
+        ovl_tests::which("fuse-overlayfs").is_some(),
+    ) && fuse_usable()
+}
+
+/// An ovl binary run as `user`, or as root.
+fn tool(user: Option<&TestUser>, name: &str) -> Command {
+    match user {
+        Some(u) => command_as(u, &bin(name)),
+        None => Command::new(bin(name)),
+    }
+}
+
+/// A temporary directory for `user` (one it owns), or for root.
+fn tempdir_for(user: Option<&TestUser>) -> TempDir {
+    match user {
+        Some(u) => user_tempdir(u),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
+/// Import the Alpine rootfs into `dest` as `user` (files land owned by its subordinate ids), or
+/// as root.
+fn import(user: Option<&TestUser>, tarball: &Path, dest: &Path) {
+    run_ok(tool(user, "ovl-import").arg("-q").arg(tarball).arg(dest));
+}
+
+/// A temporary directory for `user` (or root) with the Alpine rootfs imported at `lower` in it.
+fn imported(user: Option<&TestUser>, tarball: &Path) -> (TempDir, PathBuf) {
+    let t = tempdir_for(user);
+    let lower = t.path().join("lower");
+    import(user, tarball, &lower);
+    (t, lower)
+}
+
+/// An empty lower `T/l` and an empty `T/merged`; returns the lower.
+fn empty_lower(t: &Path) -> PathBuf {
+    let lower = mkdir(&t.join("l"));
+    mkdir(&t.join("merged"));
+    lower
 }
 
 fn mount_cmd(user: Option<&TestUser>) -> Command {
-    match user {
-        Some(u) => command_as(u, &bin("ovl-mount")),
-        None => Command::new(bin("ovl-mount")),
-    }
+    tool(user, "ovl-mount")
+}
+
+/// `ovl-mount ARGS... --lower L --upper U --work W M`.
+fn mount_at(
+    user: Option<&TestUser>,
+    args: &[&str],
+    lower: impl AsRef<OsStr>,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Command {
+    let mut c = mount_cmd(user);
+    c.args(args)
+        .arg("--lower")
+        .arg(lower)
+        .arg("--upper")
+        .arg(upper)
+        .arg("--work")
+        .arg(work)
+        .arg(merged);
+    c
+}
+
+/// `ovl-mount ARGS... --lower L --upper U --work W M -- sh -c SCRIPT`.
+fn mount_at_run(
+    user: Option<&TestUser>,
+    args: &[&str],
+    [lower, upper, work, merged]: [&Path; 4],
+    sh: &str,
+    script: &str,
+) -> Output {
+    output(mount_at(user, args, lower, upper, work, merged).args(["--", sh, "-c", script]))
 }
 
 /// `ovl-mount ARGS... --lower L --upper U --work W M -- sh -c SCRIPT`.
@@ -75,17 +140,24 @@ fn mount_run(
     lower: &Path,
     script: &str,
 ) -> Output {
-    let mut c = mount_cmd(user);
-    c.args(args)
-        .arg("--lower")
-        .arg(lower)
-        .arg("--upper")
-        .arg(t.join("upper"))
-        .arg("--work")
-        .arg(t.join("work"))
-        .arg(t.join("merged"))
-        .args(["--", "/bin/sh", "-c", script]);
-    output(&mut c)
+    let dirs = [lower, &t.join("upper"), &t.join("work"), &t.join("merged")];
+    mount_at_run(user, args, dirs, "/bin/sh", script)
+}
+
+/// `ovl-mount --unmount MERGED` (as root).
+fn unmount(merged: &Path) -> Command {
+    let mut c = mount_cmd(None);
+    c.arg("--unmount").arg(merged);
+    c
+}
+
+/// Run `f` against the persistent mount on `merged`, then unmount it whether `f` panicked or
+/// not; `f`'s panic comes after (a failed unmount first). Returns what `--unmount` printed.
+fn while_mounted(merged: &Path, f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+    let result = std::panic::catch_unwind(f);
+    let stdout = ok(&output(&mut unmount(merged)));
+    result.unwrap();
+    stdout
 }
 
 fn ok(out: &Output) -> String {
@@ -151,6 +223,29 @@ fn xattrs_with_prefix(upper: &Path, prefix: &str) -> Vec<String> {
     out
 }
 
+/// No xattr on any entry of the upper starts with `prefix`.
+fn assert_no_xattrs(upper: &Path, prefix: &str) {
+    assert_eq!(xattrs_with_prefix(upper, prefix), Vec::<String>::new());
+}
+
+/// How many entries a directory has (0: an unmounted, untouched MERGED).
+fn entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+/// Assert ovl-mount's stderr contains `needle`, showing it when not.
+fn assert_said(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "{err}");
+}
+
+/// Make `p` and give it to `user`.
+fn mkdir_for(user: &TestUser, p: &Path) -> PathBuf {
+    let d = mkdir(p);
+    std::os::unix::fs::chown(&d, Some(user.uid), Some(user.gid)).unwrap();
+    d
+}
+
 /// The edit left the same visible result whatever the driver: motd gone, apk opaque and new.
 fn assert_common_upper(upper: &Path) {
     assert!(upper.join("etc/apk/new").is_file());
@@ -178,22 +273,14 @@ fn assert_kernel_upper(upper: &Path, ns: &str, other: &str) {
         Vec::<String>::new(),
         "the kernel writes no .wh. names"
     );
-    assert_eq!(
-        xattrs_with_prefix(upper, &format!("{other}.overlay.")),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        xattrs_with_prefix(upper, "user.fuseoverlayfs."),
-        Vec::<String>::new()
-    );
+    assert_no_xattrs(upper, &format!("{other}.overlay."));
+    assert_no_xattrs(upper, "user.fuseoverlayfs.");
 }
 
 #[test]
 fn root_kernel_writes_device_whiteouts_and_trusted_opaque() {
     let Some(tarball) = root_setup() else { return };
-    let t = tempfile::tempdir().unwrap();
-    let lower = t.path().join("lower");
-    import_as_root(&tarball, &lower);
+    let (t, lower) = imported(None, &tarball);
     mkdir(&t.path().join("merged"));
     let script = format!("stat -c %u:%g etc/shadow && {EDIT} && pwd");
     let out = mount_run(None, &["-v", "--driver", "auto"], t.path(), &lower, &script);
@@ -202,17 +289,9 @@ fn root_kernel_writes_device_whiteouts_and_trusted_opaque() {
         stdout.lines().collect::<Vec<_>>(),
         ["0:42", t.path().join("merged").to_str().unwrap()]
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("driver: kernel overlayfs (running as root)"),
-        "{err}"
-    );
+    assert_said(&out, "driver: kernel overlayfs (running as root)");
     assert_kernel_upper(&t.path().join("upper"), "trusted", "user");
-    assert_eq!(
-        std::fs::read_dir(t.path().join("merged")).unwrap().count(),
-        0,
-        "the mount is gone"
-    );
+    assert_eq!(entries(&t.path().join("merged")), 0, "the mount is gone");
     assert!(lower.join("etc/motd").is_file(), "the lower is untouched");
 }
 
@@ -221,10 +300,8 @@ fn rootless_kernel_writes_device_whiteouts_and_user_opaque() {
     let Some((user, tarball)) = user_setup() else {
         return;
     };
-    let t = user_tempdir(&user);
-    let lower = t.path().join("lower");
-    import_as(&user, &tarball, &lower);
-    let maps = RootlessMaps::for_current_user_named(&user);
+    let (t, lower) = imported(Some(&user), &tarball);
+    let maps = rootless_maps(&user);
     // The image's gid 42 (shadow) landed as the mapped host id, and reads back as 42 inside.
     assert_eq!(
         std::fs::metadata(lower.join("etc/shadow")).unwrap().gid(),
@@ -240,11 +317,7 @@ fn rootless_kernel_writes_device_whiteouts_and_user_opaque() {
         &script,
     );
     assert_eq!(ok(&out).lines().collect::<Vec<_>>(), ["0", "0:42"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("kernel overlayfs (rootless, userxattr)"),
-        "{err}"
-    );
+    assert_said(&out, "kernel overlayfs (rootless, userxattr)");
     let upper = t.path().join("upper");
     assert_kernel_upper(&upper, "user", "trusted");
     assert_eq!(
@@ -261,16 +334,10 @@ fn rootless_fuse_writes_its_own_opaque_markers() {
     let Some((user, tarball)) = user_setup() else {
         return;
     };
-    if !require(
-        "fuse-overlayfs",
-        ovl_tests::which("fuse-overlayfs").is_some(),
-    ) || !require("a usable /dev/fuse", ovl_tests::make_fuse_usable())
-    {
+    if !fuse_overlayfs_usable() {
         return;
     }
-    let t = user_tempdir(&user);
-    let lower = t.path().join("lower");
-    import_as(&user, &tarball, &lower);
+    let (t, lower) = imported(Some(&user), &tarball);
     mkdir(&t.path().join("merged"));
     let script = format!("id -u && stat -c %u:%g etc/shadow && {EDIT} && ls -a etc/apk");
     let out = mount_run(
@@ -301,14 +368,8 @@ fn rootless_fuse_writes_its_own_opaque_markers() {
         ".wh..opq is a 0/0 char device"
     );
     assert!(xattr(&apk, "user.fuseoverlayfs.opaque").is_some());
-    assert_eq!(
-        xattrs_with_prefix(&upper, "trusted.overlay."),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        xattrs_with_prefix(&upper, "user.overlay."),
-        Vec::<String>::new()
-    );
+    assert_no_xattrs(&upper, "trusted.overlay.");
+    assert_no_xattrs(&upper, "user.overlay.");
     let mut wh = wh_names(&upper);
     wh.sort();
     assert_eq!(
@@ -385,10 +446,7 @@ fn chroot_adduser(user: Option<&TestUser>, driver: &str, t: &Path, lower: &Path)
     );
     let host_bob = match user {
         None => 1000,
-        Some(u) => RootlessMaps::for_current_user_named(u)
-            .uid
-            .to_host(1000)
-            .unwrap(),
+        Some(u) => rootless_maps(u).uid.to_host(1000).unwrap(),
     };
     let home = std::fs::metadata(upper.join("home/bob")).unwrap();
     assert_eq!(
@@ -404,32 +462,24 @@ fn chroot_adduser(user: Option<&TestUser>, driver: &str, t: &Path, lower: &Path)
     );
     // Nothing of /proc or /dev leaked into the upper.
     assert!(!upper.join("dev/null").exists() && !upper.join("proc/self").exists());
-    assert_eq!(std::fs::read_dir(t.join("merged")).unwrap().count(), 0);
+    assert_eq!(entries(&t.join("merged")), 0);
 }
 
 #[test]
 fn chroot_adduser_as_root() {
     let Some(tarball) = root_setup() else { return };
-    let t = tempfile::tempdir().unwrap();
-    let lower = t.path().join("lower");
-    import_as_root(&tarball, &lower);
+    let (t, lower) = imported(None, &tarball);
     chroot_adduser(None, "kernel", t.path(), &lower);
 }
 
 #[test]
 fn chroot_adduser_rootless_kernel_and_fuse() {
-    let Some((user, tarball)) = user_setup() else {
+    let Some((user, tarball)) = user_fuse_setup() else {
         return;
     };
-    if !require("a usable /dev/fuse", ovl_tests::make_fuse_usable()) {
-        return;
-    }
-    let t = user_tempdir(&user);
-    let lower = t.path().join("lower");
-    import_as(&user, &tarball, &lower);
+    let (t, lower) = imported(Some(&user), &tarball);
     for driver in ["kernel", "fuse"] {
-        let d = mkdir(&t.path().join(driver));
-        std::os::unix::fs::chown(&d, Some(user.uid), Some(user.gid)).unwrap();
+        let d = mkdir_for(&user, &t.path().join(driver));
         chroot_adduser(Some(&user), driver, &d, &lower);
     }
 }
@@ -437,20 +487,13 @@ fn chroot_adduser_rootless_kernel_and_fuse() {
 #[test]
 fn persistent_mount_prints_refuses_reuse_and_unmounts() {
     let Some(tarball) = root_setup() else { return };
-    let t = tempfile::tempdir().unwrap();
+    let (t, lower) = imported(None, &tarball);
     let p = t.path();
-    let lower = p.join("lower");
-    import_as_root(&tarball, &lower);
     let merged = mkdir(&p.join("merged"));
-    let mut c = Command::new(bin("ovl-mount"));
-    c.arg("--lower")
-        .arg(&lower)
-        .arg("--upper")
-        .arg(p.join("u"))
-        .arg("--work")
-        .arg(p.join("w"))
-        .arg(&merged);
-    let stdout = ok(&output(&mut c));
+    let mount = |upper: &str, work: &str, merged: &Path| {
+        mount_at(None, &[], &lower, &p.join(upper), &p.join(work), merged)
+    };
+    let stdout = ok(&output(&mut mount("u", "w", &merged)));
     let want = format!(
         "mounted overlay on {} (lower={}, upper={}, work={})\n",
         merged.display(),
@@ -459,8 +502,7 @@ fn persistent_mount_prints_refuses_reuse_and_unmounts() {
         p.join("w").display()
     );
     assert_eq!(stdout, want);
-    let unmount = || output(Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged));
-    let result = std::panic::catch_unwind(|| {
+    let unmounted = while_mounted(&merged, || {
         assert!(
             merged.join("etc/alpine-release").is_file(),
             "the mount is visible from outside"
@@ -468,39 +510,21 @@ fn persistent_mount_prints_refuses_reuse_and_unmounts() {
         std::fs::write(merged.join("etc/hello"), b"hi").unwrap();
         // The same work directory (and upper) cannot serve a second overlay.
         let other = mkdir(&p.join("other"));
-        let mut c = Command::new(bin("ovl-mount"));
-        c.arg("--lower")
-            .arg(&lower)
-            .arg("--upper")
-            .arg(p.join("u2"))
-            .arg("--work")
-            .arg(p.join("w"))
-            .arg(&other);
-        fails_with(&output(&mut c), &["work directory", "in use", "overlay on"]);
-        let mut c = Command::new(bin("ovl-mount"));
-        c.arg("--lower")
-            .arg(&lower)
-            .arg("--upper")
-            .arg(p.join("u"))
-            .arg("--work")
-            .arg(p.join("w3"))
-            .arg(&other);
-        fails_with(&output(&mut c), &["upper directory", "in use"]);
+        fails_with(
+            &output(&mut mount("u2", "w", &other)),
+            &["work directory", "in use", "overlay on"],
+        );
+        fails_with(
+            &output(&mut mount("u", "w3", &other)),
+            &["upper directory", "in use"],
+        );
     });
-    assert_eq!(ok(&unmount()), format!("unmounted {}\n", merged.display()));
-    result.unwrap();
+    assert_eq!(unmounted, format!("unmounted {}\n", merged.display()));
     assert_eq!(std::fs::read(p.join("u/etc/hello")).unwrap(), b"hi");
-    assert_eq!(std::fs::read_dir(&merged).unwrap().count(), 0);
-    fails_with(&unmount(), &["not a mount point"]);
+    assert_eq!(entries(&merged), 0);
+    fails_with(&output(&mut unmount(&merged)), &["not a mount point"]);
     // The work directory an earlier mount used is fine to use again.
-    let mut c = Command::new(bin("ovl-mount"));
-    c.arg("--lower")
-        .arg(&lower)
-        .arg("--upper")
-        .arg(p.join("u"))
-        .arg("--work")
-        .arg(p.join("w"))
-        .arg(&merged);
+    let mut c = mount("u", "w", &merged);
     c.args(["--", "cat", "etc/hello"]);
     assert_eq!(ok(&output(&mut c)), "hi");
 }
@@ -508,9 +532,7 @@ fn persistent_mount_prints_refuses_reuse_and_unmounts() {
 #[test]
 fn persistent_without_upper_is_read_only() {
     let Some(tarball) = root_setup() else { return };
-    let t = tempfile::tempdir().unwrap();
-    let lower = t.path().join("lower");
-    import_as_root(&tarball, &lower);
+    let (t, lower) = imported(None, &tarball);
     let extra = mkdir(&t.path().join("extra"));
     std::fs::write(extra.join("extra-file"), b"e").unwrap();
     let merged = mkdir(&t.path().join("merged"));
@@ -519,14 +541,10 @@ fn persistent_without_upper_is_read_only() {
         lower.display().to_string(),
         format!("{}:{}", extra.display(), lower.display()),
     ] {
-        let out = output(
-            Command::new(bin("ovl-mount"))
-                .args(["--lower", &lowers])
-                .arg(&merged),
-        );
+        let out = output(mount_cmd(None).args(["--lower", &lowers]).arg(&merged));
         assert!(ok(&out).ends_with("read-only)\n"));
         let write = std::fs::write(merged.join("etc/x"), b"x");
-        run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged));
+        run_ok(&mut unmount(&merged));
         assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
     }
     assert!(!lower.join("etc/x").exists());
@@ -534,51 +552,40 @@ fn persistent_without_upper_is_read_only() {
 
 #[test]
 fn merged_may_be_the_single_lower() {
-    let Some((user, tarball)) = user_setup() else {
+    let Some((user, tarball)) = user_fuse_setup() else {
         return;
     };
-    if !require("a usable /dev/fuse", ovl_tests::make_fuse_usable()) {
-        return;
-    }
     // Root.
     let t = tempfile::tempdir().unwrap();
     let rootfs = t.path().join("box/rootfs");
     mkdir(&t.path().join("box"));
-    import_as_root(&tarball, &rootfs);
-    let mut c = Command::new(bin("ovl-mount"));
-    c.arg("--lower")
-        .arg(&rootfs)
-        .arg("--upper")
-        .arg(t.path().join("box/upper"))
-        .arg("--work");
-    c.arg(t.path().join("box/work")).arg(&rootfs).args([
-        "--",
+    import(None, &tarball, &rootfs);
+    let (upper, work) = (t.path().join("box/upper"), t.path().join("box/work"));
+    let script = "rm etc/motd && echo new > etc/new";
+    ok(&mount_at_run(
+        None,
+        &[],
+        [&rootfs, &upper, &work, &rootfs],
         "sh",
-        "-c",
-        "rm etc/motd && echo new > etc/new",
-    ]);
-    ok(&output(&mut c));
+        script,
+    ));
     assert!(rootfs.join("etc/motd").is_file() && !rootfs.join("etc/new").exists());
     assert!(is_kernel_whiteout(&t.path().join("box/upper/etc/motd")));
     // Rootless, both drivers, with --chroot.
     let t = user_tempdir(&user);
     let rootfs = t.path().join("rootfs");
-    import_as(&user, &tarball, &rootfs);
+    import(Some(&user), &tarball, &rootfs);
     for driver in ["kernel", "fuse"] {
-        let mut c = command_as(&user, &bin("ovl-mount"));
-        c.args(["--chroot", "--driver", driver, "--lower"])
-            .arg(&rootfs)
-            .arg("--upper");
-        c.arg(t.path().join(format!("upper-{driver}")))
-            .arg("--work")
-            .arg(t.path().join(format!("work-{driver}")));
-        c.arg(&rootfs).args([
-            "--",
+        let upper = t.path().join(format!("upper-{driver}"));
+        let work = t.path().join(format!("work-{driver}"));
+        let out = mount_at_run(
+            Some(&user),
+            &["--chroot", "--driver", driver],
+            [&rootfs, &upper, &work, &rootfs],
             "/bin/sh",
-            "-c",
             "rm /etc/motd && cat /etc/alpine-release",
-        ]);
-        assert_eq!(ok(&output(&mut c)), "3.20.3\n", "{driver}");
+        );
+        assert_eq!(ok(&out), "3.20.3\n", "{driver}");
         assert!(
             is_kernel_whiteout(&t.path().join(format!("upper-{driver}/etc/motd"))),
             "{driver}"
@@ -615,7 +622,7 @@ fn two_hundred_lowers_mount_as_root_with_lowerdir_append_and_fallback() {
         (&[][..], "lowerdir+"),
         (&["--legacy-mount-api"][..], "/proc/self/fd names"),
     ] {
-        let mut c = Command::new(bin("ovl-mount"));
+        let mut c = mount_cmd(None);
         c.arg("-v")
             .args(flags)
             .args(["--lower", &lowers])
@@ -635,8 +642,8 @@ fn two_hundred_lowers_mount_as_root_with_lowerdir_append_and_fallback() {
             ["0", "201"],
             "{how}"
         );
+        assert_said(&out, how);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(how), "{err}");
         eprintln!(
             "200 lowers, root: {}",
             err.lines()
@@ -648,12 +655,9 @@ fn two_hundred_lowers_mount_as_root_with_lowerdir_append_and_fallback() {
 
 #[test]
 fn two_hundred_lowers_mount_rootless_kernel_and_fuse() {
-    let Some((user, _)) = user_setup() else {
+    let Some((user, _)) = user_fuse_setup() else {
         return;
     };
-    if !require("a usable /dev/fuse", ovl_tests::make_fuse_usable()) {
-        return;
-    }
     let t = user_tempdir(&user);
     let lowers = many_lowers(&t.path().join("layers"), 200);
     let merged = mkdir(&t.path().join("merged"));
@@ -668,7 +672,7 @@ fn two_hundred_lowers_mount_rootless_kernel_and_fuse() {
         ("kernel", "--legacy-mount-api"),
         ("fuse", ""),
     ] {
-        let mut c = command_as(&user, &bin("ovl-mount"));
+        let mut c = mount_cmd(Some(&user));
         c.args(["-v", "--driver", driver, "--lower", &lowers]);
         if !extra.is_empty() {
             c.arg(extra);
@@ -700,12 +704,8 @@ fn exit_status_of_the_command_is_returned() {
         return;
     };
     for u in [None, Some(&user)] {
-        let t = match u {
-            Some(u) => user_tempdir(u),
-            None => tempfile::tempdir().unwrap(),
-        };
-        let lower = mkdir(&t.path().join("l"));
-        mkdir(&t.path().join("merged"));
+        let t = tempdir_for(u);
+        let lower = empty_lower(t.path());
         let out = mount_run(u, &[], t.path(), &lower, "exit 7");
         assert_eq!(
             out.status.code(),
@@ -724,20 +724,21 @@ fn a_work_dir_in_use_by_a_running_rootless_command_is_refused() {
         return;
     };
     let t = user_tempdir(&user);
-    let lower = mkdir(&t.path().join("l"));
-    mkdir(&t.path().join("merged"));
-    mkdir(&t.path().join("merged2"));
-    let stop = t.path().join("stop");
-    let mut first = mount_cmd(Some(&user));
-    first
-        .arg("--lower")
-        .arg(&lower)
-        .arg("--upper")
-        .arg(t.path().join("upper"))
-        .arg("--work");
-    first
-        .arg(t.path().join("work"))
-        .arg(t.path().join("merged"));
+    let p = t.path();
+    let lower = empty_lower(p);
+    mkdir(&p.join("merged2"));
+    let stop = p.join("stop");
+    let mount = |upper: &str, merged: &str| {
+        mount_at(
+            Some(&user),
+            &[],
+            &lower,
+            &p.join(upper),
+            &p.join("work"),
+            &p.join(merged),
+        )
+    };
+    let mut first = mount("upper", "merged");
     // The command gives up by itself after 30 s, so a failing test never leaves it behind.
     let script = format!(
         "touch ready || exit 3; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
@@ -756,18 +757,7 @@ fn a_work_dir_in_use_by_a_running_rootless_command_is_refused() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let mut second = mount_cmd(Some(&user));
-    second
-        .arg("--lower")
-        .arg(&lower)
-        .arg("--upper")
-        .arg(t.path().join("upper2"))
-        .arg("--work");
-    second
-        .arg(t.path().join("work"))
-        .arg(t.path().join("merged2"))
-        .args(["--", "true"]);
-    let out = output(&mut second);
+    let out = output(mount("upper2", "merged2").args(["--", "true"]));
     std::fs::write(&stop, b"").unwrap();
     assert!(first.wait().unwrap().success());
     fails_with(&out, &["work directory", "in use", "another ovl-mount"]);
@@ -783,15 +773,7 @@ fn prerequisite_errors_say_what_to_do() {
     let lower = mkdir(&p.join("l"));
     let merged = mkdir(&p.join("merged"));
     let run = |args: &[&str], upper: &Path, work: &Path, merged: &Path| {
-        let mut c = command_as(&user, &bin("ovl-mount"));
-        c.args(args)
-            .arg("--lower")
-            .arg(&lower)
-            .arg("--upper")
-            .arg(upper)
-            .arg("--work")
-            .arg(work);
-        output(c.arg(merged).args(["--", "true"]))
+        output(mount_at(Some(&user), args, &lower, upper, work, merged).args(["--", "true"]))
     };
     // MERGED missing.
     fails_with(
@@ -861,7 +843,7 @@ fn prerequisite_errors_say_what_to_do() {
     );
     // No command as a user.
     let out = output(
-        command_as(&user, &bin("ovl-mount"))
+        mount_cmd(Some(&user))
             .arg("--lower")
             .arg(&lower)
             .arg(&merged),
@@ -869,15 +851,11 @@ fn prerequisite_errors_say_what_to_do() {
     fails_with(&out, &["needs root", "-- CMD"]);
     // --unmount as a user.
     fails_with(
-        &output(
-            command_as(&user, &bin("ovl-mount"))
-                .arg("--unmount")
-                .arg(&merged),
-        ),
+        &output(mount_cmd(Some(&user)).arg("--unmount").arg(&merged)),
         &["needs root"],
     );
     // Nothing was mounted or written by the failures.
-    assert_eq!(std::fs::read_dir(&merged).unwrap().count(), 0);
+    assert_eq!(entries(&merged), 0);
 }
 
 #[test]
@@ -889,14 +867,13 @@ fn without_subordinate_ids_a_single_id_map_with_a_warning() {
     if !require("the test user without subordinate ids", nosub.is_some()) {
         return;
     }
+    // (Stripped of the range useradd gave it by `test_user_without_subids` itself.)
     let nosub = nosub.unwrap();
-    strip_subids(&nosub.name);
     // `--idmap single` for a user that has them; auto for a user without.
     let cases = [(&user, &["--idmap", "single"][..]), (&nosub, &[][..])];
     for (u, args) in cases {
         let t = user_tempdir(u);
-        let lower = mkdir(&t.path().join("l"));
-        mkdir(&t.path().join("merged"));
+        let lower = empty_lower(t.path());
         let out = mount_run(
             Some(u),
             args,
@@ -924,8 +901,7 @@ fn without_subordinate_ids_a_single_id_map_with_a_warning() {
     }
     // Demanding subordinate ids without having them is an error that says how to get them.
     let t = user_tempdir(&nosub);
-    let lower = mkdir(&t.path().join("l"));
-    mkdir(&t.path().join("merged"));
+    let lower = empty_lower(t.path());
     let out = mount_run(
         Some(&nosub),
         &["--idmap", "subids"],
@@ -936,72 +912,29 @@ fn without_subordinate_ids_a_single_id_map_with_a_warning() {
     fails_with(&out, &["no subordinate ids", "usermod --add-subuids"]);
 }
 
-/// `useradd` on Debian gives every new user a subordinate range (SUB_UID_COUNT in
-/// /etc/login.defs); the user that must have none loses it here.
-fn strip_subids(name: &str) {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    for file in ["/etc/subuid", "/etc/subgid"] {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        let kept: String = text
-            .lines()
-            .filter(|l| l.split(':').next() != Some(name))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        if kept != text {
-            let tmp = format!("{file}.ovl-test");
-            std::fs::write(&tmp, kept).unwrap();
-            ovl_tests::set_mode(Path::new(&tmp), 0o644);
-            std::fs::rename(&tmp, file).unwrap();
-        }
-    }
-}
-
-/// The maps ovl-mount gives `user`, read the way it reads them.
-trait ForUser {
-    fn for_current_user_named(user: &TestUser) -> RootlessMaps;
-}
-
-impl ForUser for RootlessMaps {
-    fn for_current_user_named(user: &TestUser) -> RootlessMaps {
-        RootlessMaps::for_user(
-            &user.name,
-            user.uid,
-            user.gid,
-            Path::new("/etc/subuid"),
-            Path::new("/etc/subgid"),
-        )
-        .unwrap()
-    }
-}
-
 #[test]
 fn persistent_fuse_mount_as_root_writes_fuse_markers() {
     let Some(tarball) = root_setup() else { return };
-    if !require(
-        "fuse-overlayfs",
-        ovl_tests::which("fuse-overlayfs").is_some(),
-    ) || !require("a usable /dev/fuse", ovl_tests::make_fuse_usable())
-    {
+    if !fuse_overlayfs_usable() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
+    let (t, lower) = imported(None, &tarball);
     let p = t.path();
-    let lower = p.join("lower");
-    import_as_root(&tarball, &lower);
     let merged = mkdir(&p.join("merged"));
-    let mut c = Command::new(bin("ovl-mount"));
-    c.args(["--driver", "fuse", "--lower"])
-        .arg(&lower)
-        .arg("--upper")
-        .arg(p.join("u"));
-    let out = output(c.arg("--work").arg(p.join("w")).arg(&merged));
+    let (upper, work) = (p.join("u"), p.join("w"));
+    let out = output(&mut mount_at(
+        None,
+        &["--driver", "fuse"],
+        &lower,
+        &upper,
+        &work,
+        &merged,
+    ));
     assert!(ok(&out).starts_with(&format!("mounted overlay on {} (", merged.display())));
     let edit = output(Command::new("sh").current_dir(&merged).args(["-c", EDIT]));
-    run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged));
+    run_ok(&mut unmount(&merged));
     ok(&edit);
-    assert_eq!(std::fs::read_dir(&merged).unwrap().count(), 0);
-    let upper = p.join("u");
+    assert_eq!(entries(&merged), 0);
     assert_common_upper(&upper);
     let apk = upper.join("etc/apk");
     assert!(
@@ -1015,63 +948,53 @@ fn persistent_fuse_mount_as_root_writes_fuse_markers() {
         xattr(&apk, "trusted.overlay.opaque").as_deref(),
         Some(&b"y"[..])
     );
-    assert_eq!(
-        xattrs_with_prefix(&upper, "user.overlay."),
-        Vec::<String>::new()
-    );
+    assert_no_xattrs(&upper, "user.overlay.");
 }
 
 #[test]
 fn rootless_auto_falls_back_to_fuse_when_the_kernel_refuses() {
-    let Some((user, _)) = user_setup() else {
+    let Some((user, _)) = user_fuse_setup() else {
         return;
     };
-    if !require("a usable /dev/fuse", ovl_tests::make_fuse_usable()) {
-        return;
-    }
     // An upper on an overlayfs is refused by the kernel ("not supported as upperdir"), while
     // fuse-overlayfs takes it: a real refusal to fall back from.
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
     let (outer_lower, outer) = (mkdir(&p.join("ol")), mkdir(&p.join("om")));
-    let mut c = Command::new(bin("ovl-mount"));
-    c.arg("--lower")
-        .arg(&outer_lower)
-        .arg("--upper")
-        .arg(p.join("ou"))
-        .arg("--work")
-        .arg(p.join("ow"));
-    ok(&output(c.arg(&outer)));
-    let result = std::panic::catch_unwind(|| {
+    let (outer_upper, outer_work) = (p.join("ou"), p.join("ow"));
+    ok(&output(&mut mount_at(
+        None,
+        &[],
+        &outer_lower,
+        &outer_upper,
+        &outer_work,
+        &outer,
+    )));
+    while_mounted(&outer, || {
         ovl_tests::set_mode(&outer, 0o777);
         let lower = mkdir(&outer.join("lower"));
         std::fs::write(lower.join("f"), b"lower\n").unwrap();
         ovl_tests::set_mode(&lower.join("f"), 0o644);
         let merged = mkdir(&outer.join("merged"));
-        let b = mkdir(&outer.join("box"));
-        std::os::unix::fs::chown(&b, Some(user.uid), Some(user.gid)).unwrap();
+        let b = mkdir_for(&user, &outer.join("box"));
+        let (upper, work) = (b.join("u"), b.join("w"));
         let run = |driver: &str| {
-            let mut c = command_as(&user, &bin("ovl-mount"));
-            c.args(["-v", "--driver", driver, "--lower"])
-                .arg(&lower)
-                .arg("--upper")
-                .arg(b.join("u"));
-            output(c.arg("--work").arg(b.join("w")).arg(&merged).args([
-                "--",
+            let dirs = [&lower, &upper, &work, &merged].map(PathBuf::as_path);
+            mount_at_run(
+                Some(&user),
+                &["-v", "--driver", driver],
+                dirs,
                 "sh",
-                "-c",
                 "cat f && rm f",
-            ]))
+            )
         };
         let out = run("auto");
         assert_eq!(ok(&out), "lower\n");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(
-                "driver: fuse-overlayfs (the kernel refused overlayfs in the user namespace"
-            ),
-            "{err}"
+        assert_said(
+            &out,
+            "driver: fuse-overlayfs (the kernel refused overlayfs in the user namespace",
         );
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("not supported as upperdir"),
             "the kernel's own reason is quoted: {err}"
@@ -1085,8 +1008,6 @@ fn rootless_auto_falls_back_to_fuse_when_the_kernel_refuses() {
             &["the kernel refused the overlay mount", "kernel says"],
         );
     });
-    run_ok(Command::new(bin("ovl-mount")).arg("--unmount").arg(&outer));
-    result.unwrap();
 }
 
 #[test]
@@ -1103,19 +1024,10 @@ fn upper_and_work_with_a_backslash_and_a_comma_in_their_names() {
     let (decoy_u, decoy_w) = (mkdir(&p.join("ux,1")), mkdir(&p.join("wy,1")));
     let merged = mkdir(&p.join("merged"));
     let mount = |upper: &Path, work: &Path, merged: &Path| {
-        output(
-            Command::new(bin("ovl-mount"))
-                .arg("--lower")
-                .arg(&lower)
-                .arg("--upper")
-                .arg(upper)
-                .arg("--work")
-                .arg(work)
-                .arg(merged),
-        )
+        output(&mut mount_at(None, &[], &lower, upper, work, merged))
     };
     ok(&mount(&upper, &work, &merged));
-    let result = std::panic::catch_unwind(|| {
+    while_mounted(&merged, || {
         std::fs::write(merged.join("hello"), b"hi").unwrap();
         assert_eq!(std::fs::read(upper.join("hello")).unwrap(), b"hi");
         assert_eq!(std::fs::read_dir(&decoy_u).unwrap().count(), 0);
@@ -1131,8 +1043,4 @@ fn upper_and_work_with_a_backslash_and_a_comma_in_their_names() {
             &["upper directory", "in use"],
         );
     });
-    ok(&output(
-        Command::new(bin("ovl-mount")).arg("--unmount").arg(&merged),
-    ));
-    result.unwrap();
 }
