@@ -304,20 +304,7 @@ impl InPlace<'_> {
             let Change::Entry(e) = c else { continue };
             let rel = relative(&e.path, &target);
             // The entry's place inside the work copy.
-            let (dir, name): (OwnedFd, CString) = if rel.is_root() {
-                (
-                    work.try_clone().map_err(io_at("work directory"))?,
-                    tmp.clone(),
-                )
-            } else {
-                let (parent, n) = rel.split_last().expect("not the root");
-                let mut fd = open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
-                for comp in parent.components() {
-                    fd =
-                        open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?).map_err(io_at(&rel))?;
-                }
-                (fd, cstr(n).map_err(io_at(&rel))?)
-            };
+            let (dir, name) = work_place(&work, &tmp, &rel)?;
             let at = format!("{} (being built for {})", rel, self.lower_at(&e.path));
             match &e.kind {
                 Kind::Dir { .. } => {
@@ -358,20 +345,7 @@ impl InPlace<'_> {
         }
         let _ = made_root;
         for (rel, meta) in dirs.into_iter().rev() {
-            let (dir, name) = if rel.is_root() {
-                (
-                    work.try_clone().map_err(io_at("work directory"))?,
-                    tmp.clone(),
-                )
-            } else {
-                let (parent, n) = rel.split_last().expect("not the root");
-                let mut fd = open_dir_at(&work, &tmp).map_err(io_at("work directory"))?;
-                for comp in parent.components() {
-                    fd =
-                        open_dir_at(&fd, &cstr(comp).map_err(io_at(&rel))?).map_err(io_at(&rel))?;
-                }
-                (fd, cstr(n).map_err(io_at(&rel))?)
-            };
+            let (dir, name) = work_place(&work, &tmp, &rel)?;
             fsops::apply_meta(&dir, &name, &meta).map_err(io_at(&rel))?;
         }
         crash::step();
@@ -427,11 +401,7 @@ impl InPlace<'_> {
                     .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
                 let have = l.xattrs()?;
                 if DiskMeta::from_disk(&st, &have) != meta {
-                    let from = open_file_at(&l.dir, &l.name)?;
-                    let to = create_file_at(dir, name)?;
-                    self.sharing.fill(&from, &to)?;
-                    drop(to);
-                    return fsops::apply_meta(dir, name, &meta);
+                    return copy_with_meta(self.sharing, (&l.dir, &l.name), (dir, name), &meta);
                 }
                 l
             }
@@ -442,11 +412,7 @@ impl InPlace<'_> {
                 Ok(())
             }
             Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
-                let from = open_file_at(&leaf.dir, &leaf.name)?;
-                let to = create_file_at(dir, name)?;
-                self.sharing.fill(&from, &to)?;
-                drop(to);
-                fsops::apply_meta(dir, name, &meta)
+                copy_with_meta(self.sharing, (&leaf.dir, &leaf.name), (dir, name), &meta)
             }
             Err(er) => Err(er),
         }
@@ -586,11 +552,8 @@ impl InPlace<'_> {
                     // Other names share the inode: give this name its own copy.
                     let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
                     let tmp = self.next_work_name();
-                    let from = open_file_at(&ldir, &lname).map_err(io_at(&at))?;
-                    let to = create_file_at(&work, &tmp).map_err(io_at(&at))?;
-                    self.sharing.fill(&from, &to).map_err(io_at(&at))?;
-                    drop(to);
-                    fsops::apply_meta(&work, &tmp, &meta).map_err(io_at(&at))?;
+                    copy_with_meta(self.sharing, (&ldir, &lname), (&work, &tmp), &meta)
+                        .map_err(io_at(&at))?;
                     rustix::fs::renameat(&work, tmp.as_c_str(), &ldir, lname.as_c_str())
                         .map_err(|er| io_at(&at)(er.into()))?;
                 }
@@ -693,16 +656,7 @@ impl InPlace<'_> {
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::XDEV | rustix::io::Errno::BUSY) => {
                 remove_at(parent, swap).map_err(io_at(&at))?;
                 // No exchange here: entry by entry, the root's times put back after each.
-                let times = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec {
-                        tv_sec: st.st_atime,
-                        tv_nsec: st.st_atime_nsec as _,
-                    },
-                    last_modification: rustix::fs::Timespec {
-                        tv_sec: st.st_mtime,
-                        tv_nsec: st.st_mtime_nsec as _,
-                    },
-                };
+                let times = times_of(&st);
                 for n in names(&ufd).map_err(io_at(&at))? {
                     remove_upper_entry(&ufd, &n).map_err(io_at(&at))?;
                     rustix::fs::futimens(&ufd, &times).map_err(|e| io_at(&at)(e.into()))?;
@@ -712,6 +666,55 @@ impl InPlace<'_> {
             }
             Err(e) => Err(io_at(&at)(e.into())),
         }
+    }
+}
+
+/// Where the work copy `tmp` (in `work`) holds the entry at `rel` relative to its root: the
+/// directory to open and the name in it.
+fn work_place(
+    work: &OwnedFd,
+    tmp: &CString,
+    rel: &LayerPath,
+) -> Result<(OwnedFd, CString), SquashError> {
+    if rel.is_root() {
+        return Ok((
+            work.try_clone().map_err(io_at("work directory"))?,
+            tmp.clone(),
+        ));
+    }
+    let (parent, n) = rel.split_last().expect("not the root");
+    let mut fd = open_dir_at(work, tmp).map_err(io_at("work directory"))?;
+    for comp in parent.components() {
+        fd = open_dir_at(&fd, &cstr(comp).map_err(io_at(rel))?).map_err(io_at(rel))?;
+    }
+    Ok((fd, cstr(n).map_err(io_at(rel))?))
+}
+
+/// A copy of the file `from` made at `to` (which is free), given `meta`.
+fn copy_with_meta(
+    sharing: &Sharing,
+    from: (&OwnedFd, &CStr),
+    to: (&OwnedFd, &CStr),
+    meta: &DiskMeta,
+) -> std::io::Result<()> {
+    let src = open_file_at(from.0, from.1)?;
+    let dst = create_file_at(to.0, to.1)?;
+    sharing.fill(&src, &dst)?;
+    drop(dst);
+    fsops::apply_meta(to.0, to.1, meta)
+}
+
+/// The access and modification times of `st`, for futimens.
+fn times_of(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
     }
 }
 
@@ -743,16 +746,7 @@ fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
             crash::step();
         }
     }
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec as _,
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec as _,
-        },
-    };
+    let times = times_of(&st);
     let mut children = names(&fd)?;
     children.sort_by_key(|n| {
         let n = n.to_bytes();
