@@ -189,6 +189,19 @@ pub fn test_user() -> Option<TestUser> {
     ensure_user(&name, Some(200_000))
 }
 
+/// The test user for a rootless test: a loud skip (a failure under `OVL_REQUIRE_ALL`) and
+/// `None` when this is not root (needed to set the user up) or the user cannot be had.
+pub fn require_test_user() -> Option<TestUser> {
+    if !require("root (to set up the unprivileged test user)", is_root()) {
+        return None;
+    }
+    let user = test_user();
+    if !require("the unprivileged test user", user.is_some()) {
+        return None;
+    }
+    user
+}
+
 /// A second unprivileged user with no subordinate ids (`ovltest-nosub`), for the single-id paths.
 pub fn test_user_without_subids() -> Option<TestUser> {
     ensure_user("ovltest-nosub", None)

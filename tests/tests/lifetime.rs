@@ -88,11 +88,7 @@ fn killing_ovl_mount_as_root_kills_its_command() {
 
 #[test]
 fn killing_a_rootless_ovl_mount_kills_its_command() {
-    if !require("root (to set up the unprivileged test user)", is_root()) {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user() else {
-        require("the unprivileged test user", false);
+    let Some(user) = ovl_tests::require_test_user() else {
         return;
     };
     let t = ovl_tests::user_tempdir(&user);

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use ovl_tests::{
-    TestUser, bin, command_as, is_root, output, require, rootless_maps, run_ok, test_user,
-    user_tempdir,
+    TestUser, bin, command_as, is_root, output, require, rootless_maps, run_ok, user_tempdir,
 };
 use tempfile::TempDir;
 
@@ -25,13 +24,7 @@ fn root_setup() -> Option<PathBuf> {
 }
 
 fn user_setup() -> Option<(TestUser, PathBuf)> {
-    if !require("root (to act as the unprivileged test user)", is_root()) {
-        return None;
-    }
-    let user = test_user();
-    if !require("the unprivileged test user", user.is_some()) {
-        return None;
-    }
+    let user = ovl_tests::require_test_user()?;
     let needs = ["newuidmap", "newgidmap", "setpriv"];
     if !require(
         "newuidmap, newgidmap, setpriv",
@@ -39,7 +32,7 @@ fn user_setup() -> Option<(TestUser, PathBuf)> {
     ) {
         return None;
     }
-    Some((user.unwrap(), ovl_tests::alpine_minirootfs()?))
+    Some((user, ovl_tests::alpine_minirootfs()?))
 }
 
 /// `user_setup`, and a /dev/fuse the test user can open.

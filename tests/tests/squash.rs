@@ -737,11 +737,9 @@ fn rootless_in_place_on_what_import_and_mount_made() {
     let Some(alpine) = alpine_minirootfs() else {
         return;
     };
-    let user = test_user();
-    if !require("the unprivileged test user", user.is_some()) {
+    let Some(user) = ovl_tests::require_test_user() else {
         return;
-    }
-    let user = user.unwrap();
+    };
     let t = user_tempdir(&user);
     let lower = t.path().join("lower");
     run_ok(

@@ -685,11 +685,7 @@ fn mknod_or_wh(p: &Path, _upper: &Path) {
 /// (through the user's subordinate ranges), and an id outside them is refused, never written.
 #[test]
 fn rootless_owner_gets_container_ids() {
-    if !require("root (to set up the users)", is_root()) {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user() else {
-        require("the unprivileged test user", false);
+    let Some(user) = ovl_tests::require_test_user() else {
         return;
     };
     let t = ovl_tests::user_tempdir(&user);

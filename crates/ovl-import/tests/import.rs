@@ -531,15 +531,12 @@ fn a_dead_imports_leftover_is_cleaned_by_the_next_run() {
 
 #[test]
 fn rootless_with_subordinate_ids_keeps_owners_through_the_map() {
-    if !require("root (to set up the unprivileged test user)", is_root())
-        || !require("newuidmap (package uidmap)", which("newuidmap").is_some())
-    {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user() else {
-        require("the unprivileged test user", false);
+    let Some(user) = ovl_tests::require_test_user() else {
         return;
     };
+    if !require("newuidmap (package uidmap)", which("newuidmap").is_some()) {
+        return;
+    }
     let Some(alpine) = ovl_tests::alpine_minirootfs() else {
         return;
     };
@@ -721,15 +718,12 @@ fn a_progress_bar_is_drawn_on_a_terminal_and_never_with_quiet() {
 
 #[test]
 fn an_inherited_reexec_marker_does_not_skip_the_user_namespace() {
-    if !require("root (to set up the unprivileged test user)", is_root())
-        || !require("newuidmap (package uidmap)", which("newuidmap").is_some())
-    {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user() else {
-        require("the unprivileged test user", false);
+    let Some(user) = ovl_tests::require_test_user() else {
         return;
     };
+    if !require("newuidmap (package uidmap)", which("newuidmap").is_some()) {
+        return;
+    }
     let t = ovl_tests::user_tempdir(&user);
     let mut b = tar::Builder::new(Vec::new());
     let mut h = Layer::header();
