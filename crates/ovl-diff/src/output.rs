@@ -7,10 +7,11 @@
 //! frames differently). Also owns writing to a file: a temporary sibling, synced, renamed.
 
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::Digest;
 
+use ovl_layer::staging::{Flush, StagedFile, StagingError};
 use ovl_layer::tarout::{TarSummary, TarWriter};
 
 use crate::{DiffError, DiffOptions, Stats};
@@ -193,63 +194,45 @@ fn finish_hashing<W: Write>(
     (h.inner, info, stats)
 }
 
-/// A file written through a temporary sibling (`.NAME.ovl-diff-PID`), renamed over `dest`
-/// only when complete: a failed run never leaves a partial layer under the name.
+/// `-o FILE`: the layer written in a staging sibling ([`ovl_layer::staging::StagedFile`]),
+/// renamed over `dest` only when complete: a failed or interrupted run never leaves a partial
+/// layer under the name, nor the sibling.
 #[derive(Debug)]
-pub struct AtomicFile {
-    pub dest: PathBuf,
-    pub tmp: PathBuf,
-    file: Option<std::fs::File>,
+pub struct AtomicFile(StagedFile);
+
+/// The tool name in the staging sibling's name.
+pub const TOOL: &str = "ovl-diff";
+
+fn staging_error(e: StagingError) -> DiffError {
+    match e {
+        StagingError::Io { path, source } => DiffError::Io { path, source },
+        StagingError::DestExists(path) => DiffError::Io {
+            path,
+            source: io::Error::from(io::ErrorKind::AlreadyExists),
+        },
+    }
 }
 
 impl AtomicFile {
     pub fn create(dest: &Path) -> Result<AtomicFile, DiffError> {
-        let name = dest.file_name().ok_or_else(|| DiffError::Io {
-            path: dest.to_path_buf(),
-            source: io::Error::other("the output needs a file name"),
-        })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".ovl-diff-{}", std::process::id()));
-        let tmp = dest.with_file_name(tmp_name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| DiffError::Io {
-                path: tmp.clone(),
-                source: e,
-            })?;
-        Ok(AtomicFile {
-            dest: dest.to_path_buf(),
-            tmp,
-            file: Some(file),
-        })
+        StagedFile::create(dest, TOOL)
+            .map(AtomicFile)
+            .map_err(staging_error)
+    }
+
+    /// The file being written.
+    pub fn tmp(&self) -> &Path {
+        &self.0.tmp
     }
 
     pub fn file(&mut self) -> &mut std::fs::File {
-        self.file.as_mut().expect("open until committed")
+        self.0.file()
     }
 
-    pub fn commit(mut self) -> Result<(), DiffError> {
-        let f = self.file.take().expect("open until committed");
-        let io = |e, p: &Path| DiffError::Io {
-            path: p.to_path_buf(),
-            source: e,
-        };
+    pub fn commit(self) -> Result<(), DiffError> {
         // No fsync: the rename makes the file appear only whole, and a layer is reproducible
         // (a crash costs a re-run, not a wrong layer that looks right: ext4 flushes data
         // renamed over an old file). Layout blobs, which an index points to, are synced.
-        drop(f);
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| io(e, &self.dest))?;
-        Ok(())
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.0.commit(Flush::RenameOnly).map_err(staging_error)
     }
 }

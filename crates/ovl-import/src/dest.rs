@@ -1,5 +1,6 @@
-//! The destination directory, through [`ovl_layer::staging`]: built in a `.NAME.ovl-import-PID`
-//! sibling, synced, renamed into place; a dead import's leftover is removed by the next one.
+//! The destination directory, through [`ovl_layer::staging`]: built in a `.NAME.ovl-import-TOKEN`
+//! sibling, synced, renamed into place; removed on an error or a SIGINT/SIGTERM/SIGHUP, and a
+//! SIGKILLed import's sibling is removed by the next one.
 
 use std::path::Path;
 

@@ -81,7 +81,16 @@ pub fn reexec_self(plan: &UsernsPlan) -> Result<i32, UsernsError> {
     }
     cmd.args(args).env(ENV_IN_USERNS, "1");
     let mut child = spawn_in_userns(cmd, plan)?;
-    let status = child.wait().map_err(|source| UsernsError::Spawn {
+    // A SIGTERM (or SIGINT, SIGHUP) to us goes on to the child, which cleans up and exits
+    // 128+N; dying here instead would SIGKILL it (PDEATHSIG) and leave its work behind.
+    let forwarding = crate::staging::forward_interrupts(child.id());
+    let status = child.wait();
+    crate::staging::stop_forwarding();
+    forwarding.map_err(|source| UsernsError::Spawn {
+        program: "signal forwarding".into(),
+        source,
+    })?;
+    let status = status.map_err(|source| UsernsError::Spawn {
         program: "/proc/self/exe".into(),
         source,
     })?;

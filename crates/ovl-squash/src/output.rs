@@ -9,8 +9,9 @@
 //! 2. the upper's changes in stream order ([`Upper::walk`]), directory metadata last, deepest
 //!    first (writing into a directory bumps its times).
 //!
-//! Crash safety is the staging's: NEWDIR appears only by the final rename, after a syncfs; a
-//! killed run leaves a `.NEWDIR.ovl-squash-PID` sibling that the next run removes.
+//! Crash safety is the staging's: NEWDIR appears only by the final rename, after a syncfs; an
+//! interrupted run (SIGINT, SIGTERM, SIGHUP) removes its `.NEWDIR.ovl-squash-TOKEN` sibling
+//! before it exits, a SIGKILLed one leaves it for the next run to remove.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
