@@ -58,6 +58,9 @@ fn half_a_tar() -> Vec<u8> {
     h.set_path("big").unwrap();
     h.set_size(64 << 20);
     h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
     h.set_cksum();
     let mut v = h.as_bytes().to_vec();
@@ -75,7 +78,14 @@ fn import_half_way(mut cmd: Command, dest: &Path) -> (Child, ChildStdin, PathBuf
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&half_a_tar()).unwrap();
+    if let Err(e) = stdin.write_all(&half_a_tar()) {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "writing to ovl-import: {e}; it exited with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let parent = dest.parent().unwrap();
     let name = dest.file_name().unwrap().to_str().unwrap();
     let mut sib = None;
@@ -193,6 +203,9 @@ fn only_a_dead_sibling_of_ours_is_swept() {
     let mut h = tar::Header::new_ustar();
     h.set_size(1);
     h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
     h.set_cksum();
     b.append_data(&mut h, "f", &b"x"[..]).unwrap();
     std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
