@@ -152,6 +152,22 @@ pub fn alias_overflow(
     if found { IdMap::new(out) } else { map.clone() }
 }
 
+/// [`alias_overflow`] for both maps of the namespace ovl-diff makes for itself, with this
+/// host's overflow ids (`/proc/sys/kernel/overflow{uid,gid}`, 65534 when unreadable), so
+/// "nobody" stays apart from unmapped host ids inside.
+pub fn alias_overflow_of_this_host(maps: &mut RootlessMaps) {
+    let overflow = |f: &str| -> u32 {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(65534)
+    };
+    let ou = overflow("/proc/sys/kernel/overflowuid");
+    let og = overflow("/proc/sys/kernel/overflowgid");
+    maps.uid = alias_overflow(&maps.uid, ou, OVERFLOW_ALIAS);
+    maps.gid = alias_overflow(&maps.gid, og, OVERFLOW_ALIAS);
+}
+
 /// The container id [`alias_overflow`] moves nobody to.
 pub const OVERFLOW_ALIAS: u32 = ovl_layer::idmap::ROOTLESS_RANGE + 1;
 

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use ovl_diff::oci::LayoutRef;
 use ovl_diff::{Compression, DiffOptions, LayerInfo, Stats};
-use ovl_layer::userns::{self, UsernsPlan};
+use ovl_layer::identity::Reexec;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Compress {
@@ -24,8 +24,9 @@ enum Compress {
 struct Cli {
     /// The upperdir.
     upper: PathBuf,
-    /// The lowerdirs the upper was mounted on, top first (`DIR[:DIR...]`, repeatable). Needed
-    /// for uppers written with redirect_dir=on or metacopy=on.
+    /// The lowerdirs the upper was mounted on, top first, colon-separated as in `lowerdir=`
+    /// (`\:` for a colon in a name, `\\` for a backslash); repeat the option to add more.
+    /// Needed for uppers written with redirect_dir=on or metacopy=on.
     #[arg(long, value_name = "DIR[:DIR...]")]
     lower: Vec<OsString>,
     /// Compression of the layer.
@@ -56,59 +57,19 @@ fn main() {
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user
     // namespace mapped to our subordinate ids, so host ids read back as container ids and
     // every file is readable.
-    if !rustix::process::geteuid().is_root() && !in_a_user_namespace() {
-        std::process::exit(reexec_rootless());
-    }
+    Reexec::new("ovl-diff")
+        .adjust_maps(ovl_diff::alias_overflow_of_this_host)
+        .root_or_exit();
     if let Err(e) = run(cli) {
         eprintln!("ovl-diff: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-/// True inside any user namespace but the initial one (ours, ovl-mount's, or another's).
-fn in_a_user_namespace() -> bool {
-    userns::in_userns()
-        || std::fs::read_to_string("/proc/self/uid_map")
-            .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
-            .unwrap_or(false)
-}
-
-fn reexec_rootless() -> i32 {
-    let mut plan = match UsernsPlan::for_current_user(false) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("ovl-diff: error: reading /etc/subuid and /etc/subgid: {e}");
-            return 1;
-        }
-    };
-    // Keep "nobody" apart from unmapped host ids inside (see alias_overflow).
-    let overflow = |f: &str| -> u32 {
-        std::fs::read_to_string(f)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(65534)
-    };
-    let (ou, og) = (
-        overflow("/proc/sys/kernel/overflowuid"),
-        overflow("/proc/sys/kernel/overflowgid"),
-    );
-    let alias = ovl_diff::OVERFLOW_ALIAS;
-    plan.maps.uid = ovl_diff::alias_overflow(&plan.maps.uid, ou, alias);
-    plan.maps.gid = ovl_diff::alias_overflow(&plan.maps.gid, og, alias);
-
-    match userns::reexec_self(&plan) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ovl-diff: error: {e}");
-            1
-        }
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut opts = DiffOptions::new(cli.upper.clone());
-    for l in &cli.lower {
-        opts.lowers.extend(std::env::split_paths(l));
+    if !cli.lower.is_empty() {
+        opts.lowers = ovl_layer::lowers::parse_all(&cli.lower).context("--lower")?;
     }
     opts.compression = match cli.compress {
         Compress::None => Compression::None,

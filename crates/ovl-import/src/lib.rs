@@ -7,6 +7,7 @@
 pub mod dest;
 pub mod oci;
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -94,8 +95,9 @@ pub struct ImportOptions {
 pub struct Summary {
     pub stats: ExtractStats,
     pub elapsed: Duration,
-    /// For an OCI image: the lowerdirs, top layer first, as `lowerdir=` wants them.
-    pub lowerdirs: Option<String>,
+    /// For an OCI image: the lowerdirs, top layer first, as `lowerdir=` wants them (escaped by
+    /// [`ovl_layer::lowers::join`]).
+    pub lowerdirs: Option<OsString>,
 }
 
 impl Summary {
@@ -148,11 +150,11 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                 );
                 let label = format!("{} (layer {i}, {})", layer.path.display(), layer.media_type);
                 stats.add(&extract_stream(raw, &sub, ex, &label)?);
-                names.push(dest.join(name).display().to_string());
+                names.push(dest.join(name));
             }
             bar.finish_and_clear();
             names.reverse();
-            (stats, Some(names.join(":")))
+            (stats, Some(ovl_layer::lowers::join(&names)))
         }
         Source::Stdin => {
             let bar = ovl_layer::progress::bytes_bar(None, opts.quiet, "import");

@@ -1,13 +1,14 @@
 //! The `ovl-import` command line: a thin shim over [`ovl_import::import`].
 
 use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ovl_import::{ImportOptions, Source};
-use ovl_layer::extract::OwnerPolicy;
-use ovl_layer::userns::{self, UsernsPlan};
+use ovl_layer::identity::{Identity, Reexec};
 use ovl_layer::whiteout::XattrNs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -39,47 +40,19 @@ fn main() {
     let cli = Cli::parse();
     // Rootless: do the work as container root in a user namespace mapped to our subordinate
     // ids, so image owners land as mapped host ids.
-    if !rustix::process::geteuid().is_root() && !userns::in_userns() {
-        std::process::exit(reexec_rootless(cli.quiet));
-    }
-    if let Err(e) = run(cli) {
+    let identity = Reexec::new("ovl-import")
+        .warn_without_subids(!cli.quiet)
+        .root_or_exit();
+    if let Err(e) = run(cli, &identity) {
         eprintln!("ovl-import: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn reexec_rootless(quiet: bool) -> i32 {
-    let plan = match UsernsPlan::for_current_user(false) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("ovl-import: error: reading /etc/subuid and /etc/subgid: {e}");
-            return 1;
-        }
-    };
-    if !plan.maps.has_subordinate_ids() && !quiet {
-        eprintln!(
-            "ovl-import: warning: no subordinate ids for this user in /etc/subuid and /etc/subgid: \
-             files will belong to you and image owners are recorded in the user.rootlesscontainers xattr"
-        );
-    }
-    match userns::reexec_self(&plan) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ovl-import: error: {e}");
-            1
-        }
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let in_ns = userns::in_userns();
-    let owners = if in_ns && userns::current_maps().uid.is_single() {
-        OwnerPolicy::Record
-    } else {
-        OwnerPolicy::Preserve
-    };
+fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
+    let owners = identity.owner_policy();
     let opaque_ns = match cli.opaque_xattr {
-        OpaqueXattr::Auto => XattrNs::for_current_process(),
+        OpaqueXattr::Auto => identity.xattr_ns(),
         OpaqueXattr::Trusted => XattrNs::Trusted,
         OpaqueXattr::User => XattrNs::User,
     };
@@ -97,7 +70,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )
     })?;
     if let Some(lower) = &summary.lowerdirs {
-        println!("{lower}");
+        // Bytes, not text: a layer path need not be UTF-8.
+        let mut out = std::io::stdout().lock();
+        out.write_all(lower.as_bytes())
+            .and_then(|()| out.write_all(b"\n"))
+            .context("writing the lowerdir list to stdout")?;
     }
     if !cli.quiet {
         eprintln!("{}", summary.line(&cli.dest));

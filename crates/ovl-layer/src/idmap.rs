@@ -177,8 +177,9 @@ pub fn rootless_map(own: u32, subs: &[SubRange]) -> IdMap {
     IdMap::new(ranges)
 }
 
-/// The uid and gid maps for the calling (unprivileged) user, from /etc/subuid and /etc/subgid.
-#[derive(Debug, Clone)]
+/// A uid and a gid map: the calling user's rootless maps (from /etc/subuid and /etc/subgid), or
+/// the maps a process runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootlessMaps {
     pub uid: IdMap,
     pub gid: IdMap,

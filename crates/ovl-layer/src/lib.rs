@@ -3,8 +3,9 @@
 //! The data model lives here once: what a whiteout or an opaque directory is in every form
 //! ([`whiteout`]), how names are normalised ([`path`]) and confined to a root ([`root`]), how
 //! one name in a directory is touched without following it ([`fsops`]), how file content is
-//! shared or copied with its holes ([`copy`]), how ids are mapped for rootless use ([`idmap`],
-//! [`userns`]), how layer tar streams are read and written ([`compress`], [`extract`]), and
+//! shared or copied with its holes ([`copy`]), who the process is ([`identity`]) and how ids are
+//! mapped for rootless use ([`idmap`], [`userns`]), how lists of lower layers are written
+//! ([`lowers`]), how layer tar streams are read and written ([`compress`], [`extract`]), and
 //! which directories mounted overlays use ([`mounts`]).
 
 pub mod compress;
@@ -12,6 +13,8 @@ pub mod copy;
 pub mod extract;
 pub mod fsops;
 pub mod idmap;
+pub mod identity;
+pub mod lowers;
 pub mod mounts;
 pub mod path;
 pub mod pgzip;

@@ -25,6 +25,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::lowers::split_escaped;
+
 /// A mount from mountinfo: where it is and its filesystem options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
@@ -127,29 +129,6 @@ pub fn overlay_using<'a>(
         m.overlay_dirs()
             .is_some_and(|ds| ds.iter().any(|d| d.role == key && d.path == dir))
     })
-}
-
-/// Split on `sep` except where escaped with a backslash; `keep_escapes` keeps the backslash
-/// pairs for a later split, else the backslash is dropped.
-fn split_escaped(s: &[u8], sep: u8, keep_escapes: bool) -> Vec<Vec<u8>> {
-    let mut out = vec![Vec::new()];
-    let mut i = 0;
-    while i < s.len() {
-        let cur = out.last_mut().expect("non-empty");
-        if s[i] == b'\\' && i + 1 < s.len() {
-            let from = if keep_escapes { i } else { i + 1 };
-            cur.extend_from_slice(&s[from..i + 2]);
-            i += 2;
-            continue;
-        }
-        if s[i] == sep {
-            out.push(Vec::new());
-        } else {
-            cur.push(s[i]);
-        }
-        i += 1;
-    }
-    out
 }
 
 /// The dirs named by overlay options as mountinfo shows them, whichever way the overlay was

@@ -4,6 +4,7 @@
 //! process, so the namespace is made in the forked child (single-threaded by definition) right
 //! before it execs, while a thread of the parent writes its id maps. The child waits on a pipe
 //! until the maps are in place, so when the new program starts it already is container root.
+//! Whether a tool needs this at all is decided by [`crate::identity`].
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -55,7 +56,8 @@ impl UsernsPlan {
     }
 }
 
-/// True in a process that [`reexec_self`] started.
+/// True in a process that [`reexec_self`] started (not in any other user namespace: whether this
+/// process is real root is [`crate::identity::Identity`]'s to say).
 pub fn in_userns() -> bool {
     // The variable alone is not proof (it can be inherited or set by hand): the process must
     // also be in a user namespace, i.e. not see the initial identity map.

@@ -87,14 +87,9 @@ impl XattrNs {
         format!("{}{key}", self.prefix())
     }
 
-    /// The namespace a process with these privileges must use: `trusted.*` needs CAP_SYS_ADMIN
-    /// in the initial user namespace.
+    /// The namespace this process must use (see [`crate::identity::Identity::xattr_ns`]).
     pub fn for_current_process() -> Self {
-        if crate::userns::in_userns() || !rustix::process::geteuid().is_root() {
-            XattrNs::User
-        } else {
-            XattrNs::Trusted
-        }
+        crate::identity::Identity::current().xattr_ns()
     }
 }
 

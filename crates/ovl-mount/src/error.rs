@@ -23,6 +23,8 @@ pub enum MountError {
     },
     #[error("no lower directory given: pass --lower DIR[:DIR...]")]
     NoLower,
+    #[error("--lower: {0}")]
+    BadLower(ovl_layer::lowers::LowerError),
     #[error("--upper and --work go together: pass both or neither")]
     UpperWithoutWork,
     #[error(
@@ -65,7 +67,7 @@ pub enum MountError {
         "the upper directory {path} is in use by {by}: two overlays must not share an upper directory"
     )]
     UpperInUse { path: PathBuf, by: String },
-    #[error("the path {0} contains a `:` or `,`, which the {1} cannot take in a layer path")]
+    #[error("the path {0} cannot be given to {1}")]
     UnsafePath(PathBuf, &'static str),
     #[error(
         "a persistent mount (no `-- CMD`) needs root; as a user, run a command inside it: \

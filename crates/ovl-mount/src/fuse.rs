@@ -5,12 +5,15 @@
 //! (the mount id of MERGED changes), and stopping it (unmount, then wait, then terminate).
 //! It runs as (container) root, so it mounts through /dev/fuse itself, no fusermount3 needed.
 
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ovl_layer::lowers::{self, LowerError};
 use rustix::fs::{AtFlags, CWD, StatxFlags};
 
 use crate::error::{MountError, Result};
@@ -19,28 +22,28 @@ use crate::layout::Layout;
 /// How long fuse-overlayfs may take to mount or to exit after its unmount.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The `-o` value for fuse-overlayfs.
-pub fn options(layout: &Layout) -> Result<String> {
-    let s = |p: &Path| -> Result<String> {
-        match p.to_str() {
-            Some(s) if !s.contains([':', ',', '\\']) => Ok(s.to_string()),
-            _ => Err(MountError::UnsafePath(
-                p.to_path_buf(),
-                "fuse-overlayfs option string",
-            )),
-        }
+/// The `-o` value for fuse-overlayfs, every path escaped by [`ovl_layer::lowers`] for it
+/// (a path with a `:` is refused: fuse-overlayfs splits its layer lists on every colon).
+pub fn options(layout: &Layout) -> Result<OsString> {
+    let unsafe_path = |e: LowerError| match e {
+        LowerError::FuseColon { path } => MountError::UnsafePath(path, FUSE_COLON),
+        other => MountError::FuseMount {
+            merged: layout.merged.clone(),
+            detail: other.to_string(),
+        },
     };
-    let lowers = layout
-        .lowers
-        .iter()
-        .map(|l| s(l))
-        .collect::<Result<Vec<_>>>()?;
-    let mut o = format!("lowerdir={}", lowers.join(":"));
+    let mut o = b"lowerdir=".to_vec();
+    o.extend_from_slice(lowers::join_fuse(&layout.lowers).map_err(unsafe_path)?.as_bytes());
     if let (Some(u), Some(w)) = (&layout.upper, &layout.work) {
-        o.push_str(&format!(",upperdir={},workdir={}", s(u)?, s(w)?));
+        o.extend_from_slice(b",upperdir=");
+        o.extend_from_slice(lowers::escape_fuse(u).map_err(unsafe_path)?.as_bytes());
+        o.extend_from_slice(b",workdir=");
+        o.extend_from_slice(lowers::escape_fuse(w).map_err(unsafe_path)?.as_bytes());
     }
-    Ok(o)
+    Ok(OsString::from_vec(o))
 }
+
+const FUSE_COLON: &str = "fuse-overlayfs, which splits its layer lists on every `:`";
 
 /// The mount id of the topmost mount at `path`.
 pub fn mount_id(path: &Path) -> Result<u64> {
@@ -201,6 +204,16 @@ mod tests {
         assert_eq!(
             options(&l).unwrap(),
             "lowerdir=/a:/b,upperdir=/u,workdir=/w"
+        );
+        let commas = Layout {
+            lowers: vec!["/a,b".into(), "/c\\d".into()],
+            upper: Some("/u,".into()),
+            work: Some("/w".into()),
+            merged: "/m".into(),
+        };
+        assert_eq!(
+            options(&commas).unwrap(),
+            "lowerdir=/a\\,b:/c\\\\d,upperdir=/u\\,,workdir=/w"
         );
         let bad = Layout {
             lowers: vec!["/a:b".into()],

@@ -10,7 +10,9 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use ovl_layer::lowers;
 
 use rustix::fs::{CWD, Mode, OFlags};
 use rustix::io::Errno;
@@ -115,7 +117,7 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
         }
     }
     if let (Some(upper), Some(work)) = (&layout.upper, &layout.work) {
-        fsconfig_set_string(&fs, "upperdir", escape_backslashes(upper).as_os_str()).map_err(
+        fsconfig_set_string(&fs, "upperdir", lowers::escape(upper).as_os_str()).map_err(
             |e| {
                 refused(
                     layout,
@@ -125,7 +127,7 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
                 )
             },
         )?;
-        fsconfig_set_string(&fs, "workdir", escape_backslashes(work).as_os_str()).map_err(|e| {
+        fsconfig_set_string(&fs, "workdir", lowers::escape(work).as_os_str()).map_err(|e| {
             refused(
                 layout,
                 &format!("work directory {}", work.display()),
@@ -152,20 +154,6 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
     Ok(())
 }
 
-/// `p` with each backslash doubled: overlayfs reads a backslash in an `upperdir` or `workdir`
-/// value as an escape, given through fsconfig too (`lowerdir+` takes its path as it is).
-fn escape_backslashes(p: &Path) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let mut out = Vec::with_capacity(p.as_os_str().len());
-    for &b in p.as_os_str().as_bytes() {
-        if b == b'\\' {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    std::ffi::OsString::from_vec(out)
-}
-
 /// The messages the kernel logged on an fs context (`e overlay: ...` lines).
 fn read_log(fs: &OwnedFd) -> Vec<String> {
     let mut out = Vec::new();
@@ -185,43 +173,34 @@ fn read_log(fs: &OwnedFd) -> Vec<String> {
     out
 }
 
-/// The `lowerdir=...,upperdir=...,workdir=...` option string for mount(2).
-pub fn legacy_options(lowers: &[String], upper: Option<(&str, &str)>, userxattr: bool) -> String {
-    let mut s = format!("lowerdir={}", lowers.join(":"));
+/// The `lowerdir=...,upperdir=...,workdir=...` option string for mount(2), every path escaped
+/// by [`lowers`] (overlayfs splits this string on unescaped commas, `lowerdir=` on unescaped
+/// colons, and drops each escaping backslash).
+pub fn legacy_options<P: AsRef<Path>>(
+    layers: &[P],
+    upper: Option<(&Path, &Path)>,
+    userxattr: bool,
+) -> Vec<u8> {
+    let mut s = b"lowerdir=".to_vec();
+    s.extend_from_slice(lowers::join(layers).as_bytes());
     if let Some((u, w)) = upper {
-        s.push_str(&format!(",upperdir={u},workdir={w}"));
+        s.extend_from_slice(b",upperdir=");
+        s.extend_from_slice(lowers::escape(u).as_bytes());
+        s.extend_from_slice(b",workdir=");
+        s.extend_from_slice(lowers::escape(w).as_bytes());
     }
     if userxattr {
-        s.push_str(",userxattr");
+        s.extend_from_slice(b",userxattr");
     }
     s
 }
 
-fn checked(p: &Path) -> Result<String> {
-    let s = p
-        .to_str()
-        .ok_or_else(|| MountError::UnsafePath(p.to_path_buf(), "mount(2) option string"))?;
-    if s.contains([':', ',', '\\']) {
-        return Err(MountError::UnsafePath(
-            p.to_path_buf(),
-            "mount(2) option string",
-        ));
-    }
-    Ok(s.to_string())
-}
-
 fn mount_legacy(layout: &Layout, userxattr: bool) -> Result<Method> {
-    let lowers = layout
-        .lowers
-        .iter()
-        .map(|l| checked(l))
-        .collect::<Result<Vec<_>>>()?;
-    let upper = match (&layout.upper, &layout.work) {
-        (Some(u), Some(w)) => Some((checked(u)?, checked(w)?)),
+    let up = match (&layout.upper, &layout.work) {
+        (Some(u), Some(w)) => Some((u.as_path(), w.as_path())),
         _ => None,
     };
-    let up = upper.as_ref().map(|(u, w)| (u.as_str(), w.as_str()));
-    let opts = legacy_options(&lowers, up, userxattr);
+    let opts = legacy_options(&layout.lowers, up, userxattr);
     if opts.len() <= OPTION_PAGE {
         mount2(layout, &opts)?;
         return Ok(Method::LegacyPaths);
@@ -243,9 +222,9 @@ fn mount_legacy(layout: &Layout, userxattr: bool) -> Result<Method> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let names: Vec<String> = fds
+    let names: Vec<PathBuf> = fds
         .iter()
-        .map(|fd| std::os::fd::AsRawFd::as_raw_fd(fd).to_string())
+        .map(|fd| std::os::fd::AsRawFd::as_raw_fd(fd).to_string().into())
         .collect();
     let opts = legacy_options(&names, up, userxattr);
     if opts.len() > OPTION_PAGE {
@@ -275,7 +254,7 @@ fn mount_legacy(layout: &Layout, userxattr: bool) -> Result<Method> {
     res.map(|()| Method::LegacyFdNames)
 }
 
-fn mount2(layout: &Layout, opts: &str) -> Result<()> {
+fn mount2(layout: &Layout, opts: &[u8]) -> Result<()> {
     let data = CString::new(opts)
         .map_err(|_| MountError::UnsafePath(layout.merged.clone(), "mount(2) option string"))?;
     rustix::mount::mount(
@@ -351,14 +330,16 @@ mod tests {
 
     #[test]
     fn options_for_mount2() {
-        let l = vec!["/a".to_string(), "/b".to_string()];
-        assert_eq!(legacy_options(&l, None, false), "lowerdir=/a:/b");
+        let l = [PathBuf::from("/a"), PathBuf::from("/b")];
+        assert_eq!(legacy_options(&l, None, false), b"lowerdir=/a:/b");
         assert_eq!(
-            legacy_options(&l, Some(("/u", "/w")), true),
-            "lowerdir=/a:/b,upperdir=/u,workdir=/w,userxattr"
+            legacy_options(&l, Some((Path::new("/u"), Path::new("/w"))), true),
+            b"lowerdir=/a:/b,upperdir=/u,workdir=/w,userxattr"
         );
-        assert!(checked(Path::new("/x:y")).is_err());
-        assert!(checked(Path::new("/x,y")).is_err());
-        assert_eq!(checked(Path::new("/x y")).unwrap(), "/x y");
+        let odd = [PathBuf::from("/x:y"), PathBuf::from("/x,y\\z")];
+        assert_eq!(
+            legacy_options(&odd, Some((Path::new("/u,p"), Path::new("/w"))), false),
+            b"lowerdir=/x\\:y:/x\\,y\\\\z,upperdir=/u\\,p,workdir=/w"
+        );
     }
 }

@@ -15,9 +15,10 @@ use ovl_mount::{DriverChoice, IdmapChoice, MountSpec};
 #[derive(Debug, Parser)]
 #[command(name = "ovl-mount", version)]
 struct Cli {
-    /// Lower directories, top first, separated by `:` (may be repeated).
+    /// Lower directories, top first, separated by `:` as in `lowerdir=` (`\:` for a colon in a
+    /// name, `\\` for a backslash); may be repeated.
     #[arg(long, value_name = "DIR[:DIR...]", required_unless_present = "unmount")]
-    lower: Vec<String>,
+    lower: Vec<OsString>,
     /// Upper (writable) directory; made when missing.
     #[arg(long, value_name = "DIR", requires = "work")]
     upper: Option<PathBuf>,

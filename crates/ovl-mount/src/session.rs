@@ -1,16 +1,18 @@
 //! The three ways ovl-mount runs, start to end.
 //!
 //! Owns the order of things: a persistent mount as root; a command run as root in a private
-//! mount namespace; and the rootless form, which checks what it can as the user, takes the work
+//! mount namespace (as real root, or with userxattr as root of a user namespace such as
+//! `unshare -r` makes; [`Identity`] tells which); and the rootless form, which checks what it can as the user, takes the work
 //! directory lock, then re-executes itself inside a new user + mount namespace (unshare of a user
 //! namespace fails in a multithreaded process) where it mounts and runs the command. Also owns
 //! `--unmount`.
 
 use std::path::Path;
 
+use ovl_layer::identity::Identity;
 use ovl_layer::idmap::{IdMap, RootlessMaps};
-use ovl_layer::mounts;
 use ovl_layer::userns::{UsernsPlan, in_userns, reexec_self};
+use ovl_layer::{lowers, mounts};
 use rustix::mount::MountPropagationFlags;
 
 use crate::driver::{self, Mounted};
@@ -25,23 +27,21 @@ pub fn run(spec: &MountSpec) -> Result<i32> {
     if spec.chroot && spec.persistent() {
         return Err(MountError::ChrootNeedsCmd);
     }
-    if reexecuted() {
-        return inside_userns(spec);
+    match Identity::current() {
+        // The copy of ovl-mount that `rootless` started, in its new user and mount namespace.
+        Identity::NamespaceRoot(_) if in_userns() => inside_userns(spec),
+        Identity::User => rootless(spec),
+        // Real root (trusted xattrs), or root of someone else's user namespace (`unshare -r`,
+        // `podman unshare`): that mounts with userxattr, as a rootless mount does.
+        identity => {
+            let rootless = !identity.is_real_root();
+            if spec.persistent() {
+                persistent(spec, rootless).map(|()| 0)
+            } else {
+                root_command(spec, rootless)
+            }
+        }
     }
-    if !rustix::process::geteuid().is_root() {
-        return rootless(spec);
-    }
-    if spec.persistent() {
-        persistent(spec).map(|()| 0)
-    } else {
-        root_command(spec)
-    }
-}
-
-/// True in the copy of ovl-mount that [`reexec_self`] started: the marker variable is set and
-/// this process really is in a user namespace (not the initial one, whose map is the identity).
-fn reexecuted() -> bool {
-    in_userns() && ovl_layer::userns::current_maps().uid != IdMap::identity()
 }
 
 fn note(spec: &MountSpec, msg: &str) {
@@ -66,7 +66,7 @@ pub fn summary(layout: &Layout) -> String {
     let mut lowers: Vec<String> = layout
         .lowers
         .iter()
-        .map(|l| l.display().to_string())
+        .map(|l| lowers::escape(l).to_string_lossy().into_owned())
         .collect();
     if lowers.len() > 4 {
         let n = lowers.len();
@@ -92,7 +92,8 @@ pub fn summary(layout: &Layout) -> String {
     }
 }
 
-fn persistent(spec: &MountSpec) -> Result<()> {
+/// A mount that stays, made by real root or, with userxattr, by the root of a user namespace.
+fn persistent(spec: &MountSpec, rootless: bool) -> Result<()> {
     let layout = Layout::resolve(spec)?;
     let _lock = claim(&layout)?;
     let t = std::time::Instant::now();
@@ -103,7 +104,7 @@ fn persistent(spec: &MountSpec) -> Result<()> {
     } else {
         format!(
             "kernel overlayfs via {}",
-            kernel::mount(&layout, false, spec.legacy_mount_api)?
+            kernel::mount(&layout, rootless, spec.legacy_mount_api)?
         )
     };
     note(
@@ -146,7 +147,8 @@ fn mount_and_run(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<i3
     Ok(code)
 }
 
-fn root_command(spec: &MountSpec) -> Result<i32> {
+/// A command in a private mount namespace, run by real root or by the root of a user namespace.
+fn root_command(spec: &MountSpec, rootless: bool) -> Result<i32> {
     let layout = Layout::resolve(spec)?;
     let _lock = claim(&layout)?;
     // SAFETY: a new mount namespace only changes what this process sees of the filesystem; no
@@ -158,7 +160,7 @@ fn root_command(spec: &MountSpec) -> Result<i32> {
         },
     )?;
     private_namespace()?;
-    mount_and_run(spec, &layout, false)
+    mount_and_run(spec, &layout, rootless)
 }
 
 /// The id maps for the rootless namespace, by `--idmap`.
@@ -224,7 +226,7 @@ fn inside_userns(spec: &MountSpec) -> Result<i32> {
 
 /// `--unmount MERGED`: take down a persistent mount.
 pub fn unmount(merged: &Path) -> Result<()> {
-    if !rustix::process::geteuid().is_root() {
+    if Identity::current().needs_reexec() {
         return Err(MountError::UnmountNeedsRoot);
     }
     let path = std::fs::canonicalize(merged).map_err(|e| match e.kind() {

@@ -1,9 +1,10 @@
 //! What the user asked for: the layers, the mount point, the driver and id-map choices.
 //!
-//! Owns the parsing of `--lower DIR[:DIR...]` (leftmost is the top layer, as in overlayfs'
-//! `lowerdir=`) and the plain data every other module reads; it makes no system calls.
+//! Owns the plain data every other module reads, and the reading of `--lower DIR[:DIR...]`
+//! (leftmost is the top layer, escaped as in overlayfs' `lowerdir=`, by the one parser in
+//! [`ovl_layer::lowers`]); it makes no system calls.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 use crate::error::{MountError, Result};
@@ -80,25 +81,17 @@ pub struct MountSpec {
 }
 
 impl MountSpec {
-    /// Split every `--lower` value on `:` and append the parts, top first.
+    /// Parse every `--lower` value as a `lowerdir=` list ([`ovl_layer::lowers::parse`]: `:`
+    /// separates, `\:` is a colon in a name) and append the layers, top first.
     pub fn parse_lowers<I, S>(values: I) -> Result<Vec<PathBuf>>
     where
         I: IntoIterator<Item = S>,
-        S: AsRef<str>,
+        S: AsRef<OsStr>,
     {
-        let mut out = Vec::new();
-        for v in values {
-            for part in v.as_ref().split(':') {
-                if part.is_empty() {
-                    return Err(MountError::NoLower);
-                }
-                out.push(PathBuf::from(part));
-            }
-        }
-        if out.is_empty() {
-            return Err(MountError::NoLower);
-        }
-        Ok(out)
+        ovl_layer::lowers::parse_all(values).map_err(|e| match e {
+            ovl_layer::lowers::LowerError::None => MountError::NoLower,
+            e => MountError::BadLower(e),
+        })
     }
 
     /// The mount is read-only when there is no upper directory.
@@ -125,8 +118,12 @@ mod tests {
         );
         assert!(matches!(
             MountSpec::parse_lowers(["a::b"]),
-            Err(MountError::NoLower)
+            Err(MountError::BadLower(_))
         ));
+        assert_eq!(
+            MountSpec::parse_lowers(["a\\:b"]).unwrap(),
+            [PathBuf::from("a:b")]
+        );
         assert!(matches!(
             MountSpec::parse_lowers(Vec::<String>::new()),
             Err(MountError::NoLower)
