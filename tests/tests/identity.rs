@@ -6,6 +6,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tempfile::TempDir;
+
 use ovl_tests::{TestUser, bin, command_as, output, require, user_tempdir, which};
 
 /// The test user and `unshare` (util-linux).
@@ -37,53 +39,84 @@ fn header(path: &str, kind: tar::EntryType, uid: u64, gid: u64) -> tar::Header {
     h
 }
 
-#[test]
-fn unshare_r_import_marks_opaque_dirs_in_user_xattrs_and_records_owners() {
-    let Some(user) = setup() else {
-        return;
-    };
-    let t = user_tempdir(&user);
+/// Import a layer tar of `entries` (path, kind, uid, gid) as `user` under `unshare -r`.
+fn import_under_unshare_r(
+    user: &TestUser,
+    entries: &[(&str, tar::EntryType, u64, u64)],
+) -> TempDir {
+    let t = user_tempdir(user);
     let mut b = tar::Builder::new(Vec::new());
-    for (path, kind, uid, gid) in [
-        ("etc/", tar::EntryType::Directory, 0, 0),
-        ("etc/.wh..wh..opq", tar::EntryType::Regular, 0, 0),
-        ("etc/passwd", tar::EntryType::Regular, 0, 0),
-        ("etc/shadow", tar::EntryType::Regular, 0, 42),
-        ("home/", tar::EntryType::Directory, 0, 0),
-        ("home/bob", tar::EntryType::Regular, 42, 42),
-        (".wh.gone", tar::EntryType::Regular, 0, 0),
-    ] {
+    for &(path, kind, uid, gid) in entries {
         let mut h = header(path, kind, uid, gid);
         h.set_cksum();
         b.append(&h, std::io::empty()).unwrap();
     }
     let archive = t.path().join("layer.tar");
     std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
-    let dest = t.path().join("dest");
-    let out = output(unshare_r(&user, "ovl-import").arg(&archive).arg(&dest));
+    let out = output(
+        unshare_r(user, "ovl-import")
+            .arg(&archive)
+            .arg(t.path().join("dest")),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    t
+}
 
-    let x = |p: &str, name: &str| xattr::get(dest.join(p), name).unwrap();
+fn xattr_of(p: &Path, name: &str) -> Option<Vec<u8>> {
+    xattr::get(p, name).unwrap()
+}
+
+#[test]
+fn unshare_r_import_marks_opaque_dirs_in_user_xattrs() {
+    let Some(user) = setup() else {
+        return;
+    };
+    use tar::EntryType::{Directory, Regular};
+    let t = import_under_unshare_r(
+        &user,
+        &[
+            ("etc/", Directory, 0, 0),
+            ("etc/.wh..wh..opq", Regular, 0, 0),
+            ("etc/passwd", Regular, 0, 0),
+            (".wh.gone", Regular, 0, 0),
+        ],
+    );
+    let dest = t.path().join("dest");
     // Root of a namespace cannot write trusted.*: the opaque marker is the userxattr one.
-    assert_eq!(x("etc", "user.overlay.opaque"), Some(b"y".to_vec()));
-    assert_eq!(x("etc", "trusted.overlay.opaque"), None);
+    let etc = dest.join("etc");
+    assert_eq!(xattr_of(&etc, "user.overlay.opaque"), Some(b"y".to_vec()));
+    assert_eq!(xattr_of(&etc, "trusted.overlay.opaque"), None);
+    let gone = std::fs::symlink_metadata(dest.join("gone")).unwrap();
+    assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+}
+
+#[test]
+fn unshare_r_import_records_owners_as_a_single_id_map_does() {
+    let Some(user) = setup() else {
+        return;
+    };
+    use tar::EntryType::{Directory, Regular};
+    let t = import_under_unshare_r(
+        &user,
+        &[
+            ("etc/", Directory, 0, 0),
+            ("etc/passwd", Regular, 0, 0),
+            ("etc/shadow", Regular, 0, 42),
+            ("home/", Directory, 0, 0),
+            ("home/bob", Regular, 42, 42),
+        ],
+    );
+    let dest = t.path().join("dest");
     // Only the user is mapped: owners are the user's, the image's recorded as umoci does.
     for f in ["etc/passwd", "etc/shadow", "home/bob"] {
         let m = std::fs::symlink_metadata(dest.join(f)).unwrap();
         assert_eq!((m.uid(), m.gid()), (user.uid, user.gid), "{f}");
     }
-    assert_eq!(x("etc/passwd", "user.rootlesscontainers"), None);
-    assert_eq!(
-        x("etc/shadow", "user.rootlesscontainers"),
-        Some(vec![0x10, 42])
-    );
-    assert_eq!(
-        x("home/bob", "user.rootlesscontainers"),
-        Some(vec![0x08, 42, 0x10, 42])
-    );
-    let gone = std::fs::symlink_metadata(dest.join("gone")).unwrap();
-    assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+    let x = |f: &str| xattr_of(&dest.join(f), "user.rootlesscontainers");
+    assert_eq!(x("etc/passwd"), None);
+    assert_eq!(x("etc/shadow"), Some(vec![0x10, 42]));
+    assert_eq!(x("home/bob"), Some(vec![0x08, 42, 0x10, 42]));
 }
 
 #[test]
@@ -114,7 +147,12 @@ fn unshare_r_mount_uses_userxattr_so_a_lower_dir_can_be_removed() {
             .arg("--work")
             .arg(&work)
             .arg(&merged)
-            .args(["--", "sh", "-c", "rm -rf tree && test ! -e tree && cat keep"]),
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "rm -rf tree && test ! -e tree && cat keep",
+            ]),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -35,21 +35,29 @@ fn colon_dirs(t: &Path) {
 
 const ESCAPED: &str = "a\\:b";
 
-#[test]
-fn an_escaped_colon_names_the_dir_a_colon_b_in_every_tool() {
+/// A temporary directory with [`colon_dirs`] in it, as root.
+fn colon_setup() -> Option<tempfile::TempDir> {
     if !root() {
-        return;
+        return None;
     }
     let t = tempfile::tempdir().unwrap();
-    let t = t.path();
-    colon_dirs(t);
-    let mkdir = |p: &str| {
-        std::fs::create_dir(t.join(p)).unwrap();
-        t.join(p)
-    };
+    colon_dirs(t.path());
+    Some(t)
+}
 
-    // ovl-mount: the merged view shows a:b's file.
-    let merged = mkdir("m");
+fn mkdir(t: &Path, p: &str) -> PathBuf {
+    std::fs::create_dir(t.join(p)).unwrap();
+    t.join(p)
+}
+
+#[test]
+fn an_escaped_colon_names_the_dir_a_colon_b_to_ovl_mount() {
+    let Some(t) = colon_setup() else {
+        return;
+    };
+    let t = t.path();
+    // The merged view shows a:b's file.
+    let merged = mkdir(t, "m");
     let out = run_ok(
         Command::new(bin("ovl-mount"))
             .current_dir(t)
@@ -58,19 +66,36 @@ fn an_escaped_colon_names_the_dir_a_colon_b_in_every_tool() {
             .args(["--", "cat", "f"]),
     );
     assert_eq!(out, b"colon", "ovl-mount");
+}
 
-    // ovl-squash: the result holds a:b's file under the upper's.
-    let upper = mkdir("u");
+#[test]
+fn an_escaped_colon_names_the_dir_a_colon_b_to_ovl_squash() {
+    let Some(t) = colon_setup() else {
+        return;
+    };
+    let t = t.path();
+    // The result holds a:b's file under the upper's.
+    let upper = mkdir(t, "u");
     std::fs::write(upper.join("g"), "g").unwrap();
-    run_ok(
-        Command::new(bin("ovl-squash"))
-            .current_dir(t)
-            .args(["--quiet", "--lower", ESCAPED, "--upper", "u", "--output", "out"]),
+    run_ok(Command::new(bin("ovl-squash")).current_dir(t).args([
+        "--quiet", "--lower", ESCAPED, "--upper", "u", "--output", "out",
+    ]));
+    assert_eq!(
+        std::fs::read(t.join("out/f")).unwrap(),
+        b"colon",
+        "ovl-squash"
     );
-    assert_eq!(std::fs::read(t.join("out/f")).unwrap(), b"colon", "ovl-squash");
+    assert_eq!(std::fs::read(t.join("out/g")).unwrap(), b"g", "ovl-squash");
+}
 
-    // ovl-diff: a metacopy upper (metadata only, its data in the lower) exports a:b's data.
-    let (mu, mw, mm) = (mkdir("mu"), mkdir("mw"), mkdir("mm"));
+#[test]
+fn an_escaped_colon_names_the_dir_a_colon_b_to_ovl_diff() {
+    let Some(t) = colon_setup() else {
+        return;
+    };
+    let t = t.path();
+    // A metacopy upper (metadata only, its data in the lower) exports a:b's data.
+    let (mu, mw, mm) = (mkdir(t, "mu"), mkdir(t, "mw"), mkdir(t, "mm"));
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},metacopy=on,redirect_dir=on",
         ovl_layer::lowers::join(&[t.join("a:b")]).to_str().unwrap(),
@@ -208,7 +233,8 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>]) {
             )
         })
         .collect();
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{}]}}"#,
         put(config),
@@ -227,6 +253,8 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>]) {
 fn layer_with(name: &str, data: &[u8]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_ustar();
+    h.set_uid(0);
+    h.set_gid(0);
     h.set_mode(0o644);
     h.set_mtime(1_700_000_000);
     h.set_size(data.len() as u64);

@@ -198,10 +198,7 @@ mod tests {
     fn join_round_trips_through_parse() {
         let layers = paths(&[b"/p", br"/a:b,c\d", b"/\xfe\x01 x", br"\", b"::"]);
         let s = join(&layers);
-        assert_eq!(
-            s.as_bytes(),
-            b"/p:/a\\:b\\,c\\\\d:/\xfe\x01 x:\\\\:\\:\\:"
-        );
+        assert_eq!(s.as_bytes(), b"/p:/a\\:b\\,c\\\\d:/\xfe\x01 x:\\\\:\\:\\:");
         assert_eq!(parse(&s).unwrap(), layers);
     }
 

@@ -33,7 +33,11 @@ pub fn options(layout: &Layout) -> Result<OsString> {
         },
     };
     let mut o = b"lowerdir=".to_vec();
-    o.extend_from_slice(lowers::join_fuse(&layout.lowers).map_err(unsafe_path)?.as_bytes());
+    o.extend_from_slice(
+        lowers::join_fuse(&layout.lowers)
+            .map_err(unsafe_path)?
+            .as_bytes(),
+    );
     if let (Some(u), Some(w)) = (&layout.upper, &layout.work) {
         o.extend_from_slice(b",upperdir=");
         o.extend_from_slice(lowers::escape_fuse(u).map_err(unsafe_path)?.as_bytes());

@@ -117,16 +117,14 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
         }
     }
     if let (Some(upper), Some(work)) = (&layout.upper, &layout.work) {
-        fsconfig_set_string(&fs, "upperdir", lowers::escape(upper).as_os_str()).map_err(
-            |e| {
-                refused(
-                    layout,
-                    &format!("upper directory {}", upper.display()),
-                    e,
-                    Some(&fs),
-                )
-            },
-        )?;
+        fsconfig_set_string(&fs, "upperdir", lowers::escape(upper).as_os_str()).map_err(|e| {
+            refused(
+                layout,
+                &format!("upper directory {}", upper.display()),
+                e,
+                Some(&fs),
+            )
+        })?;
         fsconfig_set_string(&fs, "workdir", lowers::escape(work).as_os_str()).map_err(|e| {
             refused(
                 layout,
