@@ -12,6 +12,7 @@ pub mod output;
 
 use std::path::PathBuf;
 
+use ovl_layer::identity::Identity;
 use ovl_layer::idmap::RootlessMaps;
 use ovl_layer::tarout::TarOptions;
 use ovl_layer::upper::UpperError;
@@ -92,14 +93,14 @@ pub fn diff<W: std::io::Write + Send>(
 /// uid and gid), when this namespace does not map them itself; `None` outside a namespace or
 /// when they are real container ids here.
 pub fn unmapped_id_markers() -> Option<(u32, u32)> {
-    let read = |f: &str| -> Option<String> { std::fs::read_to_string(f).ok() };
-    let uid_map = ovl_layer::idmap::IdMap::parse_proc(&read("/proc/self/uid_map")?)?;
-    let gid_map = ovl_layer::idmap::IdMap::parse_proc(&read("/proc/self/gid_map")?)?;
-    if uid_map == ovl_layer::idmap::IdMap::identity() {
+    let Identity::NamespaceRoot(RootlessMaps {
+        uid: uid_map,
+        gid: gid_map,
+    }) = Identity::current()
+    else {
         return None;
-    }
-    let ou: u32 = read("/proc/sys/kernel/overflowuid")?.trim().parse().ok()?;
-    let og: u32 = read("/proc/sys/kernel/overflowgid")?.trim().parse().ok()?;
+    };
+    let (ou, og) = overflow_ids();
     if uid_map.to_host(ou).is_some() && gid_map.to_host(og).is_some() {
         return None;
     }
@@ -152,18 +153,25 @@ pub fn alias_overflow(
     if found { IdMap::new(out) } else { map.clone() }
 }
 
-/// [`alias_overflow`] for both maps of the namespace ovl-diff makes for itself, with this
-/// host's overflow ids (`/proc/sys/kernel/overflow{uid,gid}`, 65534 when unreadable), so
-/// "nobody" stays apart from unmapped host ids inside.
-pub fn alias_overflow_of_this_host(maps: &mut RootlessMaps) {
-    let overflow = |f: &str| -> u32 {
+/// The kernel's overflow uid and gid (what an unmapped id reads as in a user namespace), from
+/// /proc/sys/kernel/overflow{uid,gid}; 65534, the kernel's default, when unreadable.
+fn overflow_ids() -> (u32, u32) {
+    let read = |f: &str| -> u32 {
         std::fs::read_to_string(f)
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(65534)
     };
-    let ou = overflow("/proc/sys/kernel/overflowuid");
-    let og = overflow("/proc/sys/kernel/overflowgid");
+    (
+        read("/proc/sys/kernel/overflowuid"),
+        read("/proc/sys/kernel/overflowgid"),
+    )
+}
+
+/// [`alias_overflow`] for both maps of the namespace ovl-diff makes for itself, with this
+/// host's overflow ids, so "nobody" stays apart from unmapped host ids inside.
+pub fn alias_overflow_of_this_host(maps: &mut RootlessMaps) {
+    let (ou, og) = overflow_ids();
     maps.uid = alias_overflow(&maps.uid, ou, OVERFLOW_ALIAS);
     maps.gid = alias_overflow(&maps.gid, og, OVERFLOW_ALIAS);
 }
@@ -175,12 +183,7 @@ pub const OVERFLOW_ALIAS: u32 = ovl_layer::idmap::ROOTLESS_RANGE + 1;
 /// (read from its own id maps): owners read as the alias are written as the overflow id.
 pub fn id_alias_in_this_namespace() -> Option<(u32, u32)> {
     let (ou, og) = unmapped_id_markers()?;
-    let read = |f: &str| {
-        std::fs::read_to_string(f)
-            .ok()
-            .and_then(|t| ovl_layer::idmap::IdMap::parse_proc(&t))
-    };
-    let (um, gm) = (read("/proc/self/uid_map")?, read("/proc/self/gid_map")?);
+    let RootlessMaps { uid: um, gid: gm } = ovl_layer::userns::current_maps();
     (ou == og && um.to_host(OVERFLOW_ALIAS).is_some() && gm.to_host(OVERFLOW_ALIAS).is_some())
         .then_some((OVERFLOW_ALIAS, ou))
 }

@@ -31,27 +31,21 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// The identity of this process, from its euid and /proc/self/{uid,gid}_map.
+    /// The identity of this process, from its euid and /proc/self/{uid,gid}_map
+    /// ([`userns::current_maps`]; when /proc cannot tell, euid 0 counts as real root, as it did
+    /// before user namespaces).
     pub fn current() -> Self {
-        let read = |f: &str| {
-            std::fs::read_to_string(f)
-                .ok()
-                .and_then(|t| IdMap::parse_proc(&t))
-        };
-        let maps = match (read("/proc/self/uid_map"), read("/proc/self/gid_map")) {
-            (Some(uid), Some(gid)) => Some(RootlessMaps { uid, gid }),
-            _ => None,
-        };
-        Self::of(rustix::process::geteuid().as_raw(), maps)
+        Self::of(rustix::process::geteuid().as_raw(), userns::current_maps())
     }
 
-    /// The identity of a process with effective uid `euid` and these id maps (`None` when
-    /// /proc cannot tell: then euid 0 counts as real root, as it did before user namespaces).
-    pub fn of(euid: u32, maps: Option<RootlessMaps>) -> Self {
-        match maps {
-            _ if euid != 0 => Identity::User,
-            Some(m) if m.uid != IdMap::identity() => Identity::NamespaceRoot(m),
-            _ => Identity::RealRoot,
+    /// The identity of a process with effective uid `euid` and these id maps.
+    pub fn of(euid: u32, maps: RootlessMaps) -> Self {
+        if euid != 0 {
+            Identity::User
+        } else if maps.uid != IdMap::identity() {
+            Identity::NamespaceRoot(maps)
+        } else {
+            Identity::RealRoot
         }
     }
 
@@ -179,8 +173,8 @@ impl Reexec {
 mod tests {
     use super::*;
 
-    fn maps(uid: IdMap, gid: IdMap) -> Option<RootlessMaps> {
-        Some(RootlessMaps { uid, gid })
+    fn maps(uid: IdMap, gid: IdMap) -> RootlessMaps {
+        RootlessMaps { uid, gid }
     }
 
     #[test]
@@ -188,7 +182,6 @@ mod tests {
         let init = maps(IdMap::identity(), IdMap::identity());
         assert_eq!(Identity::of(0, init.clone()), Identity::RealRoot);
         assert_eq!(Identity::of(1000, init), Identity::User);
-        assert_eq!(Identity::of(0, None), Identity::RealRoot);
         // `unshare -r`: euid 0, only the user's own id mapped.
         let unshare = maps(IdMap::single(1000), IdMap::single(1000));
         let id = Identity::of(0, unshare.clone());
