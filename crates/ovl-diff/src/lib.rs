@@ -33,8 +33,12 @@ pub enum DiffError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("OCI layout {dir}: {why}")]
-    Oci { dir: PathBuf, why: String },
+    #[error("OCI layout {dir}")]
+    Oci {
+        dir: PathBuf,
+        #[source]
+        source: ovl_layer::oci::OciError,
+    },
 }
 
 /// What to diff and how to write it.

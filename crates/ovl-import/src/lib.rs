@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ovl_layer::compress::{self, ThreadedReader, VerifyingReader};
+use ovl_layer::compress::{self, ThreadedReader};
 use ovl_layer::extract::{ExtractError, ExtractOptions, ExtractStats, OwnerPolicy};
 use ovl_layer::root::Root;
 use ovl_layer::whiteout::XattrNs;
@@ -31,8 +31,12 @@ pub enum ImportError {
         path: String,
         source: std::io::Error,
     },
-    #[error("OCI layout {dir}: {why}")]
-    Oci { dir: PathBuf, why: String },
+    #[error("OCI layout {dir}")]
+    Oci {
+        dir: PathBuf,
+        #[source]
+        source: ovl_layer::oci::OciError,
+    },
     #[error("{source_name}: {err}")]
     Extract {
         source_name: String,
@@ -61,21 +65,10 @@ impl Source {
             return Source::Stdin;
         }
         if let Some(rest) = b.strip_prefix(b"oci:") {
-            let rest = std::ffi::OsStr::from_bytes(rest);
-            // DIR:TAG when the part after the last ':' is not itself a path.
-            let s = rest.as_bytes();
-            if let Some(i) = s.iter().rposition(|&c| c == b':') {
-                let (dir, tag) = (&s[..i], &s[i + 1..]);
-                if !tag.is_empty() && !tag.contains(&b'/') {
-                    return Source::Oci {
-                        dir: PathBuf::from(std::ffi::OsStr::from_bytes(dir)),
-                        tag: Some(String::from_utf8_lossy(tag).into_owned()),
-                    };
-                }
-            }
+            let r = ovl_layer::oci::LayoutRef::parse(std::ffi::OsStr::from_bytes(rest));
             return Source::Oci {
-                dir: PathBuf::from(rest),
-                tag: None,
+                dir: r.dir,
+                tag: r.tag,
             };
         }
         Source::File(PathBuf::from(arg))
@@ -140,14 +133,11 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                     path: sub.clone(),
                     source: e,
                 })?;
-                let file = std::fs::File::open(&layer.path).map_err(|e| ImportError::Source {
+                let file = layer.open().map_err(|e| ImportError::Source {
                     path: layer.path.display().to_string(),
                     source: e,
                 })?;
-                let raw = VerifyingReader::new(
-                    ovl_layer::progress::ProgressReader::new(file, bar.clone()),
-                    layer.digest,
-                );
+                let raw = layer.verify(ovl_layer::progress::ProgressReader::new(file, bar.clone()));
                 let label = format!("{} (layer {i}, {})", layer.path.display(), layer.media_type);
                 stats.add(&extract_stream(raw, &sub, ex, &label)?);
                 names.push(dest.join(name));

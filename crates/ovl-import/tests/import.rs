@@ -497,6 +497,165 @@ fn oci_blobs_that_are_not_regular_files_are_refused() {
     }
 }
 
+/// Wrap the image `tag` of the layout at `dir` in `depth` nested image indexes (each the only
+/// entry of the next): the digests of the indexes, outermost first.
+fn nest_in_indexes(dir: &Path, depth: usize) -> Vec<String> {
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let mut desc = index["manifests"][0].clone();
+    let tag = desc.as_object_mut().unwrap().remove("annotations").unwrap();
+    let blobs = dir.join("blobs/sha256");
+    let mut chain = Vec::new();
+    for _ in 0..depth {
+        let nested = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [desc],
+        }))
+        .unwrap();
+        let d = sha256(&nested);
+        std::fs::write(blobs.join(&d), &nested).unwrap();
+        desc = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{d}"),
+            "size": nested.len(),
+        });
+        chain.push(d);
+    }
+    desc["annotations"] = tag;
+    index["manifests"][0] = desc;
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    chain.reverse();
+    chain
+}
+
+/// A chain of nested image indexes is followed a few levels deep (an image index of an image
+/// index imports), and 10,000 levels are a clean error naming an index of the chain, not a
+/// stack overflow that leaves the staging sibling behind.
+#[test]
+fn nested_image_indexes_are_followed_only_so_deep() {
+    let t = tempfile::tempdir().unwrap();
+    let layer = Layer::new().file("f", b"f").bytes();
+    // 10,000 levels overflow the stack of a recursive walk in a debug build (the tests').
+    for (depth, ok) in [(2, true), (10_000, false)] {
+        let layout = t.path().join(format!("nested-{depth}"));
+        oci_layout(
+            &layout,
+            "v1",
+            &[(layer.clone(), "application/vnd.oci.image.layer.v1.tar")],
+        );
+        let chain = nest_in_indexes(&layout, depth);
+        let dest = t.path().join(format!("dest-{depth}"));
+        let out = output_within_30s(
+            import_cmd()
+                .arg("--quiet")
+                .arg(format!("oci:{}:v1", layout.display()))
+                .arg(&dest),
+        )
+        .unwrap_or_else(|| panic!("{depth}: ovl-import still running after 30 s"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert!(out.status.success(), "{depth}: {err}");
+            assert_eq!(std::fs::read(dest.join("0/f")).unwrap(), b"f");
+            continue;
+        }
+        assert!(
+            out.status.code().is_some_and(|c| c != 0),
+            "{depth}: {:?}: {err}",
+            out.status
+        );
+        assert!(err.contains("nested more than"), "{err}");
+        assert!(
+            chain.iter().take(20).any(|d| err.contains(d.as_str())),
+            "{err}"
+        );
+        assert!(!dest.exists());
+        let left: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".ovl-import-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// Descriptors are checked before their blobs are used: a digest that is a path is refused as
+/// no digest, a layer whose size is not its descriptor's is refused before extraction, and a
+/// layer stored as sha512 imports.
+#[test]
+fn oci_descriptors_are_checked_and_sha512_blobs_import() {
+    let t = tempfile::tempdir().unwrap();
+    let layer = Layer::new().file("f", b"f").bytes();
+    let media = "application/vnd.oci.image.layer.v1.tar";
+    let rewrite = |layout: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let p = layout.join("index.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    // The manifest with its one layer descriptor changed by `f`, stored and named by index.json.
+    let relayer = |layout: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let m = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(m)).unwrap())
+                .unwrap();
+        f(&mut manifest["layers"][0]);
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let d = sha256(&bytes);
+        std::fs::write(layout.join("blobs/sha256").join(&d), &bytes).unwrap();
+        rewrite(layout, &|v| {
+            v["manifests"][0]["digest"] = format!("sha256:{d}").into();
+            v["manifests"][0]["size"] = bytes.len().into();
+        });
+    };
+    let run = |what: &str| {
+        let layout = t.path().join(what);
+        let blobs = oci_layout(&layout, "v1", &[(layer.clone(), media)]);
+        match what {
+            "index-digest-abs" => rewrite(&layout, &|v| {
+                v["manifests"][0]["digest"] = "sha256:/etc/hostname".into()
+            }),
+            "layer-size-lies" => relayer(&layout, &|l| l["size"] = (layer.len() - 1).into()),
+            "layer-sha512" => {
+                use sha2::Digest;
+                let d = hex::encode(sha2::Sha512::digest(&layer));
+                std::fs::create_dir_all(layout.join("blobs/sha512")).unwrap();
+                std::fs::rename(&blobs[0], layout.join("blobs/sha512").join(&d)).unwrap();
+                relayer(&layout, &|l| l["digest"] = format!("sha512:{d}").into());
+            }
+            _ => unreachable!(),
+        }
+        let dest = t.path().join(format!("{what}-dest"));
+        let out = output(
+            import_cmd()
+                .arg("--quiet")
+                .arg(format!("oci:{}", layout.display()))
+                .arg(&dest),
+        );
+        (out, dest)
+    };
+    for (what, says) in [
+        ("index-digest-abs", "not a digest"),
+        ("layer-size-lies", "its descriptor says"),
+    ] {
+        let (out, dest) = run(what);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(!dest.exists(), "{what}");
+    }
+    let (out, dest) = run("layer-sha512");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dest.join("0/f")).unwrap(), b"f");
+}
+
 #[test]
 fn an_existing_dest_is_refused_and_left_alone() {
     let t = tempfile::tempdir().unwrap();

@@ -171,51 +171,6 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// Computes the sha256 of everything read through it; at EOF it checks it against the expected
-/// digest and fails the read if they differ, so a bad blob is an error, not a wrong layer.
-pub struct VerifyingReader<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-    expected: [u8; 32],
-    checked: bool,
-}
-
-impl<R> VerifyingReader<R> {
-    pub fn new(inner: R, expected: [u8; 32]) -> Self {
-        use sha2::Digest;
-        Self {
-            inner,
-            hasher: sha2::Sha256::new(),
-            expected,
-            checked: false,
-        }
-    }
-}
-
-impl<R: Read> Read for VerifyingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use sha2::Digest;
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            self.hasher.update(&buf[..n]);
-        } else if !buf.is_empty() && !self.checked {
-            self.checked = true;
-            let got: [u8; 32] = self.hasher.clone().finalize().into();
-            if got != self.expected {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "digest mismatch: expected sha256:{}, got sha256:{}",
-                        hex::encode(self.expected),
-                        hex::encode(got)
-                    ),
-                ));
-            }
-        }
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,20 +195,6 @@ mod tests {
             assert!(out == data, "{kind:?} round trip");
         }
         assert!(decoder(io::Cursor::new(Vec::new())).is_err());
-    }
-
-    #[test]
-    fn verifying_reader_refuses_a_wrong_digest() {
-        use sha2::Digest;
-        let good: [u8; 32] = sha2::Sha256::digest(b"abc").into();
-        let mut out = Vec::new();
-        VerifyingReader::new(&b"abc"[..], good)
-            .read_to_end(&mut out)
-            .unwrap();
-        let err = VerifyingReader::new(&b"abd"[..], good)
-            .read_to_end(&mut out)
-            .unwrap_err();
-        assert!(err.to_string().contains("digest mismatch"));
     }
 
     #[test]

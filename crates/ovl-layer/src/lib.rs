@@ -5,8 +5,9 @@
 //! one name in a directory is touched without following it ([`fsops`]), how file content is
 //! shared or copied with its holes ([`copy`]), who the process is ([`identity`]) and how ids are
 //! mapped for rootless use ([`idmap`], [`userns`]), how lists of lower layers are written
-//! ([`lowers`]), how layer tar streams are read and written ([`compress`], [`extract`]), and
-//! which directories mounted overlays use ([`mounts`]).
+//! ([`lowers`]), how layer tar streams are read and written ([`compress`], [`extract`]), which
+//! directories mounted overlays use ([`mounts`]), and what an OCI image layout holds and how it
+//! is read and written ([`oci`]).
 
 pub mod compress;
 pub mod copy;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod idmap;
 pub mod lowers;
 pub mod mounts;
+pub mod oci;
 pub mod path;
 pub mod pgzip;
 pub mod progress;
