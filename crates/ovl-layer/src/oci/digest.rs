@@ -64,11 +64,11 @@ impl Digest {
             "sha512" => Algorithm::Sha512,
             _ => return Err(bad("only sha256 and sha512 are supported")),
         };
+        if !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad("not lowercase hex"));
+        }
         if hex.len() != algorithm.hex_len() {
             return Err(bad("the hex has the wrong length"));
-        }
-        if !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(bad("the hex must be lowercase 0-9a-f"));
         }
         Ok(Digest {
             algorithm,

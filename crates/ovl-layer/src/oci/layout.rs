@@ -97,9 +97,9 @@ impl Layout {
 
     /// `blobs/ALG`, opened without following a symlink on the way.
     pub(crate) fn blobs_dir(&self, alg: super::Algorithm) -> Result<OwnedFd, OciError> {
-        let blobs = open_dir(&self.fd, c"blobs").map_err(io_err("blobs"))?;
+        let blobs = open_dir(&self.fd, c"blobs", "blobs")?;
         let name = std::ffi::CString::new(alg.name()).expect("no NUL");
-        open_dir(&blobs, &name).map_err(io_err(format!("blobs/{}", alg.name())))
+        open_dir(&blobs, &name, &format!("blobs/{}", alg.name()))
     }
 
     /// `index.json`, bounded.
@@ -177,14 +177,25 @@ impl Layout {
     }
 }
 
-fn open_dir(dir: &impl AsFd, name: &CStr) -> std::io::Result<OwnedFd> {
+/// Open directory NAME in DIR, refusing a symlink (or anything else) there by name.
+pub(crate) fn open_dir(dir: &impl AsFd, name: &CStr, label: &str) -> Result<OwnedFd, OciError> {
     rustix::fs::openat(
         dir,
         name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(Into::into)
+    .map_err(
+        |e| match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
+                OciError::NotADirectory {
+                    name: label.to_string(),
+                    kind: kind_name(FileType::from_raw_mode(st.st_mode)),
+                }
+            }
+            _ => io_err(label)(e.into()),
+        },
+    )
 }
 
 /// Open NAME in DIR for reading if it is a regular file: its length. Looked at first without

@@ -34,6 +34,8 @@ pub enum OciError {
     },
     #[error("{name}: not a regular file ({kind})")]
     NotRegular { name: String, kind: &'static str },
+    #[error("{name}: not a directory ({kind})")]
+    NotADirectory { name: String, kind: &'static str },
     #[error("{name}: {size} bytes, more than the {} MiB a manifest, index or config may have", MAX_JSON >> 20)]
     TooLarge { name: String, size: u64 },
     #[error("blob {digest}: {actual} bytes, but its descriptor says {expected}")]

@@ -110,13 +110,7 @@ fn make_dir(dir: &impl AsFd, name: &CStr, label: &str) -> Result<OwnedFd, OciErr
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(io_err(label)(e.into())),
     }
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err(label)(e.into()))
+    super::layout::open_dir(dir, name, label)
 }
 
 impl Layout {
@@ -140,22 +134,19 @@ impl Layout {
 
     /// Under the lock: make the layout's files unless its `oci-layout` file says it is made.
     fn init(&self, created: bool) -> Result<(), OciError> {
-        let layout = self;
-        let _lock = layout.lock()?;
+        let _lock = self.lock()?;
         let has_marker =
-            rustix::fs::statat(layout.fd(), c"oci-layout", AtFlags::SYMLINK_NOFOLLOW).is_ok();
-        if !has_marker {
-            if !created && !is_empty(&layout)? {
-                return Err(OciError::NotALayout);
-            }
-            let blobs = make_dir(&layout.fd(), c"blobs", "blobs")?;
-            make_dir(&blobs, c"sha256", "blobs/sha256")?;
-            layout.write_file(c"index.json", "index.json", &to_json(&Index::default()))?;
-            // `oci-layout` last: it says the layout is whole.
-            layout.write_file(c"oci-layout", "oci-layout", LAYOUT_FILE)?;
+            rustix::fs::statat(self.fd(), c"oci-layout", AtFlags::SYMLINK_NOFOLLOW).is_ok();
+        if !has_marker && !created && !is_empty(self)? {
+            return Err(OciError::NotALayout);
         }
-        let blobs = make_dir(&layout.fd(), c"blobs", "blobs")?;
+        let blobs = make_dir(&self.fd(), c"blobs", "blobs")?;
         make_dir(&blobs, c"sha256", "blobs/sha256")?;
+        if !has_marker {
+            self.write_file(c"index.json", "index.json", &to_json(&Index::default()))?;
+            // `oci-layout` last: it says the layout is whole.
+            self.write_file(c"oci-layout", "oci-layout", LAYOUT_FILE)?;
+        }
         Ok(())
     }
 
