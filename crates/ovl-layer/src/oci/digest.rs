@@ -135,7 +135,7 @@ impl<'de> serde::Deserialize<'de> for Digest {
 
 /// sha256 or sha512, incrementally.
 #[derive(Clone)]
-pub enum Hasher {
+pub(crate) enum Hasher {
     Sha256(sha2::Sha256),
     Sha512(sha2::Sha512),
 }

@@ -13,7 +13,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::de::DeserializeOwned;
@@ -30,7 +30,6 @@ pub const MAX_INDEX_DEPTH: usize = 8;
 /// An image layout directory, held open.
 #[derive(Debug)]
 pub struct Layout {
-    path: PathBuf,
     fd: OwnedFd,
 }
 
@@ -81,17 +80,10 @@ impl Layout {
             name: ".".into(),
             source: e.into(),
         })?;
-        Ok(Layout {
-            path: path.to_path_buf(),
-            fd,
-        })
+        Ok(Layout { fd })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 

@@ -17,7 +17,7 @@ pub mod write;
 
 use std::path::PathBuf;
 
-pub use digest::{Algorithm, Digest, DigestError, Hasher, VerifyingReader};
+pub use digest::{Algorithm, Digest, DigestError, VerifyingReader};
 pub use layout::{Blob, Layout, MAX_INDEX_DEPTH, MAX_JSON};
 pub use spec::{Descriptor, History, ImageConfig, Index, Manifest, Platform, RootFs};
 pub use write::{LayoutLock, TempFile};
