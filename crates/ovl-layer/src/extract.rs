@@ -14,9 +14,8 @@
 //! replaces whatever was at its path (a directory entry keeps an existing directory); the
 //! root entry must be a directory; the stream must end with its end-of-archive block.
 //!
-//! Metadata order per entry: data, owner, xattrs, mode (chown clears setuid and capabilities,
-//! so it comes first), times. Directories get their mode and times at the end, after
-//! everything below them was written.
+//! Metadata comes after the data, in [`crate::apply`]'s order (owner, xattrs, mode, times).
+//! Directories get their mode and times at the end, after everything below them was written.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -25,8 +24,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::rc::Rc;
 
-use rustix::fs::{FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{FileType, Mode, OFlags, Timespec};
 
+use crate::apply::{self, ApplyError, How, Meta, Owner, Perms, Step, Target, Xattrs};
 use crate::path::{LayerPath, PathError, display_bytes};
 use crate::root::{Leaf, Root};
 use crate::whiteout::{self, OciName, XattrNs};
@@ -89,44 +89,10 @@ fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
     }
 }
 
-/// The xattr umoci uses to record the owner of a rootless file (a protobuf `Resource`).
-pub const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
-
-/// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
-pub fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u32) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    let mut out = Vec::new();
-    if uid != 0 {
-        out.push(0x08);
-        varint(&mut out, uid);
-    }
-    if gid != 0 {
-        out.push(0x10);
-        varint(&mut out, gid);
-    }
-    out
-}
-
-/// The metadata of one entry, gathered from its header and PAX records.
-struct Meta {
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    mtime: Timespec,
-    atime: Timespec,
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
 struct DeferredDir {
     path: LayerPath,
-    mode: u32,
-    times: Timestamps,
+    /// Its mode and times are what is left to apply.
+    meta: Meta,
     /// (device, inode) of the directory the entry made: the path is looked up again at the
     /// end, and may by then lead elsewhere (a parent replaced by a symlink).
     id: (u64, u64),
@@ -358,13 +324,6 @@ fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn is_refusal(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EPERM | libc::ENOTSUP | libc::EACCES | libc::EINVAL)
-    )
-}
-
 impl Extractor<'_> {
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
         let raw = entry.path_bytes().into_owned();
@@ -467,12 +426,8 @@ impl Extractor<'_> {
                         leaf.name.as_c_str(),
                     )
                 })?;
-                self.owner_and_xattrs_by_name(&leaf, &meta, &raw)?;
-                leaf.set_times(&Timestamps {
-                    last_access: meta.atime,
-                    last_modification: meta.mtime,
-                })
-                .map_err(|e| entry_err(&raw, format!("set times: {e}")))
+                let target = Target::At(leaf.dir.as_fd(), &leaf.name);
+                self.apply_meta(target, &meta, Perms::Leave, true, &raw)
             }
             tar::EntryType::Link => self.hardlink(&leaf, entry, &raw),
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -606,8 +561,8 @@ impl Extractor<'_> {
             Mode::empty(),
         )
         .map_err(|e| entry_err(raw, e))?;
-        self.owner_and_xattrs_fd(&fd, &meta, raw)?;
-        self.defer_dir(LayerPath::root(), &fd, &meta, raw)
+        self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, raw)?;
+        self.defer_dir(LayerPath::root(), &fd, meta, raw)
     }
 
     fn opaque_marker(&mut self, dir: &LayerPath, raw: &[u8]) -> Result<(), ExtractError> {
@@ -615,7 +570,7 @@ impl Extractor<'_> {
             .root
             .open_dir(dir, true)
             .map_err(|e| entry_err(raw, e))?;
-        set_opaque(&fd, self.opts.opaque_ns)
+        whiteout::set_opaque(&fd, self.opts.opaque_ns)
             .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
         self.stats.opaques += 1;
         Ok(())
@@ -632,19 +587,13 @@ impl Extractor<'_> {
             // anything else already hides what is below.
             Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
                 let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
-                set_opaque(&fd, self.opts.opaque_ns)
+                whiteout::set_opaque(&fd, self.opts.opaque_ns)
                     .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))
             }
             Some(_) => Ok(()),
             None => {
-                rustix::fs::mknodat(
-                    &leaf.dir,
-                    leaf.name.as_c_str(),
-                    FileType::CharacterDevice,
-                    Mode::empty(),
-                    0,
-                )
-                .map_err(|e| entry_err(raw, format!("make the whiteout device: {e}")))?;
+                whiteout::make_whiteout(&leaf.dir, &leaf.name)
+                    .map_err(|e| entry_err(raw, format!("make the whiteout device: {e}")))?;
                 self.whiteouts.insert(target.clone());
                 Ok(())
             }
@@ -660,13 +609,13 @@ impl Extractor<'_> {
         raw: &[u8],
     ) -> Result<(), ExtractError> {
         let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
-        self.owner_and_xattrs_fd(&fd, &meta, raw)?;
+        self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, raw)?;
         if opaque {
-            set_opaque(&fd, self.opts.opaque_ns)
+            whiteout::set_opaque(&fd, self.opts.opaque_ns)
                 .map_err(|e| entry_err(raw, format!("set the opaque xattr: {e}")))?;
             self.stats.opaques += 1;
         }
-        self.defer_dir(path, &fd, &meta, raw)
+        self.defer_dir(path, &fd, meta, raw)
     }
 
     fn regular<R: Read>(
@@ -704,21 +653,8 @@ impl Extractor<'_> {
             }
         };
         self.stats.bytes += written;
-        let chowned = self.owner_and_xattrs_fd(&file, &meta, raw)?;
-        // The permission bits came with the create; setuid/setgid/sticky need a chmod, and
-        // so does anything after a chown (which clears setuid).
-        if chowned || meta.mode & 0o7000 != 0 {
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode))
-                .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
-        }
-        rustix::fs::futimens(
-            &file,
-            &Timestamps {
-                last_access: meta.atime,
-                last_modification: meta.mtime,
-            },
-        )
-        .map_err(|e| entry_err(raw, format!("set times: {e}")))
+        // The permission bits came with the create (no chmod per file).
+        self.apply_meta(Target::Fd(file.as_fd()), &meta, Perms::Created, true, raw)
     }
 
     /// Copy an entry's data into `file`; with `sparse`, runs of zero blocks become holes.
@@ -934,95 +870,34 @@ impl Extractor<'_> {
             }
             Err(e) => return Err(entry_err(raw, format!("mknod: {e}"))),
         }
-        self.owner_and_xattrs_by_name(leaf, &meta, raw)?;
-        leaf.chmod(meta.mode)
-            .map_err(|e| entry_err(raw, format!("chmod: {e}")))?;
-        leaf.set_times(&Timestamps {
-            last_access: meta.atime,
-            last_modification: meta.mtime,
-        })
-        .map_err(|e| entry_err(raw, format!("set times: {e}")))
+        let target = Target::At(leaf.dir.as_fd(), &leaf.name);
+        self.apply_meta(target, &meta, Perms::Set, true, raw)
     }
 
-    /// Set owner and xattrs on an open file; true when it chowned.
-    fn owner_and_xattrs_fd(
+    /// Give an entry its owner (as the policy says) and xattrs, then its mode as `perms` says
+    /// and, with `times`, its times.
+    fn apply_meta(
         &mut self,
-        fd: &impl AsFd,
+        target: Target<'_>,
         meta: &Meta,
+        perms: Perms,
+        times: bool,
         raw: &[u8],
-    ) -> Result<bool, ExtractError> {
-        self.owner_and_xattrs(
-            meta,
-            raw,
-            |uid, gid| {
-                rustix::fs::fchown(
-                    fd,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(Into::into)
-            },
-            |n, v| crate::xattrs::set_fd(fd, n, v),
-        )
-    }
-
-    /// Set owner and xattrs by name (symlinks, devices, fifos: nothing to open).
-    fn owner_and_xattrs_by_name(
-        &mut self,
-        leaf: &Leaf,
-        meta: &Meta,
-        raw: &[u8],
-    ) -> Result<bool, ExtractError> {
-        self.owner_and_xattrs(
-            meta,
-            raw,
-            |uid, gid| leaf.chown(uid, gid),
-            |n, v| leaf.set_xattr(n, v),
-        )
-    }
-
-    /// The owner policy and xattrs, through whichever `chown`/`set_xattr` fit the entry.
-    fn owner_and_xattrs(
-        &mut self,
-        meta: &Meta,
-        raw: &[u8],
-        chown: impl Fn(u32, u32) -> io::Result<()>,
-        set_xattr: impl Fn(&str, &[u8]) -> io::Result<()>,
-    ) -> Result<bool, ExtractError> {
-        let mut chowned = false;
-        match self.opts.owners {
-            OwnerPolicy::Preserve if self.creator != Some((meta.uid, meta.gid)) => {
-                chown(meta.uid, meta.gid).map_err(|e| owner_err(raw, meta, e))?;
-                chowned = true;
-            }
-            OwnerPolicy::Preserve => {}
-            OwnerPolicy::Record if meta.uid != 0 || meta.gid != 0 => {
-                let owner = encode_rootless_owner(meta.uid, meta.gid);
-                self.apply_xattr(raw, ROOTLESS_XATTR, &owner, &set_xattr)?;
-            }
-            OwnerPolicy::Record => {}
-        }
-        for (name, value) in &meta.xattrs {
-            self.apply_xattr(raw, name, value, &set_xattr)?;
-        }
-        Ok(chowned)
-    }
-
-    fn apply_xattr(
-        &mut self,
-        raw: &[u8],
-        name: &str,
-        value: &[u8],
-        set: impl Fn(&str, &[u8]) -> io::Result<()>,
     ) -> Result<(), ExtractError> {
-        match set(name, value) {
-            Ok(()) => Ok(()),
-            Err(e) if is_refusal(&e) => {
-                self.stats.skipped_xattrs += 1;
-                Ok(())
-            }
-            Err(e) => Err(entry_err(raw, format!("set xattr {name}: {e}"))),
-        }
+        let how = How {
+            owner: match self.opts.owners {
+                OwnerPolicy::Preserve => Owner::Chown,
+                OwnerPolicy::Record => Owner::Record,
+            },
+            owner_now: self.creator,
+            xattrs: Xattrs::Add,
+            skip_refused_xattrs: true,
+            perms,
+            times,
+        };
+        let done = apply::apply(target, meta, &how).map_err(|e| apply_err(raw, e))?;
+        self.stats.skipped_xattrs += done.skipped_xattrs;
+        Ok(())
     }
 
     /// Remember a directory's mode and times for [`Self::finish_dirs`]: set now, they would
@@ -1031,19 +906,11 @@ impl Extractor<'_> {
         &mut self,
         path: LayerPath,
         fd: &impl AsFd,
-        meta: &Meta,
+        meta: Meta,
         raw: &[u8],
     ) -> Result<(), ExtractError> {
         let id = dir_id(fd).map_err(|e| entry_err(raw, e))?;
-        self.dirs.push(DeferredDir {
-            path,
-            mode: meta.mode,
-            times: Timestamps {
-                last_access: meta.atime,
-                last_modification: meta.mtime,
-            },
-            id,
-        });
+        self.dirs.push(DeferredDir { path, meta, id });
         Ok(())
     }
 
@@ -1081,10 +948,15 @@ impl Extractor<'_> {
             if dir_id(&fd).map_err(|e| entry_err(&raw, e))? != d.id {
                 continue;
             }
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))
-                .map_err(|e| entry_err(&raw, format!("chmod: {e}")))?;
-            rustix::fs::futimens(&fd, &d.times)
-                .map_err(|e| entry_err(&raw, format!("set times: {e}")))?;
+            let how = How {
+                owner: Owner::Leave,
+                owner_now: None,
+                xattrs: Xattrs::Leave,
+                skip_refused_xattrs: false,
+                perms: Perms::Set,
+                times: true,
+            };
+            apply::apply(Target::Fd(fd.as_fd()), &d.meta, &how).map_err(|e| apply_err(&raw, e))?;
         }
         Ok(())
     }
@@ -1112,18 +984,13 @@ fn dir_id(fd: &impl AsFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-fn owner_err(raw: &[u8], meta: &Meta, e: impl Into<io::Error>) -> ExtractError {
-    let e: io::Error = e.into();
-    if e.raw_os_error() == Some(libc::EINVAL) {
-        entry_err(
+fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {
+    match e.step {
+        Step::Owner { uid, gid } if e.source.raw_os_error() == Some(libc::EINVAL) => entry_err(
             raw,
-            format!(
-                "owner {}:{} is not mapped in this user namespace",
-                meta.uid, meta.gid
-            ),
-        )
-    } else {
-        entry_err(raw, format!("chown {}:{}: {e}", meta.uid, meta.gid))
+            format!("owner {uid}:{gid} is not mapped in this user namespace"),
+        ),
+        step => entry_err(raw, format!("{step}: {}", e.source)),
     }
 }
 
@@ -1133,19 +1000,6 @@ fn data_err(raw: &[u8], e: io::Error) -> ExtractError {
     } else {
         entry_err(raw, format!("reading data: {e}"))
     }
-}
-
-/// Mark the directory open as `fd` opaque in namespace `ns`.
-pub fn set_opaque(fd: &OwnedFd, ns: XattrNs) -> io::Result<()> {
-    // `fd` may be an O_PATH fd, which fsetxattr refuses: go through its /proc entry.
-    let path = format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(fd));
-    rustix::fs::lsetxattr(
-        path.as_str(),
-        ns.name(whiteout::key::OPAQUE).as_str(),
-        whiteout::OPAQUE_YES,
-        rustix::fs::XattrFlags::empty(),
-    )
-    .map_err(Into::into)
 }
 
 #[cfg(test)]
@@ -1314,16 +1168,6 @@ mod tests {
                 "{kind:?}: {err}"
             );
         }
-    }
-
-    #[test]
-    fn rootless_owner_encoding_matches_umoci() {
-        assert_eq!(encode_rootless_owner(0, 0), Vec::<u8>::new());
-        assert_eq!(encode_rootless_owner(42, 0), vec![0x08, 42]);
-        assert_eq!(
-            encode_rootless_owner(1000, 300),
-            vec![0x08, 0xe8, 0x07, 0x10, 0xac, 0x02]
-        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! directories mounted overlays use ([`mounts`]), and what an OCI image layout holds and how it
 //! is read and written ([`oci`]).
 
+pub mod apply;
 pub mod compress;
 pub mod copy;
 pub mod extract;

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, Stat, Timestamps};
+use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 
 use crate::fsops;
 use crate::path::{LayerPath, display_bytes};
@@ -141,10 +141,6 @@ impl Leaf {
         })
     }
 
-    pub fn name_bytes(&self) -> &[u8] {
-        self.name.as_bytes()
-    }
-
     /// lstat; `None` when nothing is there.
     pub fn stat(&self) -> io::Result<Option<Stat>> {
         fsops::stat_at(&self.dir, &self.name)
@@ -165,23 +161,6 @@ impl Leaf {
     /// Open this name as a directory for reading (`O_NOFOLLOW`).
     pub fn open_dir(&self) -> io::Result<OwnedFd> {
         fsops::open_dir_at(&self.dir, &self.name)
-    }
-
-    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
-        fsops::chown_at(&self.dir, &self.name, uid, gid)
-    }
-
-    /// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
-    pub fn chmod(&self, mode: u32) -> io::Result<()> {
-        fsops::chmod_at(&self.dir, &self.name, mode)
-    }
-
-    pub fn set_times(&self, times: &Timestamps) -> io::Result<()> {
-        fsops::set_times_at(&self.dir, &self.name, times)
-    }
-
-    pub fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
-        crate::xattrs::set_at(&self.dir, &self.name, name, value)
     }
 
     pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {

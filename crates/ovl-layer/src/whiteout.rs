@@ -9,8 +9,17 @@
 //! - how an entry of an upperdir is classified: kernel 0/0 char device whiteouts, xattr
 //!   whiteouts (Linux >= 6.7; only in a directory marked `opaque=x`), and fuse-overlayfs's
 //!   `.wh.` files and `.wh..opq` devices.
+//! - which xattrs are the overlay's own, not content ([`public_xattrs`]).
+//!
+//! And writes the markers: the whiteout device ([`make_whiteout`]) and the opaque xattr
+//! ([`set_opaque`]); removes the overlay's xattrs from an entry ([`remove_private_xattrs`]).
 
 use std::borrow::Cow;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::fs::{FileType, Mode};
 
 /// Prefix of an OCI whiteout name.
 pub const WH_PREFIX: &[u8] = b".wh.";
@@ -99,7 +108,6 @@ pub mod key {
     pub const WHITEOUT: &str = "whiteout";
     pub const REDIRECT: &str = "redirect";
     pub const METACOPY: &str = "metacopy";
-    pub const ORIGIN: &str = "origin";
     /// On a file copied up through the inodes index (`index=on`): its link count in the merged
     /// view, `U[+-]N` relative to the upper inode's (index link included) or `L[+-]N` relative
     /// to the lower inode's.
@@ -145,6 +153,50 @@ pub fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
         }
     }
     UpperXattr::Keep(Cow::Borrowed(name))
+}
+
+/// The xattrs of an entry that are content, not the overlay's own markers (names as stored:
+/// an escaped `overlay.overlay.*` is content).
+pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    xattrs
+        .iter()
+        .filter(|(n, _)| matches!(classify_upper_xattr(n), UpperXattr::Keep(_)))
+        .cloned()
+        .collect()
+}
+
+/// Make NAME in DIR a whiteout, as the kernel makes them: a 0/0 char device, mode 0.
+pub fn make_whiteout(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0).map_err(Into::into)
+}
+
+/// Mark the directory open as `fd` opaque (`overlay.opaque=y` in namespace `ns`).
+pub fn set_opaque(fd: &impl AsFd, ns: XattrNs) -> io::Result<()> {
+    // `fd` may be an O_PATH fd, which fsetxattr refuses: go through its /proc entry.
+    let path = format!("/proc/self/fd/{}/.", fd.as_fd().as_raw_fd());
+    rustix::fs::lsetxattr(
+        path.as_str(),
+        ns.name(key::OPAQUE).as_str(),
+        OPAQUE_YES,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(Into::into)
+}
+
+/// Remove the overlay's own xattrs (markers, origin, redirect, ...) of NAME in DIR, so that a
+/// link to it elsewhere carries none. Returns whether there were any.
+pub fn remove_private_xattrs(dir: &impl AsRawFd, name: &CStr) -> io::Result<bool> {
+    let mut any = false;
+    for (n, _) in crate::xattrs::list_at(dir, name)? {
+        if classify_upper_xattr(&n) == UpperXattr::Private {
+            match crate::xattrs::remove_at(dir, name, &n) {
+                Ok(()) => any = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => any = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(any)
 }
 
 /// The facts about one upperdir entry that decide what it means.
@@ -215,8 +267,21 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
 pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
     XattrNs::ALL
         .iter()
-        .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
-        || (xattr)(FUSE_OPAQUE_XATTR).is_some_and(|v| v.first() == Some(&b'y') || v.is_empty())
+        .map(|ns| ns.name(key::OPAQUE))
+        .chain([FUSE_OPAQUE_XATTR.to_string()])
+        .any(|n| (xattr)(&n).is_some_and(|v| makes_opaque(&n, &v)))
+}
+
+/// True when the xattr NAME=VALUE makes the directory it is on opaque (see [`dir_is_opaque`]).
+/// `overlay.opaque=x` does not: it only says the directory holds xattr whiteouts.
+pub fn makes_opaque(name: &str, value: &[u8]) -> bool {
+    if name == FUSE_OPAQUE_XATTR {
+        return value.first() == Some(&b'y') || value.is_empty();
+    }
+    value == OPAQUE_YES
+        && XattrNs::ALL
+            .iter()
+            .any(|ns| name.strip_prefix(ns.prefix()) == Some(key::OPAQUE))
 }
 
 /// True when a directory is marked as holding xattr whiteouts (`overlay.opaque=x` in either
@@ -319,5 +384,64 @@ mod tests {
         assert!(!dir_is_opaque(&x));
         assert!(dir_has_xwhiteouts(&x));
         assert!(!dir_has_xwhiteouts(&opq));
+    }
+
+    #[test]
+    fn opaque_xattrs() {
+        assert!(makes_opaque("trusted.overlay.opaque", b"y"));
+        assert!(makes_opaque("user.overlay.opaque", b"y"));
+        assert!(!makes_opaque("user.overlay.opaque", b"x"));
+        assert!(!makes_opaque("user.overlay.overlay.opaque", b"y"));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b""));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b"y"));
+        assert!(!makes_opaque("user.foo", b"y"));
+    }
+
+    /// The markers written here read back as what they are with the rules above, and the
+    /// overlay's own xattrs are removed, the content ones kept.
+    #[test]
+    fn markers_written_read_back() {
+        if !ovl_tests::require("root (for mknod)", ovl_tests::is_root()) {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        let open = |p: &std::path::Path| {
+            rustix::fs::open(
+                p,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let top = open(t.path());
+        make_whiteout(&top, c"gone").unwrap();
+        let st = rustix::fs::lstat(t.path().join("gone")).unwrap();
+        let none = |_: &str| None;
+        let facts = UpperFacts {
+            name: b"gone",
+            is_char_device: FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice,
+            is_regular: false,
+            is_dir: false,
+            rdev: st.st_rdev,
+            size: 0,
+            parent_xwhiteouts: false,
+            xattr: &none,
+        };
+        assert_eq!(classify_upper(&facts), UpperEntry::Whiteout);
+
+        let d = t.path().join("d");
+        for ns in XattrNs::ALL {
+            set_opaque(&open(&d), ns).unwrap();
+            let get = |n: &str| xattr::get(&d, n).unwrap();
+            assert!(dir_is_opaque(&get));
+            assert!(!dir_has_xwhiteouts(&get));
+        }
+        xattr::set(&d, "user.keep", b"k").unwrap();
+        assert!(remove_private_xattrs(&top, c"d").unwrap());
+        let left = crate::xattrs::list_path(&d).unwrap();
+        assert_eq!(public_xattrs(&left), left, "overlay xattrs left");
+        assert!(left.contains(&("user.keep".to_string(), b"k".to_vec())));
+        assert!(!remove_private_xattrs(&top, c"d").unwrap());
     }
 }

@@ -69,3 +69,13 @@ pub fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::R
     )
     .map_err(Into::into)
 }
+
+/// Remove an xattr of an open file or directory.
+pub fn remove_fd(fd: impl AsFd, name: &str) -> io::Result<()> {
+    rustix::fs::fremovexattr(fd, name).map_err(Into::into)
+}
+
+/// Remove an xattr of NAME in DIR (not following NAME).
+pub fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &str) -> io::Result<()> {
+    rustix::fs::lremovexattr(proc_path(dir, name), key).map_err(Into::into)
+}
