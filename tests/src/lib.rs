@@ -4,7 +4,10 @@
 //! root, a package or the unprivileged test user skips (loudly) or fails (`OVL_REQUIRE_ALL=1`),
 //! and how a command runs as that user.
 
+#![forbid(unsafe_code)]
+
 pub mod scenario;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -23,7 +23,6 @@ pub mod path;
 pub mod pgzip;
 pub mod progress;
 pub mod root;
-pub mod snapshot;
 pub mod staging;
 pub mod tarout;
 pub mod upper;

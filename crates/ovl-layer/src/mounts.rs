@@ -434,15 +434,7 @@ mod tests {
     }
 
     fn root_or_skip(what: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("OVL_REQUIRE_ALL").is_none(),
-            "OVL_REQUIRE_ALL=1 and {what} needs root"
-        );
-        eprintln!("SKIPPED: {what} needs root");
-        false
+        ovl_tests::require(&format!("root (for {what})"), ovl_tests::is_root())
     }
 
     /// Unmounts on drop.

@@ -12,7 +12,7 @@
 //! 4. `ovl-squash` lower and upper into a new lower, mount it alone: it must be the merged view
 //!    ([`squash`]).
 //!
-//! Trees are compared with [`ovl_layer::snapshot`]; every field a comparison leaves out is
+//! Trees are compared with [`ovl_tests::snapshot`]; every field a comparison leaves out is
 //! named, with the reason, where it is left out. Rootless snapshots are taken as root of the
 //! user's namespace (inside the mount, or through the hidden `e2e userns` helper) so they hold
 //! container ids, like the layers. The binary re-executes itself for that: `e2e snapshot` and
@@ -36,14 +36,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ovl_layer::snapshot::{self, Snapshot, SnapshotOptions};
+use ovl_tests::{REQUIRE_ALL, require_all};
+use ovl_tests::snapshot::{self, Snapshot, SnapshotOptions};
 
 use actor::Actor;
 use r#box::BoxDir;
 use table::{Outcome, Row};
 
-/// Set (to anything but `0`) to make every skip a failure. CI sets it.
-pub const REQUIRE_ALL_ENV: &str = "OVL_REQUIRE_ALL";
 
 /// The tools, as `cargo build --release --bins` leaves them.
 const TOOLS: [&str; 4] = ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"];
@@ -258,10 +257,6 @@ pub fn same(what: &str, first: (&str, &Snapshot), second: (&str, &Snapshot)) -> 
     }
 }
 
-pub fn require_all() -> bool {
-    std::env::var(REQUIRE_ALL_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
 pub fn run(args: &E2eArgs) -> Result<()> {
     match &args.helper {
         Some(Helper::Snapshot { root, out }) => return helper_snapshot(root, out),
@@ -330,7 +325,7 @@ pub fn run(args: &E2eArgs) -> Result<()> {
                     e.lines().next().unwrap_or("")
                 )),
                 Outcome::Skip(why) if require_all => Some(format!(
-                    "{} / {}: skipped ({REQUIRE_ALL_ENV}=1): {why}",
+                    "{} / {}: skipped ({REQUIRE_ALL}=1): {why}",
                     r.driver, r.step
                 )),
                 _ => None,
