@@ -320,7 +320,9 @@ mod tests {
             if n > 100_000 {
                 assert!(outs[0].len() < n / 2, "{n} -> {}", outs[0].len());
             }
-            if let Some(gzip) = crate::userns::which("gzip") {
+            let gzip = crate::userns::which("gzip");
+            if ovl_tests::require("gzip", gzip.is_some()) {
+                let gzip = gzip.expect("checked");
                 let t = tempfile::tempdir().unwrap();
                 let p = t.path().join("x.gz");
                 std::fs::write(&p, &outs[0]).unwrap();
