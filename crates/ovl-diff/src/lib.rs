@@ -6,6 +6,8 @@
 //! mapping from upper changes to OCI layer entries ([`emit`]), the compression pipeline and
 //! its digests ([`output`]), and appending a layer to an OCI image layout ([`oci`]).
 
+#![forbid(unsafe_code)]
+
 pub mod emit;
 pub mod oci;
 pub mod output;

@@ -1,5 +1,7 @@
 //! The `ovl-diff` command line: a thin shim over [`ovl_diff::diff`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;

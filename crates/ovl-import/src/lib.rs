@@ -4,6 +4,8 @@
 //! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination ([`dest`]), and
 //! the choice of owner policy and opaque-xattr namespace for the privileges it runs with.
 
+#![forbid(unsafe_code)]
+
 pub mod dest;
 pub mod oci;
 

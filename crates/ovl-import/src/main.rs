@@ -1,5 +1,7 @@
 //! The `ovl-import` command line: a thin shim over [`ovl_import::import`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;

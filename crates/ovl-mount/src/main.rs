@@ -1,5 +1,7 @@
 //! ovl-mount: the command line. All logic is in the library.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 

@@ -1,5 +1,7 @@
 //! The `ovl-squash` command line: a thin shim over [`ovl_squash::squash`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 
