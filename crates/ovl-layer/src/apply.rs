@@ -417,7 +417,10 @@ mod tests {
             ..How::EXACT
         };
         apply(Target::At(dir.as_fd(), c"l"), &meta(0o777), &how).unwrap();
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
         let l = std::fs::symlink_metadata(t.path().join("l")).unwrap();
         assert_eq!((l.mtime(), l.mtime_nsec()), (1_600_000_000, 123_456_789));
 

@@ -334,9 +334,7 @@ impl InPlace<'_> {
                 }
                 kind => {
                     fsops::make_special(&dir, &name, kind)
-                        .and_then(|()| {
-                            fsops::apply_meta(&dir, &name, &fsops::disk_meta(&e.meta))
-                        })
+                        .and_then(|()| fsops::apply_meta(&dir, &name, &fsops::disk_meta(&e.meta)))
                         .map_err(io_at(&at))?;
                 }
             }
@@ -499,11 +497,7 @@ impl InPlace<'_> {
         Ok(())
     }
 
-    fn entry(
-        &mut self,
-        e: Entry,
-        dirs: &mut Vec<(LayerPath, Meta)>,
-    ) -> Result<(), SquashError> {
+    fn entry(&mut self, e: Entry, dirs: &mut Vec<(LayerPath, Meta)>) -> Result<(), SquashError> {
         let meta = fsops::disk_meta(&e.meta);
         if e.path.is_root() {
             dirs.push((e.path, meta));
@@ -576,7 +570,9 @@ impl InPlace<'_> {
                     .upper
                     .leaf(&e.path, false)
                     .map_err(io_at(self.up.display(&e.path)))?;
-                if whiteout::remove_private_xattrs(&u.dir, &u.name).map_err(io_at(self.up.display(&e.path)))? {
+                if whiteout::remove_private_xattrs(&u.dir, &u.name)
+                    .map_err(io_at(self.up.display(&e.path)))?
+                {
                     crash::step();
                 }
                 let ust = u.stat().map_err(io_at(self.up.display(&e.path)))?;

@@ -203,11 +203,7 @@ impl Builder<'_> {
         fsops::apply_meta(out, name, meta)
     }
 
-    fn change(
-        &mut self,
-        c: Change,
-        dirs: &mut Vec<(LayerPath, Meta)>,
-    ) -> Result<(), SquashError> {
+    fn change(&mut self, c: Change, dirs: &mut Vec<(LayerPath, Meta)>) -> Result<(), SquashError> {
         let e = match c {
             Change::Whiteout(p) => {
                 let leaf = self.out_root.leaf(&p, false);

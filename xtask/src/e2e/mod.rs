@@ -36,13 +36,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ovl_tests::{REQUIRE_ALL, require_all};
 use ovl_tests::snapshot::{self, Snapshot, SnapshotOptions};
+use ovl_tests::{REQUIRE_ALL, require_all};
 
 use actor::Actor;
 use r#box::BoxDir;
 use table::{Outcome, Row};
-
 
 /// The tools, as `cargo build --release --bins` leaves them.
 const TOOLS: [&str; 4] = ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"];
