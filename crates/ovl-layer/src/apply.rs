@@ -21,10 +21,10 @@ use rustix::fs::{AtFlags, FileType, Mode, Stat, Timespec, Timestamps};
 use crate::{fsops, whiteout, xattrs};
 
 /// The xattr umoci uses to record the owner of a rootless file (a protobuf `Resource`).
-pub const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+pub(crate) const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
 
 /// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
-pub fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
+pub(crate) fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
     fn varint(out: &mut Vec<u8>, mut v: u32) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);

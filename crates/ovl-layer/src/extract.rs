@@ -188,10 +188,10 @@ impl Extractor<'_> {
 /// The most bytes tar-rs may read for one entry's headers (its header blocks, PAX records, GNU
 /// long name and long link records, GNU sparse maps), all of which it holds in memory. Go's
 /// archive/tar (containerd, umoci, docker) refuses a PAX header or long name over 1 MiB.
-pub const MAX_ENTRY_HEADERS: u64 = 2 << 20;
+pub(crate) const MAX_ENTRY_HEADERS: u64 = 2 << 20;
 
 /// The most chunks a PAX sparse map may list (the map is held in memory, 16 bytes a chunk).
-pub const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
+pub(crate) const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
 
 /// Remembers the last 512 bytes read, to tell an end-of-archive block from a bare EOF, and
 /// refuses to read more than the budget while it is set (see [`MAX_ENTRY_HEADERS`]).

@@ -43,9 +43,9 @@ impl Default for GzOptions {
 }
 
 /// The level layers are written with by default.
-pub const DEFAULT_LEVEL: u32 = 6;
+pub(crate) const DEFAULT_LEVEL: u32 = 6;
 /// The block size layers are written with by default.
-pub const DEFAULT_BLOCK: usize = 256 * 1024;
+pub(crate) const DEFAULT_BLOCK: usize = 256 * 1024;
 
 struct Job {
     index: u64,
@@ -113,8 +113,9 @@ where
     })
 }
 
-/// Compress `data` into a `Vec` (convenience for small inputs and tests).
-pub fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
+/// Compress `data` into a `Vec` (for the tests).
+#[cfg(test)]
+fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
     compress(Vec::new(), opts, |w| w.write_all(data)).map(|(v, ())| v)
 }
 

@@ -61,7 +61,7 @@ impl Root {
 
     /// Open directory `p` (an `O_PATH` fd), resolved inside the root. With `create`, missing
     /// directories are made (mode 0755, owned by the caller) on the way, as tar does.
-    pub fn open_dir(&self, p: &LayerPath, create: bool) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self, p: &LayerPath, create: bool) -> io::Result<OwnedFd> {
         match self.openat2_dir(p.as_bytes()) {
             Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => self.create_dirs(p),
             r => r,
@@ -159,7 +159,7 @@ impl Leaf {
     }
 
     /// Open this name as a directory for reading (`O_NOFOLLOW`).
-    pub fn open_dir(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self) -> io::Result<OwnedFd> {
         fsops::open_dir_at(&self.dir, &self.name)
     }
 
@@ -169,7 +169,7 @@ impl Leaf {
 }
 
 /// An io error that names the path it happened on.
-pub fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
+pub(crate) fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
     io::Error::new(
         e.kind(),
         format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())),

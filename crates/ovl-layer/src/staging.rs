@@ -488,14 +488,14 @@ fn wait_for_exit() -> ! {
 /// Pass SIGINT, SIGTERM and SIGHUP on to process `pid` (a child we wait for) instead of dying:
 /// the child then cleans up after itself and its exit code tells the caller what happened.
 /// Call [`stop_forwarding`] once the child is reaped.
-pub fn forward_interrupts(pid: u32) -> io::Result<()> {
+pub(crate) fn forward_interrupts(pid: u32) -> io::Result<()> {
     FORWARD_TO.store(pid as i32, Ordering::SeqCst);
     install_handler()
 }
 
 /// Undo [`forward_interrupts`]: a signal now ends this process (with nothing of its own to
 /// remove, exit code 128+N).
-pub fn stop_forwarding() {
+pub(crate) fn stop_forwarding() {
     FORWARD_TO.store(0, Ordering::SeqCst);
 }
 

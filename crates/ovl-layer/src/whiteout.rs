@@ -22,13 +22,13 @@ use std::os::fd::{AsFd, AsRawFd};
 use rustix::fs::{FileType, Mode};
 
 /// Prefix of an OCI whiteout name.
-pub const WH_PREFIX: &[u8] = b".wh.";
+pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 /// The OCI opaque-directory marker (also written by fuse-overlayfs as a regular file).
 pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// fuse-overlayfs's second opaque marker, a 0/0 char device.
 pub const FUSE_OPAQUE_DEVICE: &[u8] = b".wh..opq";
 /// fuse-overlayfs's xattr on opaque directories when it runs rootless.
-pub const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
+pub(crate) const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
 /// Prefix of fuse-overlayfs's private xattrs.
 pub const FUSE_PRIVATE_PREFIX: &str = "user.fuseoverlayfs.";
 
@@ -95,29 +95,24 @@ impl XattrNs {
     pub fn name(self, key: &str) -> String {
         format!("{}{key}", self.prefix())
     }
-
-    /// The namespace this process must use (see [`crate::identity::Identity::xattr_ns`]).
-    pub fn for_current_process() -> Self {
-        crate::identity::Identity::current().xattr_ns()
-    }
 }
 
 /// The overlay xattr keys (after the namespace prefix) the kernel uses.
 pub mod key {
-    pub const OPAQUE: &str = "opaque";
-    pub const WHITEOUT: &str = "whiteout";
+    pub(crate) const OPAQUE: &str = "opaque";
+    pub(crate) const WHITEOUT: &str = "whiteout";
     pub const REDIRECT: &str = "redirect";
-    pub const METACOPY: &str = "metacopy";
+    pub(crate) const METACOPY: &str = "metacopy";
     /// On a file copied up through the inodes index (`index=on`): its link count in the merged
     /// view, `U[+-]N` relative to the upper inode's (index link included) or `L[+-]N` relative
     /// to the lower inode's.
-    pub const NLINK: &str = "nlink";
+    pub(crate) const NLINK: &str = "nlink";
 }
 
 /// Value of `overlay.opaque` on a directory hidden from below.
-pub const OPAQUE_YES: &[u8] = b"y";
+pub(crate) const OPAQUE_YES: &[u8] = b"y";
 /// Value of `overlay.opaque` on a directory that holds xattr whiteouts (not itself opaque).
-pub const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
+pub(crate) const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
 
 /// Escape an xattr that comes from outside so the kernel never reads it as an overlay marker:
 /// `trusted.overlay.X` -> `trusted.overlay.overlay.X` (same for `user.overlay.`).
@@ -132,7 +127,7 @@ pub fn escape_xattr(name: &str) -> Cow<'_, str> {
 
 /// What an xattr read from an upperdir becomes in a layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpperXattr<'a> {
+pub(crate) enum UpperXattr<'a> {
     /// An overlay-private marker: never exported.
     Private,
     /// An ordinary xattr, possibly unescaped from `overlay.overlay.*`.
@@ -140,7 +135,7 @@ pub enum UpperXattr<'a> {
 }
 
 /// Classify an xattr of an upperdir entry.
-pub fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
+pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
     if name.starts_with(FUSE_PRIVATE_PREFIX) {
         return UpperXattr::Private;
     }
@@ -166,12 +161,12 @@ pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Make NAME in DIR a whiteout, as the kernel makes them: a 0/0 char device, mode 0.
-pub fn make_whiteout(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
+pub(crate) fn make_whiteout(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
     rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0).map_err(Into::into)
 }
 
 /// Mark the directory open as `fd` opaque (`overlay.opaque=y` in namespace `ns`).
-pub fn set_opaque(fd: &impl AsFd, ns: XattrNs) -> io::Result<()> {
+pub(crate) fn set_opaque(fd: &impl AsFd, ns: XattrNs) -> io::Result<()> {
     // `fd` may be an O_PATH fd, which fsetxattr refuses: go through its /proc entry.
     let path = format!("/proc/self/fd/{}/.", fd.as_fd().as_raw_fd());
     rustix::fs::lsetxattr(
@@ -217,7 +212,7 @@ pub struct UpperFacts<'a> {
 
 /// What one upperdir entry means in the merged view.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpperEntry {
+pub(crate) enum UpperEntry {
     /// An ordinary entry.
     Plain,
     /// This name is deleted (kernel 0/0 char device or xattr whiteout).
@@ -230,7 +225,7 @@ pub enum UpperEntry {
 
 /// Classify an upperdir entry. Decide this before hardlink tracking: kernel whiteouts share one
 /// inode.
-pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
+pub(crate) fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
     if f.name == OPAQUE_MARKER && (f.is_regular || f.is_char_device) {
         return UpperEntry::OpaqueMarker;
     }
@@ -264,7 +259,7 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
 /// True when an upperdir directory hides everything below it, judged by its own xattrs
 /// (`overlay.opaque=y` in either namespace, or fuse-overlayfs's rootless marker). A child
 /// [`UpperEntry::OpaqueMarker`] also makes it opaque: the caller sees those while listing.
-pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+pub(crate) fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
     XattrNs::ALL
         .iter()
         .map(|ns| ns.name(key::OPAQUE))
@@ -286,7 +281,7 @@ pub fn makes_opaque(name: &str, value: &[u8]) -> bool {
 
 /// True when a directory is marked as holding xattr whiteouts (`overlay.opaque=x` in either
 /// namespace); such a directory is not itself opaque.
-pub fn dir_has_xwhiteouts(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+pub(crate) fn dir_has_xwhiteouts(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
     XattrNs::ALL
         .iter()
         .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_HAS_XWHITEOUTS))
