@@ -27,7 +27,7 @@ use std::rc::Rc;
 
 use rustix::fs::{FileType, Mode, OFlags, Timespec, Timestamps};
 
-use crate::path::{LayerPath, PathError, display_bytes};
+use crate::path::{LayerPath, PathError, display_bytes, display_str};
 use crate::root::{Leaf, Root};
 use crate::whiteout::{self, OciName, XattrNs};
 
@@ -76,16 +76,17 @@ impl ExtractStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
-    #[error("reading the archive: {0}")]
+    #[error("reading the archive")]
     Read(#[source] io::Error),
-    #[error("entry {entry:?}: {reason}")]
+    #[error("entry \"{entry}\": {reason}")]
     Entry { entry: String, reason: String },
 }
 
 fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
     ExtractError::Entry {
         entry: display_bytes(raw),
-        reason: reason.to_string(),
+        // A reason may quote the archive (tar-rs names the entry in some of its errors).
+        reason: display_str(&reason.to_string()),
     }
 }
 
@@ -833,14 +834,14 @@ impl Extractor<'_> {
         let target = LayerPath::parse(&target_raw).map_err(|e| {
             entry_err(
                 raw,
-                format!("hardlink target {:?}: {e}", display_bytes(&target_raw)),
+                format!("hardlink target \"{}\": {e}", display_bytes(&target_raw)),
             )
         })?;
         let missing = || {
             entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is not in the layer",
+                    "hardlink target \"{}\" is not in the layer",
                     display_bytes(&target_raw)
                 ),
             )
@@ -854,7 +855,7 @@ impl Extractor<'_> {
             return Err(entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is a directory",
+                    "hardlink target \"{}\" is a directory",
                     display_bytes(&target_raw)
                 ),
             ));
@@ -865,7 +866,7 @@ impl Extractor<'_> {
             return Err(entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is a whiteout (deleted in this layer), not a file",
+                    "hardlink target \"{}\" is a whiteout (deleted in this layer), not a file",
                     display_bytes(&target_raw)
                 ),
             ));

@@ -271,14 +271,16 @@ pub fn run(args: &E2eArgs) -> Result<()> {
     let started = Instant::now();
     let require_all = require_all();
 
+    // The fixture first: without it nothing runs, and a release build takes minutes.
+    let fixture = xtask::fixtures::alpine_minirootfs()?;
+    let build_started = Instant::now();
     println!("e2e: cargo build --release --bins");
     xtask::run(
         xtask::cargo()
             .args(["build", "--release", "--bins"])
             .current_dir(xtask::workspace_root()),
     )?;
-    let build_time = started.elapsed();
-    let fixture = xtask::fixtures::alpine_minirootfs()?;
+    let build_time = build_started.elapsed();
     let ctx = prepare(&fixture)?;
     println!(
         "e2e: {} ({} entries), binaries in {}",
