@@ -39,9 +39,17 @@ pub fn parse<T: Parser>() -> T {
 /// [`parse`] from the given arguments (the first is the program name).
 pub fn parse_from<T: Parser, I: IntoIterator<Item = impl Into<OsString> + Clone>>(args: I) -> T {
     let cmd = command::<T>();
-    let matches = cmd.clone().get_matches_from(args);
-    if let Some(kind) = matches.get_one::<Generate>(generate::ARG_ID) {
-        let code = match generate::write(cmd, *kind, &mut std::io::stdout().lock()) {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // `--generate` first, with nothing else asked for: an exclusive argument does not lift a
+    // required group (ovl-squash's `--output | --in-place`).
+    let probe = cmd.clone().ignore_errors(true).try_get_matches_from(&args);
+    if let Some(kind) = probe.ok().and_then(|m| {
+        m.try_get_one::<Generate>(generate::ARG_ID)
+            .ok()
+            .flatten()
+            .copied()
+    }) {
+        let code = match generate::write(cmd, kind, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
             // `ovl-import --generate man | head`: the reader went away, nothing to say.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
@@ -52,5 +60,6 @@ pub fn parse_from<T: Parser, I: IntoIterator<Item = impl Into<OsString> + Clone>
         };
         std::process::exit(code);
     }
+    let matches = cmd.get_matches_from(args);
     T::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command::<T>()).exit())
 }

@@ -491,6 +491,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         // The name, escaped: ESC as the four characters `\x1b`, the title text kept.
         "escape-sequences.tar" => &["\\x1b]0;ovl-hostile-title\\x07\\x1b[31m"],
         "escape-sequences-link.tar" => &["\\x1b]0;ovl-hostile-title\\x07"],
+        "escape-sequences-field.tar" => &["uid"],
         "symlink-parent-abs.tar" => &["lnk"],
         "symlink-parent-sandbox.tar" => &["lnk", "ovl-hostile-escaped"],
         "symlink-loop.tar" => &["a/x", "loop", "symbolic links", "eloop"],
@@ -981,6 +982,7 @@ fixture_tests! {
     dotdot_nested => "dotdot-nested.tar",
     dotdot => "dotdot.tar",
     escape_sequences => "escape-sequences.tar",
+    escape_sequences_field => "escape-sequences-field.tar",
     escape_sequences_link => "escape-sequences-link.tar",
     empty_bin => "empty.bin",
     file_over_symlink_sandbox => "file-over-symlink-sandbox.tar",

@@ -82,6 +82,17 @@ pub enum ExtractError {
     Entry { entry: String, reason: String },
 }
 
+/// A read error of the archive, its text escaped: tar-rs quotes entry names in some of them.
+fn read_err(e: io::Error) -> ExtractError {
+    let text = e.to_string();
+    let shown = display_str(&text);
+    ExtractError::Read(if shown == text {
+        e
+    } else {
+        io::Error::new(e.kind(), shown)
+    })
+}
+
 fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
     ExtractError::Entry {
         entry: display_bytes(raw),
@@ -191,7 +202,7 @@ impl Extractor<'_> {
             offset: 0,
             saw_eof: false,
         });
-        let mut entries = archive.entries().map_err(ExtractError::Read)?;
+        let mut entries = archive.entries().map_err(read_err)?;
         loop {
             // tar-rs buffers PAX records, GNU long names and sparse maps whole while it reads
             // an entry's headers: only a bounded amount may be read until it hands the entry
@@ -200,7 +211,7 @@ impl Extractor<'_> {
             let next = entries.next();
             header_budget.set(None);
             let Some(entry) = next else { break };
-            let mut entry = entry.map_err(ExtractError::Read)?;
+            let mut entry = entry.map_err(read_err)?;
             ex.entry(&mut entry)?;
             io::copy(&mut entry, &mut io::sink()).map_err(|e| data_err(&entry.path_bytes(), e))?;
         }

@@ -54,12 +54,12 @@ fn the_rootless_user_removes_a_box_a_rootless_mount_used() {
     ovl_tests::make_fuse_usable();
     let t = ovl_tests::user_tempdir(&user);
     std::fs::write(t.path().join("layer.tar"), layer()).unwrap();
+    run_ok(as_user(&user, Path::new("/bin/mkdir"), t.path()).args(["-p", "box/overlay"]));
     run_ok(as_user(&user, &bin("ovl-import"), t.path()).args([
         "--quiet",
         "layer.tar",
         "box/rootfs",
     ]));
-    run_ok(as_user(&user, Path::new("/bin/mkdir"), t.path()).args(["-p", "box/overlay"]));
     run_ok(
         as_user(&user, &bin("ovl-mount"), t.path())
             .args(["--lower", "box/rootfs", "--upper", "box/overlay/upper"])
