@@ -96,18 +96,16 @@ pub fn report(skips: &[(String, String)], run: Option<PathBuf>) -> String {
          test user ovltest) with the packages README.md lists; .ci/run sets it all up. \
          OVL_REQUIRE_ALL=1 turns every skip into a failure.\n",
     );
-    if let Some(run) = run {
-        if let Ok(text) = std::fs::read_to_string(&run) {
-            let lines = text.lines().count();
-            let mut binaries: Vec<&str> =
-                text.lines().filter_map(|l| l.split('\t').next()).collect();
-            binaries.dedup();
-            out.push_str(&format!(
-                "*** This cargo test run so far: {lines} skipped in {} test binaries (all of them: {})\n",
-                binaries.len(),
-                run.display()
-            ));
-        }
+    let record = run.and_then(|r| std::fs::read_to_string(&r).ok().map(|t| (r, t)));
+    if let Some((run, text)) = record {
+        let lines = text.lines().count();
+        let mut binaries: Vec<&str> = text.lines().filter_map(|l| l.split('\t').next()).collect();
+        binaries.dedup();
+        out.push_str(&format!(
+            "*** This cargo test run so far: {lines} skipped in {} test binaries (all of them: {})\n",
+            binaries.len(),
+            run.display()
+        ));
     }
     out
 }
