@@ -3,7 +3,9 @@
 //! tests. So every skip is also recorded here, and when the test binary exits (after libtest's
 //! `test result:` line) a summary goes straight to the terminal, past the capture: how many
 //! tests of this binary skipped, why, what to do, and the total so far in this `cargo test` run
-//! (kept in `target/ovl-test-skips/`, one file per run of cargo).
+//! (kept in `target/ovl-test-skips/`, one file per run of cargo). The last test binary of the
+//! workspace (xtask's `skip_report`) prints the run's total at its exit, so the last lines of
+//! `cargo test --workspace` say it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -66,6 +68,42 @@ extern "C" fn report_at_exit() {
     let text = report(&skips, run_file());
     // Straight to fd 2: libtest's capture only takes print!/eprint!, and this runs after it.
     let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// At this process's exit, print the total of this `cargo test` run's skips so far (nothing when
+/// there were none). For the last test binary of the run.
+pub fn report_run_at_exit() {
+    extern "C" fn at_exit() {
+        let Some(run) = run_file() else { return };
+        let Ok(text) = std::fs::read_to_string(&run) else {
+            return;
+        };
+        let mut reasons: Vec<(String, usize)> = Vec::new();
+        for what in text.lines().filter_map(|l| l.splitn(3, '\t').nth(2)) {
+            match reasons.iter_mut().find(|(w, _)| w == what) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((what.to_string(), 1)),
+            }
+        }
+        let mut out = format!(
+            "\n*** SKIPPED in this cargo test run: {} tests passed without checking what they test, for want of:\n",
+            text.lines().count()
+        );
+        for (what, n) in reasons {
+            out.push_str(&format!("***   {what}: {n}\n"));
+        }
+        out.push_str(&format!(
+            "*** Which tests: {}. To run them: as root, with the packages README.md lists \
+             (.ci/run sets it all up); OVL_REQUIRE_ALL=1 makes every skip a failure.\n",
+            run.display()
+        ));
+        let _ = std::io::stderr().write_all(out.as_bytes());
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain `extern "C" fn()`; it runs once, at exit.
+    ONCE.call_once(|| unsafe {
+        libc::atexit(at_exit);
+    });
 }
 
 /// The summary for `skips` (and, when given, the run's record so far).
