@@ -27,7 +27,7 @@ use std::rc::Rc;
 use rustix::fs::{FileType, Mode, OFlags, Timespec};
 
 use crate::apply::{self, ApplyError, How, Meta, Owner, Perms, Step, Target, Xattrs};
-use crate::path::{LayerPath, PathError, display_bytes};
+use crate::path::{LayerPath, PathError, display_bytes, display_str};
 use crate::root::{Leaf, Root};
 use crate::whiteout::{self, OciName, XattrNs};
 
@@ -76,16 +76,28 @@ impl ExtractStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
-    #[error("reading the archive: {0}")]
+    #[error("reading the archive")]
     Read(#[source] io::Error),
-    #[error("entry {entry:?}: {reason}")]
+    #[error("entry \"{entry}\": {reason}")]
     Entry { entry: String, reason: String },
+}
+
+/// A read error of the archive, its text escaped: tar-rs quotes entry names in some of them.
+fn read_err(e: io::Error) -> ExtractError {
+    let text = e.to_string();
+    let shown = display_str(&text);
+    ExtractError::Read(if shown == text {
+        e
+    } else {
+        io::Error::new(e.kind(), shown)
+    })
 }
 
 fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
     ExtractError::Entry {
         entry: display_bytes(raw),
-        reason: reason.to_string(),
+        // A reason may quote the archive (tar-rs names the entry in some of its errors).
+        reason: display_str(&reason.to_string()),
     }
 }
 
@@ -156,7 +168,7 @@ impl Extractor<'_> {
             offset: 0,
             saw_eof: false,
         });
-        let mut entries = archive.entries().map_err(ExtractError::Read)?;
+        let mut entries = archive.entries().map_err(read_err)?;
         loop {
             // tar-rs buffers PAX records, GNU long names and sparse maps whole while it reads
             // an entry's headers: only a bounded amount may be read until it hands the entry
@@ -165,7 +177,7 @@ impl Extractor<'_> {
             let next = entries.next();
             header_budget.set(None);
             let Some(entry) = next else { break };
-            let mut entry = entry.map_err(ExtractError::Read)?;
+            let mut entry = entry.map_err(read_err)?;
             ex.entry(&mut entry)?;
             io::copy(&mut entry, &mut io::sink()).map_err(|e| data_err(&entry.path_bytes(), e))?;
         }
@@ -769,14 +781,14 @@ impl Extractor<'_> {
         let target = LayerPath::parse(&target_raw).map_err(|e| {
             entry_err(
                 raw,
-                format!("hardlink target {:?}: {e}", display_bytes(&target_raw)),
+                format!("hardlink target \"{}\": {e}", display_bytes(&target_raw)),
             )
         })?;
         let missing = || {
             entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is not in the layer",
+                    "hardlink target \"{}\" is not in the layer",
                     display_bytes(&target_raw)
                 ),
             )
@@ -790,7 +802,7 @@ impl Extractor<'_> {
             return Err(entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is a directory",
+                    "hardlink target \"{}\" is a directory",
                     display_bytes(&target_raw)
                 ),
             ));
@@ -801,7 +813,7 @@ impl Extractor<'_> {
             return Err(entry_err(
                 raw,
                 format!(
-                    "hardlink target {:?} is a whiteout (deleted in this layer), not a file",
+                    "hardlink target \"{}\" is a whiteout (deleted in this layer), not a file",
                     display_bytes(&target_raw)
                 ),
             ));
@@ -1157,7 +1169,12 @@ mod tests {
                 opaque_ns: XattrNs::User,
                 owners: OwnerPolicy::Record,
             };
-            let err = extract(lazy, &root, opts).unwrap_err().to_string();
+            let err = extract(lazy, &root, opts).unwrap_err();
+            // The message and its cause (a read error says only "reading the archive").
+            let err = match std::error::Error::source(&err) {
+                Some(cause) => format!("{err}: {cause}"),
+                None => err.to_string(),
+            };
             assert!(
                 pos.get() <= MAX_ENTRY_HEADERS + 512,
                 "{kind:?}: read {} bytes ({err})",

@@ -17,6 +17,7 @@ pub mod fsops;
 pub mod identity;
 pub mod idmap;
 pub mod lowers;
+pub mod message;
 pub mod mounts;
 pub mod oci;
 pub mod path;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 
 use crate::fsops;
-use crate::path::{LayerPath, display_bytes};
+use crate::path::LayerPath;
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
 
@@ -30,12 +30,12 @@ impl Root {
     /// Open an existing directory as a root. `path` itself may be reached through symlinks: it
     /// is the caller's choice; what is below it is confined.
     pub fn open(path: &Path) -> io::Result<Root> {
+        // The bare error: every caller names the path (naming it here too said it twice).
         let fd = rustix::fs::open(
             path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .map_err(|e| with_path(e.into(), "open", path))?;
+        )?;
         Ok(Root {
             fd,
             path: path.to_path_buf(),
@@ -166,14 +166,6 @@ impl Leaf {
     pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
         crate::xattrs::list_at(&self.dir, &self.name)
     }
-}
-
-/// An io error that names the path it happened on.
-pub(crate) fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
-    io::Error::new(
-        e.kind(),
-        format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())),
-    )
 }
 
 #[cfg(test)]

@@ -37,7 +37,9 @@ use crate::fsops;
 pub enum StagingError {
     #[error("{0}: already exists")]
     DestExists(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("the parent directory {0} does not exist: create it first (mkdir -p {0})")]
+    NoParent(PathBuf),
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -180,10 +182,7 @@ impl Sibling {
         let name = fsops::cstr(name.as_bytes()).map_err(|e| io_err(e, dest))?;
         let parent_path = parent_of(dest);
         let parent = open_parent(&parent_path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => io_err(
-                io::Error::other("the parent directory does not exist"),
-                &parent_path,
-            ),
+            Some(libc::ENOENT) => StagingError::NoParent(parent_path.clone()),
             _ => io_err(e, &parent_path),
         })?;
         if dir
