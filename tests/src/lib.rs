@@ -8,6 +8,7 @@
 
 pub mod scenario;
 pub mod snapshot;
+pub mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

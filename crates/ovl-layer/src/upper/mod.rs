@@ -44,7 +44,7 @@ use crate::idmap::RootlessMaps;
 use crate::path::LayerPath;
 use crate::root::Root;
 
-pub use lowers::{LowerEntry, LowerStack};
+pub use lowers::{DirStack, LowerEntry, LowerStack};
 pub use meta::{CAPABILITY_XATTR, SELINUX_XATTR, layer_capability, special_kind};
 
 use lowers::Lowers;
@@ -211,7 +211,7 @@ impl Upper {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Upper {
             root,
-            lowers: Lowers { roots: lowers },
+            lowers: Lowers::new(lowers),
             ids: opts.ids.clone(),
             last_dir: std::sync::Mutex::new(None),
         })
@@ -250,12 +250,24 @@ impl Upper {
                 xattrs,
             },
             DirCtx {
-                lower: Some(LayerPath::root()),
+                lower: Some(walk::LowerDir::root(self.lowers.root_stack())),
                 expanded: false,
                 force_opaque: false,
                 redirect: None,
             },
         )
+    }
+
+    /// Whether the merged root's attributes `root` (the upper root's, as its entry carries
+    /// them) differ from the lowers' root in mode, owner or xattrs: then a layer must carry
+    /// the root (the merged root takes the upper's attributes). `false` without lowers.
+    pub fn root_differs(&self, root: &Meta) -> Result<bool, UpperError> {
+        let Some(top) = self.lowers.top_root()? else {
+            return Ok(false);
+        };
+        let lower = meta::meta(self, &LayerPath::root(), &top.node)?;
+        Ok((lower.mode, lower.uid, lower.gid, &lower.xattrs)
+            != (root.mode, root.uid, root.gid, &root.xattrs))
     }
 
     /// Every change, collected.

@@ -10,6 +10,7 @@ use crate::whiteout::{self, UpperEntry, UpperFacts, XattrNs};
 use crate::xattrs::list_at;
 
 /// One directory child: its name, lstat and xattrs.
+#[derive(Clone)]
 pub(super) struct Node {
     pub(super) name: Vec<u8>,
     pub(super) st: Stat,

@@ -2,14 +2,16 @@
 //! redirected directories expanded with their lower content, metacopy data found below, and
 //! hardlinks inside the upper tracked.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 
-use rustix::fs::{FileType, Stat};
+use rustix::fs::FileType;
 
-use super::lowers::LowerNode;
+use super::lowers::{DirStack, Found, Name, Resolved, parse_redirect};
 use super::meta::{is_sparse, special_kind};
 use super::node::{Node, read_children};
 use super::{Change, Entry, Kind, Layer, Meta, Source, Upper, UpperError};
@@ -17,11 +19,48 @@ use crate::fsops::open_dir_at;
 use crate::path::LayerPath;
 use crate::whiteout::{UpperEntry, key};
 
+/// The lower directory an upper directory merges with: its merged path in the lowers (what a
+/// [`Change::Redirect`] names) and its real directories, looked up on first use (most upper
+/// directories never need them: only redirects, metacopy files and renamed directories'
+/// content do).
+pub(super) struct LowerDir {
+    path: LayerPath,
+    stack: OnceCell<DirStack>,
+    /// Where it is looked up from: the parent and the name (redirects name their target).
+    from: Option<(Rc<LowerDir>, Name)>,
+}
+
+impl LowerDir {
+    pub(super) fn root(stack: DirStack) -> Rc<LowerDir> {
+        Rc::new(LowerDir {
+            path: LayerPath::root(),
+            stack: OnceCell::from(stack),
+            from: None,
+        })
+    }
+
+    fn known(path: LayerPath, stack: DirStack) -> Rc<LowerDir> {
+        Rc::new(LowerDir {
+            path,
+            stack: OnceCell::from(stack),
+            from: None,
+        })
+    }
+
+    fn child(parent: &Rc<LowerDir>, name: &[u8]) -> Rc<LowerDir> {
+        Rc::new(LowerDir {
+            path: parent.path.join(name),
+            stack: OnceCell::new(),
+            from: Some((parent.clone(), Name::Rel(name.to_vec()))),
+        })
+    }
+}
+
 /// How a directory is being walked.
 pub(super) struct DirCtx {
     /// Where this directory's lower content is (after redirects); `None` when nothing below
     /// shows through.
-    pub(super) lower: Option<LayerPath>,
+    pub(super) lower: Option<Rc<LowerDir>>,
     /// Inside a redirected directory: lower entries must be emitted too.
     pub(super) expanded: bool,
     /// A whiteout and an entry share this directory's name: it replaces what was below.
@@ -40,12 +79,28 @@ pub(super) struct Walker<'a, 'f, E> {
 /// A child to emit, from the upper or (inside a redirected directory) from the lowers.
 enum Child {
     Upper(Node),
-    Lower(LowerNode),
+    Lower(Resolved),
 }
 
 impl<E: From<UpperError>> Walker<'_, '_, E> {
     fn emit(&mut self, c: Change) -> Result<(), E> {
         (self.f)(c)
+    }
+
+    /// The real directories of `d`, looked up now if not yet.
+    fn stack<'d>(&self, d: &'d LowerDir) -> Result<&'d DirStack, UpperError> {
+        if let Some(s) = d.stack.get() {
+            return Ok(s);
+        }
+        let (parent, name) = d.from.as_ref().expect("a lazy directory has a parent");
+        let ps = self.stack(parent)?;
+        let at = || format!("lower {}", d.path);
+        let s = if ps.is_empty() {
+            DirStack::default()
+        } else {
+            self.up.lowers.dir_below(ps, name.clone(), &at)?
+        };
+        Ok(d.stack.get_or_init(|| s))
     }
 
     pub(super) fn upper_dir(
@@ -84,7 +139,10 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
             .collect();
         whiteouts.retain(|n| !replaced.contains(n));
 
-        if let Some(from) = &ctx.redirect {
+        // An opaque directory looks at nothing below: a redirect on it means nothing (as in
+        // the kernel, which checks the mark first).
+        let redirect = if opaque { None } else { ctx.redirect.clone() };
+        if let Some(from) = &redirect {
             self.emit(Change::Redirect {
                 path: path.clone(),
                 from: from.clone(),
@@ -94,7 +152,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         self.emit(Change::Entry(Entry {
             path: path.clone(),
             kind: Kind::Dir {
-                opaque: opaque || ctx.redirect.is_some(),
+                opaque: opaque || redirect.is_some(),
             },
             meta,
         }))?;
@@ -110,13 +168,14 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         let mut merged: BTreeMap<Vec<u8>, Child> = BTreeMap::new();
         if ctx.expanded {
             if let Some(l) = &lower {
+                let stack = self.stack(l)?;
+                let lp = l.path.clone();
                 let listing = up
                     .lowers
-                    .list(l)
-                    .map_err(|e| self.lower_io(&l.clone(), e))?;
-                for (n, node) in listing {
+                    .list(stack, &|n| format!("lower {}", lp.join(n)))?;
+                for (n, r) in listing {
                     if !whiteouts.contains(&n) && !plain.contains_key(&n) {
-                        merged.insert(n, Child::Lower(node));
+                        merged.insert(n, Child::Lower(r));
                     }
                 }
             }
@@ -126,51 +185,50 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         }
         for (name, child) in merged {
             let cpath = path.join(&name);
-            let clower = lower.as_ref().map(|l| l.join(&name));
             match child {
-                Child::Lower(node) => {
-                    let lp = clower.expect("lower entries only where there is a lower path");
-                    self.lower_entry(&cpath, &lp, node)?;
-                }
+                Child::Lower(r) => self.lower_entry(&cpath, r)?,
                 Child::Upper(node) => {
                     let force = replaced.contains(&name);
-                    self.upper_child(fd, &cpath, node, lower.as_ref(), clower, &ctx, force)?;
+                    self.upper_child(fd, &cpath, node, lower.as_ref(), &ctx, force)?;
                 }
             }
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn upper_child(
         &mut self,
         dirfd: &OwnedFd,
         path: &LayerPath,
         node: Node,
-        parent_lower: Option<&LayerPath>,
-        lower: Option<LayerPath>,
+        parent_lower: Option<&Rc<LowerDir>>,
         ctx: &DirCtx,
         force_opaque: bool,
     ) -> Result<(), E> {
         let up = self.up;
         match node.file_type() {
             FileType::Directory => {
-                let redirect = match node.overlay_xattr(key::REDIRECT) {
-                    None => None,
-                    Some(v) => {
-                        let from = self.redirect_target(path, &v, parent_lower)?;
-                        Some(from)
-                    }
-                };
                 let name = CString::new(node.name.clone()).expect("no NUL in a dirent name");
                 let cfd = open_dir_at(dirfd, &name).map_err(|e| up.io(path, e))?;
-                let (lower, expanded, redirect) = match redirect {
-                    Some(Some(from)) => (Some(from.clone()), true, Some(from)),
-                    // A relative redirect under a directory with no lower content: nothing of
-                    // the old directory shows, but the entry is still a replacement.
-                    Some(None) => (None, true, Some(path.clone())),
-                    None => (lower, ctx.expanded, None),
-                };
+                let (lower, expanded, redirect, force_opaque) =
+                    match node.overlay_xattr(key::REDIRECT) {
+                        None => (
+                            parent_lower.map(|p| LowerDir::child(p, &node.name)),
+                            ctx.expanded,
+                            None,
+                            force_opaque,
+                        ),
+                        Some(v) => match self.redirect_target(path, &v, parent_lower)? {
+                            Some(l) => {
+                                let from = l.path.clone();
+                                (Some(l), true, Some(from), force_opaque)
+                            }
+                            // A relative redirect under a directory with no lower content:
+                            // nothing below shows (the kernel looks nowhere), so it is an
+                            // opaque directory.
+                            None => (None, true, None, true),
+                        },
+                    };
                 self.upper_dir(
                     &cfd,
                     path,
@@ -190,11 +248,14 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 let mut meta = self.meta(path, &node)?;
                 let sparse = is_sparse(&node.st);
                 let kind = if node.overlay_xattr(key::METACOPY).is_some() {
-                    let (source, st) = self.metacopy_source(path, &node, parent_lower)?;
-                    meta.size = st.st_size as u64;
+                    let data = self.metacopy_source(path, &node, parent_lower)?;
+                    meta.size = data.node.st.st_size as u64;
                     Kind::File {
-                        source,
-                        sparse: is_sparse(&st),
+                        source: Source {
+                            layer: Layer::Lower(data.layer),
+                            path: data.path,
+                        },
+                        sparse: is_sparse(&data.node.st),
                     }
                 } else {
                     meta.size = node.st.st_size as u64;
@@ -228,14 +289,8 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         }
     }
 
-    /// The lower path a redirect xattr names (`Ok(None)`: relative, under a directory with no
-    /// lower content). Refused without lowers.
-    fn redirect_target(
-        &self,
-        path: &LayerPath,
-        value: &[u8],
-        parent_lower: Option<&LayerPath>,
-    ) -> Result<Option<LayerPath>, UpperError> {
+    /// The name a redirect xattr gives, checked. Refused without lowers.
+    fn redirect_name(&self, path: &LayerPath, value: &[u8]) -> Result<Name, UpperError> {
         let shown = crate::path::display_bytes(value);
         if self.up.lowers.roots.is_empty() {
             return Err(UpperError::NeedsLowers {
@@ -243,27 +298,50 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 what: format!("a renamed directory (overlay.redirect={shown})"),
             });
         }
-        let bad = || UpperError::BadXattr {
+        parse_redirect(value).ok_or_else(|| UpperError::BadXattr {
             path: self.up.display(path),
             xattr: "overlay.redirect".into(),
-            value: shown.clone(),
-        };
-        if value.first() == Some(&b'/') {
-            LayerPath::parse(value).map(Some).map_err(|_| bad())
-        } else {
-            if value.is_empty() || value.contains(&b'/') || value == b"." || value == b".." {
-                return Err(bad());
+            value: shown,
+        })
+    }
+
+    /// The lower directory a redirected upper directory merges with (`None`: relative, under
+    /// a directory with no lower content).
+    fn redirect_target(
+        &self,
+        path: &LayerPath,
+        value: &[u8],
+        parent_lower: Option<&Rc<LowerDir>>,
+    ) -> Result<Option<Rc<LowerDir>>, UpperError> {
+        let lowers = &self.up.lowers;
+        let at = || self.up.display(path);
+        match self.redirect_name(path, value)? {
+            Name::Abs(p) => {
+                let stack = lowers.dir_below(&lowers.root_stack(), Name::Abs(p.clone()), &at)?;
+                Ok(Some(LowerDir::known(p, stack)))
             }
-            Ok(parent_lower.map(|l| l.join(value)))
+            Name::Rel(n) => {
+                let Some(parent) = parent_lower else {
+                    return Ok(None);
+                };
+                let ps = self.stack(parent)?;
+                let stack = if ps.is_empty() {
+                    DirStack::default()
+                } else {
+                    lowers.dir_below(ps, Name::Rel(n.clone()), &at)?
+                };
+                Ok(Some(LowerDir::known(parent.path.join(&n), stack)))
+            }
         }
     }
 
+    /// The file holding a metacopy file's data, found as the kernel finds it.
     fn metacopy_source(
         &self,
         path: &LayerPath,
         node: &Node,
-        parent_lower: Option<&LayerPath>,
-    ) -> Result<(Source, Stat), UpperError> {
+        parent_lower: Option<&Rc<LowerDir>>,
+    ) -> Result<Found, UpperError> {
         let up = self.up;
         if up.lowers.roots.is_empty() {
             return Err(UpperError::NeedsLowers {
@@ -271,34 +349,25 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 what: "a metacopy file (its data is in a lower layer)".into(),
             });
         }
-        let lower_path = match node.overlay_xattr(key::REDIRECT) {
-            Some(v) => self.redirect_target(path, &v, parent_lower)?,
-            None => parent_lower.map(|l| l.join(&node.name)),
+        let at = || up.display(path);
+        let (stack, name) = match node.overlay_xattr(key::REDIRECT) {
+            Some(v) => match self.redirect_name(path, &v)? {
+                Name::Abs(p) => (up.lowers.root_stack(), Name::Abs(p)),
+                Name::Rel(n) => (self.parent_stack(parent_lower)?, Name::Rel(n)),
+            },
+            None => (
+                self.parent_stack(parent_lower)?,
+                Name::Rel(node.name.clone()),
+            ),
         };
-        let not_found = |lp: String| UpperError::NotInLowers {
-            path: up.display(path),
-            what: format!("a metacopy file whose data is at {lp}"),
-        };
-        let lp = lower_path.ok_or_else(|| not_found("(no lower path)".into()))?;
-        match up.lowers.lookup(&lp).map_err(|e| self.lower_io(&lp, e))? {
-            Some((layer, st)) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
-                Ok((
-                    Source {
-                        layer: Layer::Lower(layer),
-                        path: lp,
-                    },
-                    st,
-                ))
-            }
-            _ => Err(not_found(lp.to_string())),
-        }
+        up.lowers.metacopy_data(&stack, name, &at)
     }
 
-    fn lower_io(&self, p: &LayerPath, e: io::Error) -> UpperError {
-        UpperError::Io {
-            path: format!("lower {p}"),
-            source: e,
-        }
+    fn parent_stack(&self, parent: Option<&Rc<LowerDir>>) -> Result<DirStack, UpperError> {
+        Ok(match parent {
+            Some(p) => self.stack(p)?.clone(),
+            None => DirStack::default(),
+        })
     }
 
     /// A hardlink entry when this inode was emitted before; records it otherwise. The link
@@ -324,40 +393,37 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
 
     /// An entry (and, for a directory, everything below it) that only the lowers provide,
     /// inside a redirected directory.
-    fn lower_entry(
-        &mut self,
-        path: &LayerPath,
-        lower: &LayerPath,
-        node: LowerNode,
-    ) -> Result<(), E> {
+    fn lower_entry(&mut self, path: &LayerPath, r: Resolved) -> Result<(), E> {
         let up = self.up;
-        let root = &up.lowers.roots[node.layer];
-        let ft = node.node.file_type();
+        let top = r.top();
+        let root = &up.lowers.roots[top.layer];
+        let ft = top.node.file_type();
         let lio = |e: io::Error| UpperError::Io {
-            path: root.display(lower),
+            path: root.display(&top.path),
             source: e,
         };
         if ft != FileType::Directory {
-            if let Some(e) = self.hardlink(path, &node.node)? {
+            if let Some(e) = self.hardlink(path, &top.node)? {
                 return self.emit(Change::Entry(e));
             }
         }
-        let mut meta = self.meta(path, &node.node)?;
+        let mut meta = self.meta(path, &top.node)?;
         let kind = match ft {
             FileType::Directory => Kind::Dir { opaque: false },
             FileType::RegularFile => {
-                meta.size = node.node.st.st_size as u64;
+                let d = r.data();
+                meta.size = d.node.st.st_size as u64;
                 Kind::File {
                     source: Source {
-                        layer: Layer::Lower(node.layer),
-                        path: lower.clone(),
+                        layer: Layer::Lower(d.layer),
+                        path: d.path.clone(),
                     },
-                    sparse: is_sparse(&node.node.st),
+                    sparse: is_sparse(&d.node.st),
                 }
             }
             _ => {
-                let leaf = root.leaf(lower, false).map_err(lio)?;
-                special_kind(&leaf.dir, &leaf.name, &node.node.st).map_err(lio)?
+                let leaf = root.leaf(&top.path, false).map_err(lio)?;
+                special_kind(&leaf.dir, &leaf.name, &top.node.st).map_err(lio)?
             }
         };
         self.emit(Change::Entry(Entry {
@@ -365,10 +431,10 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
             kind,
             meta,
         }))?;
-        if ft == FileType::Directory {
-            let listing = up.lowers.list(lower).map_err(|e| self.lower_io(lower, e))?;
+        if let Resolved::Dir { stack, top } = r {
+            let listing = up.lowers.list(&stack, &|n| root_display(up, &top, n))?;
             for (n, child) in listing {
-                self.lower_entry(&path.join(&n), &lower.join(&n), child)?;
+                self.lower_entry(&path.join(&n), child)?;
             }
         }
         Ok(())
@@ -378,4 +444,9 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
     fn meta(&self, path: &LayerPath, node: &Node) -> Result<Meta, E> {
         Ok(super::meta::meta(self.up, path, node)?)
     }
+}
+
+/// `name` in a lower directory, for messages.
+fn root_display(up: &Upper, dir: &Found, name: &[u8]) -> String {
+    up.lowers.roots[dir.layer].display(&dir.path.join(name))
 }
