@@ -1,8 +1,8 @@
 //! Model-based fuzz test of every reader of kernel-written layers (issue 11), with the kernel as
 //! the model: random sequences of operations (create, write, truncate, chmod, chown, setxattr,
-//! mkdir, rename of files and directories within and across directories, rm, rm -rf, rmdir,
-//! hardlink, symlink) run through real read-write kernel overlay mounts with redirect_dir,
-//! metacopy and index on, for 1 to 4 uppers, each rotated into the lowers of the next. Then
+//! mkdir, rename of files and directories within and across directories, rm, rm -rf, rm -rf
+//! then mkdir (an opaque directory), rmdir, hardlink, symlink) run through real read-write
+//! kernel overlay mounts with redirect_dir, metacopy and index on, for 1 to 4 uppers, each rotated into the lowers of the next. Then
 //! every tool's result is compared with a fresh read-only kernel mount of the layers (see
 //! [`ovl_tests::stack`]): the ovl-diff layers applied by umoci, `ovl-squash --output` of the
 //! whole stack, and `ovl-squash --in-place` of each upper in turn.
@@ -54,6 +54,8 @@ enum Op {
     Rename(String, String),
     Rm(String),
     RmTree(String),
+    /// `rm -rf D && mkdir D`: an opaque directory over what was there.
+    Recreate(String),
     Rmdir(String),
     Link(String, String),
     Symlink(String, String),
@@ -72,6 +74,7 @@ impl fmt::Display for Op {
             Op::Rename(a, b) => write!(f, "mv -T {a} {b}"),
             Op::Rm(p) => write!(f, "rm {p}"),
             Op::RmTree(p) => write!(f, "rm -rf {p}"),
+            Op::Recreate(p) => write!(f, "rm -rf {p} && mkdir {p}"),
             Op::Rmdir(p) => write!(f, "rmdir {p}"),
             Op::Link(a, b) => write!(f, "ln {a} {b}"),
             Op::Symlink(t, p) => write!(f, "ln -s {t} {p}"),
@@ -123,6 +126,9 @@ impl Op {
             Op::Rename(a, b) => std::fs::rename(p(a), p(b)),
             Op::Rm(a) => std::fs::remove_file(p(a)),
             Op::RmTree(a) => std::fs::remove_dir_all(p(a)),
+            Op::Recreate(a) => {
+                std::fs::remove_dir_all(p(a)).and_then(|()| std::fs::create_dir(p(a)))
+            }
             Op::Rmdir(a) => std::fs::remove_dir(p(a)),
             Op::Link(a, b) => std::fs::hard_link(p(a), p(b)),
             Op::Symlink(t, a) => std::os::unix::fs::symlink(t, p(a)),
@@ -172,7 +178,7 @@ fn random_op(rng: &mut Rng, root: &Path) -> Op {
         }
     };
     let c = rng.below(20) as u8;
-    match rng.below(17) {
+    match rng.below(18) {
         0 | 1 => Op::Write(new_name(rng), c),
         2 => Op::Write(existing(rng, &files), c),
         3 => Op::Append(existing(rng, &files), c),
@@ -202,6 +208,7 @@ fn random_op(rng: &mut Rng, root: &Path) -> Op {
         13 => Op::RmTree(existing(rng, &dirs[1..])),
         14 => Op::Rmdir(existing(rng, &dirs[1..])),
         15 => Op::Link(existing(rng, &files), new_name(rng)),
+        16 => Op::Recreate(existing(rng, &dirs[1..])),
         _ => Op::Symlink(
             ["a", "../b", "/c", "d/e"][rng.below(4)].to_string(),
             new_name(rng),
@@ -398,7 +405,7 @@ fn kernel_layers_read_back_exactly() {
     let cases: usize = std::env::var("OVL_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(32);
     let seed: u64 = std::env::var("OVL_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
