@@ -112,7 +112,7 @@ impl Op {
             Op::Chmod(..) => Ok(()),
             Op::Chown(a, u, g) => rustix::fs::chownat(
                 rustix::fs::CWD,
-                &p(a),
+                p(a),
                 Some(rustix::fs::Uid::from_raw(*u)),
                 Some(rustix::fs::Gid::from_raw(*g)),
                 rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
@@ -297,7 +297,7 @@ fn run_case(dir: &Path, case: &mut Case, rng: Option<&mut Rng>, ops_per_layer: u
     }
     let want = s.merged();
     let mut refused = Vec::new();
-    let checks: [(&str, Box<dyn Fn() -> Result<std::path::PathBuf, String>>); 3] = [
+    let checks: [(&str, Box<Check>); 3] = [
         (
             "ovl-diff layers applied by umoci",
             Box::new(|| {
@@ -340,6 +340,9 @@ fn run_case(dir: &Path, case: &mut Case, rng: Option<&mut Rng>, ops_per_layer: u
         Outcome::Refused(refused.join("; "))
     }
 }
+
+/// One tool's result for the stack: the tree it made, or its error.
+type Check<'a> = dyn Fn() -> Result<std::path::PathBuf, String> + 'a;
 
 fn replay(case: &Case) -> Outcome {
     let t = tempfile::tempdir().unwrap();

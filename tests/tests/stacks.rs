@@ -52,7 +52,7 @@ fn redirects_in_the_lowers_are_followed() {
     );
     s.add_script(RW_OPTS, "mv a/d a/e");
     s.add_script(RW_OPTS, "mv a/e a/g");
-    assert!(s.merged().contains_key(&b"a/g/sub/g".to_vec()));
+    assert!(s.merged().contains_key(b"a/g/sub/g".as_slice()));
     prove(&s, t.path());
 }
 

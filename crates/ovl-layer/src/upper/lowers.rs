@@ -447,7 +447,7 @@ impl Lowers {
             i += 1;
             let Some((path, node)) = this else { continue };
             // Intermediate metacopy files are not kept: only the top one and the data.
-            if !(lk.metacopy && !found.is_empty()) {
+            if !lk.metacopy || found.is_empty() {
                 found.push(Found { layer, path, node });
             }
             if lk.stop {

@@ -79,7 +79,7 @@ pub(super) struct Walker<'a, 'f, E> {
 /// A child to emit, from the upper or (inside a redirected directory) from the lowers.
 enum Child {
     Upper(Node),
-    Lower(Resolved),
+    Lower(Box<Resolved>),
 }
 
 impl<E: From<UpperError>> Walker<'_, '_, E> {
@@ -175,7 +175,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                     .list(stack, &|n| format!("lower {}", lp.join(n)))?;
                 for (n, r) in listing {
                     if !whiteouts.contains(&n) && !plain.contains_key(&n) {
-                        merged.insert(n, Child::Lower(r));
+                        merged.insert(n, Child::Lower(Box::new(r)));
                     }
                 }
             }
@@ -186,7 +186,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         for (name, child) in merged {
             let cpath = path.join(&name);
             match child {
-                Child::Lower(r) => self.lower_entry(&cpath, r)?,
+                Child::Lower(r) => self.lower_entry(&cpath, *r)?,
                 Child::Upper(node) => {
                     let force = replaced.contains(&name);
                     self.upper_child(fd, &cpath, node, lower.as_ref(), &ctx, force)?;
