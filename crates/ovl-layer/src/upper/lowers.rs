@@ -130,6 +130,12 @@ impl Lowers {
         }
     }
 
+    /// Drop the directory kept open: a tool that changes the layers between two walks
+    /// (ovl-squash `--in-place`) must not look through a directory it replaced.
+    pub(super) fn forget(&self) {
+        *self.last_dir.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn err(&self, layer: usize, p: &LayerPath, e: io::Error) -> UpperError {
         UpperError::Io {
             path: self.roots[layer].display(p),

@@ -232,6 +232,9 @@ impl Upper {
         f: &mut dyn FnMut(Change) -> Result<(), E>,
     ) -> Result<(), E> {
         self.check_index_links()?;
+        // Each walk reads the layers afresh (ovl-squash --in-place changes them in between).
+        self.lowers.forget();
+        *self.last_dir.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut w = Walker {
             up: self,
             f,
