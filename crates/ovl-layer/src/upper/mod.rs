@@ -11,7 +11,9 @@
 //! - redirect_dir and metacopy: with the lowers the upper was mounted on, a renamed directory
 //!   becomes a [`Change::Redirect`] followed by an opaque directory with its *full* merged content
 //!   (lower entries included), and a metacopy file's data is read from the lower file it points
-//!   to. Without lowers they are refused ([`UpperError::NeedsLowers`]): a wrong result is never
+//!   to. The lowers are read as the kernel reads them (see [`LowerStack`]: every lower may once have
+//!   been an upper, with its own redirects, metacopy files, whiteouts and opaque directories).
+//!   Without lowers they are refused ([`UpperError::NeedsLowers`]): a wrong result is never
 //!   produced silently;
 //! - `index=on` copy-ups of a lower file with other hardlinks: the merged view shows every name
 //!   of the lower inode as the copied-up file (the kernel finds it through workdir/index), but
@@ -172,9 +174,10 @@ pub struct Entry {
 pub enum Change {
     /// Nothing from the lowers shows at `path`, and the upper has nothing there.
     Whiteout(LayerPath),
-    /// Comes right before the [`Entry`] of directory `path`: it is lower directory `from`,
-    /// renamed (redirect_dir). The entry that follows is opaque and its full content, lower
-    /// entries included, follows it.
+    /// Comes right before the [`Entry`] of directory `path`: it is lower directory `from` (its
+    /// path in the merged lowers), renamed (redirect_dir). The entry that follows is opaque
+    /// and its full content, lower entries included, follows it. `from == path`: a redirect
+    /// to its own path (what `ovl-squash --in-place` leaves while it works).
     Redirect {
         path: LayerPath,
         from: LayerPath,
