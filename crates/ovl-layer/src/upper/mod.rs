@@ -11,10 +11,10 @@
 //! - redirect_dir and metacopy: with the lowers the upper was mounted on, a renamed directory
 //!   becomes a [`Change::Redirect`] followed by an opaque directory with its *full* merged content
 //!   (lower entries included), and a metacopy file's data is read from the lower file it points
-//!   to. The lowers are read as the kernel reads them (see [`LowerStack`]: every lower may once have
-//!   been an upper, with its own redirects, metacopy files, whiteouts and opaque directories).
-//!   Without lowers they are refused ([`UpperError::NeedsLowers`]): a wrong result is never
-//!   produced silently;
+//!   to. The lowers are read as the kernel reads them (see [`LowerStack`]: every lower may
+//!   once have been an upper, with its own redirects, metacopy files, whiteouts and opaque
+//!   directories). Without lowers they are refused ([`UpperError::NeedsLowers`]): a wrong
+//!   result is never produced silently;
 //! - `index=on` copy-ups of a lower file with other hardlinks: the merged view shows every name
 //!   of the lower inode as the copied-up file (the kernel finds it through workdir/index), but
 //!   the upper holds only the names that were copied up. Before anything is emitted, the upper
