@@ -28,7 +28,7 @@
 //! path), then its whiteouts, then its other children, each group sorted bytewise, depth first.
 
 mod index_links;
-mod lowers;
+mod lower_stack;
 mod meta;
 mod node;
 mod walk;
@@ -46,10 +46,10 @@ use crate::idmap::RootlessMaps;
 use crate::path::LayerPath;
 use crate::root::Root;
 
-pub use lowers::{DirStack, LowerEntry, LowerStack};
+pub use lower_stack::{DirStack, LowerEntry, LowerStack};
 pub use meta::{CAPABILITY_XATTR, SELINUX_XATTR, layer_capability, special_kind};
 
-use lowers::Lowers;
+use lower_stack::Lowers;
 use node::Node;
 use walk::{DirCtx, Walker};
 

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use rustix::fs::FileType;
 
-use super::lowers::{DirStack, Found, Name, Resolved, parse_redirect};
+use super::lower_stack::{DirStack, Found, Name, Resolved, parse_redirect};
 use super::meta::{is_sparse, special_kind};
 use super::node::{Node, read_children};
 use super::{Change, Entry, Kind, Layer, Meta, Source, Upper, UpperError};
