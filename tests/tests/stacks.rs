@@ -124,3 +124,19 @@ fn a_rename_inside_a_renamed_directory() {
     s.add_script(RW_OPTS, "mv a/d1/pop a/d1/popx && mv a/d1 a/e1/d1");
     prove(&s, t.path());
 }
+
+/// Found by the unionmount-testsuite (rename-hard-link, metacopy without index, rotated
+/// layers): a renamed name of a hardlinked lower file is a metacopy file, an inode of its own
+/// in the merged view; `--in-place` must not link it back to the lower inode's other names.
+#[test]
+fn renamed_hardlinks_without_index_stay_apart() {
+    let Some(_g) = serial_root() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let mut s = stack(t.path(), "echo x > foo");
+    const OPTS: &str = "redirect_dir=on,metacopy=on";
+    s.add_script(OPTS, "ln foo no_foo");
+    s.add_script(OPTS, "mv no_foo no_foo-a");
+    s.add_script(OPTS, "mv no_foo-a no_foo");
+    s.add_script(OPTS, "mv foo foo-a");
+    prove(&s, t.path());
+}

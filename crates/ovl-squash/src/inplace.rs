@@ -451,7 +451,19 @@ impl InPlace<'_> {
                     .stat()?
                     .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
                 let have = l.xattrs()?;
-                if Meta::from_disk(&st, &have) != meta {
+                // A metacopy file of the upper is an inode of its own in the merged view: it
+                // shares the lower inode only when no other name could show that inode.
+                let own_inode = st.st_nlink > 1
+                    && match self.upper.leaf(&e.path, false) {
+                        Ok(u) => u.stat()?.is_some(),
+                        Err(er)
+                            if matches!(er.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) =>
+                        {
+                            false
+                        }
+                        Err(er) => return Err(er),
+                    };
+                if own_inode || Meta::from_disk(&st, &have) != meta {
                     return copy_with_meta(self.sharing, (&l.dir, &l.name), (dir, name), &meta);
                 }
                 l
