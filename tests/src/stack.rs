@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ovl_layer::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
+use crate::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
 
 use crate::{bin, output, run_ok};
 
