@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod scenario;
 pub mod skips;
 pub mod snapshot;
+pub mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

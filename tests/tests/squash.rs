@@ -552,29 +552,26 @@ fn killed(out: &Output) -> bool {
     out.status.signal() == Some(libc::SIGKILL)
 }
 
-#[test]
-fn in_place_survives_a_kill_after_every_step() {
-    let Some(_serial) = serial_root() else {
-        return;
-    };
-    let s = scenario();
+/// `s` squashed in place, stopped after each step in turn: every time, lower + upper still
+/// mount (with `extra`) to the merged view and a re-run completes.
+fn survives_a_kill_after_every_step(what: &str, s: &Scenario, extra: &str) {
     let mut k = 1u64;
     loop {
-        let (dir, lower, upper) = fresh_copy(&s, k);
+        let (dir, lower, upper) = fresh_copy(s, k);
         let out = in_place_crashing_after(k, &lower, &upper);
         if !killed(&out) {
             assert_succeeded(&out);
-            assert!(k > 10, "only {k} steps: the hook is not counting");
+            assert!(k > 3, "only {k} steps: the hook is not counting");
             eprintln!(
-                "in place: killed after each of {} steps, all consistent",
+                "{what}: killed after each of {} steps, all consistent",
                 k - 1
             );
             break;
         }
-        let now = merged(&[&upper, &lower], "", &dir);
-        assert_same(&format!("killed after step {k}"), &s.merged, &now);
+        let now = merged(&[&upper, &lower], extra, &dir);
+        assert_same(&format!("{what}: killed after step {k}"), &s.merged, &now);
         rerun_completes(
-            &format!("re-run after step {k}"),
+            &format!("{what}: re-run after step {k}"),
             &s.merged,
             &lower,
             &upper,
@@ -583,6 +580,64 @@ fn in_place_survives_a_kill_after_every_step() {
         assert_empty(&upper);
         std::fs::remove_dir_all(&dir).unwrap();
         k += 1;
+    }
+}
+
+#[test]
+fn in_place_survives_a_kill_after_every_step() {
+    let Some(_serial) = serial_root() else {
+        return;
+    };
+    survives_a_kill_after_every_step("in place", &scenario(), "");
+}
+
+/// Issue 11's in-place data losses, with redirect_dir (and metacopy) on: a directory renamed
+/// into a new (opaque) parent, a rename nested in a renamed directory, and a renamed metacopy
+/// file nested in one. Each is exact, survives a kill after every step and completes on a
+/// re-run.
+#[test]
+fn in_place_renames_into_new_parents_and_nested_renames_survive_kills() {
+    let Some(_serial) = serial_root() else {
+        return;
+    };
+    const OPTS: &str = "redirect_dir=on,metacopy=on";
+    for (what, script) in [
+        (
+            "renamed into a new parent",
+            "mkdir a/e1/new && mv a/d1 a/e1/new/d1",
+        ),
+        ("nested rename", "mv a/d1/pop a/d1/popx && mv a/d1 a/e1/d1"),
+        (
+            "nested metacopy rename",
+            "chmod 600 a/d1/top && mv a/d1/top a/d1/top2 && mv a/d1 a/e1/d1 && rm -rf a/e1/old",
+        ),
+        (
+            "renamed twice into new parents",
+            "mkdir -p a/e1/new/deeper && mv a/d1/pop a/e1/new/deeper/p && mv a/d1 a/e1/new/d1",
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let lower = mkdir(&t.path().join("lower"));
+        let upper = mkdir(&t.path().join("upper"));
+        let work = mkdir(&t.path().join("work"));
+        let mnt = mkdir(&t.path().join("mnt"));
+        sh(
+            "mkdir -p a/d1/pop/deep a/e1/old; echo 1 > a/d1/pop/f; echo 2 > a/d1/pop/deep/g; \
+             echo 3 > a/d1/top; ln a/d1/top a/d1/top-link; echo 4 > a/e1/old/o",
+            &lower,
+        );
+        let m = Mount::overlay(&rw_opts(&lower, &upper, &work), OPTS, &mnt);
+        sh(script, &m.0);
+        drop(m);
+        std::fs::remove_dir_all(&work).unwrap();
+        let merged = merged(&[&upper, &lower], OPTS, t.path());
+        let s = Scenario {
+            t,
+            lower,
+            upper,
+            merged,
+        };
+        survives_a_kill_after_every_step(what, &s, OPTS);
     }
 }
 

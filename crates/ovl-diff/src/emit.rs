@@ -6,7 +6,9 @@
 //! directory is already a whiteout of its old path (the upper holds one) plus an opaque
 //! directory with its full content ([`ovl_layer::upper`] expands it), and a file's data comes
 //! from wherever the upper says (the upper, or a lower for metacopy). The layer root itself is
-//! not an entry: its metadata is the mount's, not the image's (as in `docker save` layers).
+//! an entry (`./`) only when its mode, owner or xattrs differ from the lowers' root (someone ran
+//! `chmod 700 /` in the container): otherwise its metadata is the mount's, not the image's (as
+//! in `docker save` layers).
 //! Sockets cannot be in a tar and are counted, not written.
 
 use std::io::Write;
@@ -100,20 +102,48 @@ fn change<W: Write>(
             st.whiteouts += 1;
             marker(upper, tw, &parent.join(&whiteout::whiteout_name(name)))
         }
-        // The root's own metadata is not exported, but an opaque root hides every lower.
-        Change::Entry(e) if e.path.is_root() => match e.kind {
-            Kind::Dir { opaque: true } => {
-                st.opaque_dirs += 1;
-                marker(
-                    upper,
-                    tw,
-                    &LayerPath::parse(whiteout::OPAQUE_MARKER).expect("a name"),
-                )
+        // The root is exported (as `./`) only when its mode, owner or xattrs differ from the
+        // lowers' root: the merged root takes the upper's attributes, but an upperdir made by
+        // a runtime is no change of the image. An opaque root hides every lower.
+        Change::Entry(e) if e.path.is_root() => {
+            if upper.root_differs(&e.meta)? {
+                root_entry(upper, tw, st, &e)?;
             }
-            _ => Ok(()),
-        },
+            match e.kind {
+                Kind::Dir { opaque: true } => {
+                    st.opaque_dirs += 1;
+                    marker(
+                        upper,
+                        tw,
+                        &LayerPath::parse(whiteout::OPAQUE_MARKER).expect("a name"),
+                    )
+                }
+                _ => Ok(()),
+            }
+        }
         Change::Entry(e) => entry(upper, tw, st, e),
     }
+}
+
+/// The root directory's own entry, `./`.
+fn root_entry<W: Write>(
+    upper: &Upper,
+    tw: &mut TarWriter<W>,
+    st: &mut Stats,
+    e: &Entry,
+) -> Result<(), DiffError> {
+    let t = TarEntry {
+        name: b".",
+        kind: TarKind::Dir,
+        mode: e.meta.mode,
+        uid: e.meta.uid,
+        gid: e.meta.gid,
+        mtime: e.meta.mtime,
+        xattrs: &e.meta.xattrs,
+    };
+    st.entries += 1;
+    tw.append(&t, Data::None)
+        .map_err(|err| write_err(upper, &e.path, err))
 }
 
 /// A zero-size marker file (whiteout or opaque marker): no owner, mode or time to speak of.

@@ -20,13 +20,24 @@
 //!    the only upper entries that need lower content at *another* path, which later steps may
 //!    delete. For each: the full content is built in the work sibling (hardlinks to the lower
 //!    and upper inodes, copies only for metacopy data), renamed to the entry's own path in the
-//!    lower (hidden: the redirected upper entry does not look there), then the redirect xattr is
-//!    removed from the upper entry (it now finds identical content at its own path). An entry
-//!    whose target path is still the source of another pending redirect waits; a cycle of
-//!    renames is refused ([`SquashError::RedirectCycle`]) after the others are done.
+//!    lower (hidden: the redirected upper entry does not look there), synced, then every
+//!    redirect in the group is set to the entry's own path, absolute (`/a/e1/d1`): nested ones
+//!    first (a relative redirect inside would otherwise be resolved against the new place
+//!    before its content is there), the group's own last. An absolute redirect is followed
+//!    from the lower's root whatever the entry's parents are, so the entry finds identical
+//!    content at its own path even under an opaque parent (a new directory) or a renamed one;
+//!    removing the redirect instead would make it look through its parents, which may see
+//!    nothing. Such a redirect to itself is done, not pending, on a re-run. An entry whose
+//!    target path is still the source of another pending redirect waits; a cycle of renames
+//!    is refused ([`SquashError::RedirectCycle`]) after the others are done. (With `index=on`
+//!    a kernel checks a metacopy file's lower against its `overlay.origin`: a stack killed
+//!    here mounts without `index=on` until a re-run completes.)
 //! 2. The upper's changes in stream order, applied to the lower, each under cover of the upper
-//!    entry at the same path: a whiteout removes the lower path; an opaque directory replaces
-//!    the lower path by an empty directory; a directory makes sure the lower has one; a file,
+//!    entry at the same path: a whiteout removes the lower path; a directory makes sure the
+//!    lower has one (replacing a non-directory), and one that shows nothing from below (opaque,
+//!    or under an opaque one, and not redirected to itself) loses, once its children are done,
+//!    every lower entry the upper does not have there (content made local by step 1 below an
+//!    opaque directory is one the upper has); a file,
 //!    symlink, device, fifo or socket of the upper is hardlinked into the lower (after its
 //!    overlay-private xattrs are removed from the inode: invisible through the mount) replacing
 //!    what was there, so both layers hold the *same inode*; a metacopy file gets the upper's
@@ -218,6 +229,8 @@ impl InPlace<'_> {
         let mut i = 0;
         while i < changes.len() {
             match &changes[i] {
+                // Made local by an earlier run: its content is at its own path already.
+                Change::Redirect { path, from } if path == from => {}
                 Change::Redirect { path, from } => {
                     let mut group = vec![changes[i].clone()];
                     let mut sources = vec![from.clone()];
@@ -357,20 +370,62 @@ impl InPlace<'_> {
         // the upper stops pointing at the old path: after a power loss the redirect would
         // otherwise be gone while the lower still has the old layout.
         rustix::fs::syncfs(&work).map_err(|e| io_at(self.lower_at(&target))(e.into()))?;
-        // The upper entry now finds the same content at its own path.
-        let u = self
-            .upper
-            .leaf(&target, false)
-            .map_err(io_at(self.up.display(&target)))?;
+        // Every redirect in the group now names its own path, absolutely: an absolute redirect
+        // is followed from the lower's root whatever its parents are (a parent may be opaque,
+        // or itself renamed). Nested ones first: a relative one below would otherwise be
+        // resolved against the new place of the group before it is its own.
+        let mut renamed: Vec<&LayerPath> = item
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Entry(e) if e.path != target => Some(&e.path),
+                _ => None,
+            })
+            .collect();
+        renamed.reverse();
+        renamed.push(&target);
+        for p in renamed {
+            self.redirect_to_itself(p)?;
+        }
+        self.sum.redirects += 1;
+        Ok(())
+    }
+
+    /// The redirect of the upper entry at `p`, if it has one, set to `/p` (in the namespace
+    /// it is in): its content is at its own path in the lower now.
+    fn redirect_to_itself(&mut self, p: &LayerPath) -> Result<(), SquashError> {
+        let at = self.up.display(p);
+        // Most entries of a renamed directory are only in the lower.
+        let u = match self.upper.leaf(p, false) {
+            Ok(u) => u,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                return Ok(());
+            }
+            Err(e) => return Err(io_at(&at)(e)),
+        };
+        if u.stat().map_err(io_at(&at))?.is_none() {
+            return Ok(());
+        }
         let path = proc_path(&u.dir, &u.name);
+        let mut own = b"/".to_vec();
+        own.extend_from_slice(p.as_bytes());
+        let have = ovl_layer::xattrs::list_path(&proc_path(&u.dir, &u.name)).map_err(io_at(&at))?;
         for ns in XattrNs::ALL {
-            match rustix::fs::lremovexattr(&path, ns.name(whiteout::key::REDIRECT).as_str()) {
-                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
-                Err(e) => return Err(io_at(self.up.display(&target))(e.into())),
+            let name = ns.name(whiteout::key::REDIRECT);
+            match have.iter().find(|(n, _)| *n == name) {
+                Some((_, v)) if *v != own => {
+                    rustix::fs::lsetxattr(
+                        &path,
+                        name.as_str(),
+                        &own,
+                        rustix::fs::XattrFlags::REPLACE,
+                    )
+                    .map_err(|e| io_at(&at)(e.into()))?;
+                    crash::step();
+                }
+                _ => {}
             }
         }
-        crash::step();
-        self.sum.redirects += 1;
         Ok(())
     }
 
@@ -396,7 +451,19 @@ impl InPlace<'_> {
                     .stat()?
                     .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
                 let have = l.xattrs()?;
-                if Meta::from_disk(&st, &have) != meta {
+                // A metacopy file of the upper is an inode of its own in the merged view: it
+                // shares the lower inode only when no other name could show that inode.
+                let own_inode = st.st_nlink > 1
+                    && match self.upper.leaf(&e.path, false) {
+                        Ok(u) => u.stat()?.is_some(),
+                        Err(er)
+                            if matches!(er.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) =>
+                        {
+                            false
+                        }
+                        Err(er) => return Err(er),
+                    };
+                if own_inode || Meta::from_disk(&st, &have) != meta {
                     return copy_with_meta(self.sharing, (&l.dir, &l.name), (dir, name), &meta);
                 }
                 l
@@ -445,15 +512,20 @@ impl InPlace<'_> {
 
     fn apply(&mut self) -> Result<(), SquashError> {
         let changes = self.up.changes()?;
-        let mut dirs: Vec<(LayerPath, Meta)> = Vec::new();
+        let mut dirs: Vec<OpenDir> = Vec::new();
+        // The directory a redirect made local by step 1 names: its content is in the lower.
+        let mut own_redirect: Option<LayerPath> = None;
         for c in changes {
             let p = change_path(&c).clone();
-            while let Some((top, _)) = dirs.last() {
-                if p.starts_with(top) && &p != top {
+            while let Some(top) = dirs.last() {
+                if p.starts_with(&top.path) && p != top.path {
                     break;
                 }
-                let (top, meta) = dirs.pop().expect("non-empty");
-                self.dir_meta(&top, &meta)?;
+                let top = dirs.pop().expect("non-empty");
+                self.close_dir(top)?;
+            }
+            if let (Some(parent), Some((_, name))) = (dirs.last_mut(), p.split_last()) {
+                parent.seen.insert(name.to_vec());
             }
             match c {
                 Change::Whiteout(p) => {
@@ -466,6 +538,7 @@ impl InPlace<'_> {
                         }
                     }
                 }
+                Change::Redirect { path, from } if path == from => own_redirect = Some(path),
                 Change::Redirect { path, .. } => {
                     return Err(SquashError::Unsupported {
                         path: self.up.display(&path),
@@ -474,14 +547,40 @@ impl InPlace<'_> {
                 }
                 Change::Entry(e) => {
                     self.sum.entries += 1;
-                    self.entry(e, &mut dirs)?;
+                    let own = own_redirect.take().is_some_and(|r| r == e.path);
+                    let parent_clean = dirs.last().is_some_and(|d| d.clean);
+                    self.entry(e, own, parent_clean, &mut dirs)?;
                 }
             }
         }
-        while let Some((top, meta)) = dirs.pop() {
-            self.dir_meta(&top, &meta)?;
+        while let Some(top) = dirs.pop() {
+            self.close_dir(top)?;
         }
         Ok(())
+    }
+
+    /// After a directory's children: a directory that shows nothing from below loses the
+    /// lower entries its upper does not have (hidden until now, so any order is safe), then
+    /// its metadata is set.
+    fn close_dir(&mut self, d: OpenDir) -> Result<(), SquashError> {
+        if d.clean {
+            let at = self.lower_at(&d.path);
+            let fd = if d.path.is_root() {
+                open_dir_at(&self.lower.fd(), c".").map_err(io_at(&at))?
+            } else {
+                self.lower
+                    .leaf(&d.path, false)
+                    .and_then(|l| open_dir_at(&l.dir, &l.name))
+                    .map_err(io_at(&at))?
+            };
+            for n in names(&fd).map_err(io_at(&at))? {
+                if !d.seen.contains(n.to_bytes()) {
+                    remove_at(&fd, &n).map_err(io_at(self.lower_at(&d.path.join(n.to_bytes()))))?;
+                    crash::step();
+                }
+            }
+        }
+        self.dir_meta(&d.path, &d.meta)
     }
 
     fn dir_meta(&mut self, p: &LayerPath, meta: &Meta) -> Result<(), SquashError> {
@@ -497,10 +596,20 @@ impl InPlace<'_> {
         Ok(())
     }
 
-    fn entry(&mut self, e: Entry, dirs: &mut Vec<(LayerPath, Meta)>) -> Result<(), SquashError> {
+    /// One entry of the upper applied to the lower. `own`: a directory whose redirect names
+    /// its own path (its lower content is in place); `parent_clean`: its parent shows nothing
+    /// from below.
+    fn entry(
+        &mut self,
+        e: Entry,
+        own: bool,
+        parent_clean: bool,
+        dirs: &mut Vec<OpenDir>,
+    ) -> Result<(), SquashError> {
         let meta = fsops::disk_meta(&e.meta);
         if e.path.is_root() {
-            dirs.push((e.path, meta));
+            // The kernel never takes a root as opaque.
+            dirs.push(OpenDir::new(e.path, meta, false));
             return Ok(());
         }
         let at = self.lower_at(&e.path);
@@ -508,14 +617,13 @@ impl InPlace<'_> {
         let existing = stat_at(&ldir, &lname).map_err(io_at(&at))?;
         match &e.kind {
             Kind::Dir { opaque } => {
-                let keep = match &existing {
-                    Some(st) => is_dir(st) && !opaque,
-                    None => false,
-                };
-                if *opaque {
+                if *opaque && !own {
                     self.sum.opaque_dirs += 1;
                 }
-                if !keep {
+                // An existing lower directory is kept even under an opaque upper one: what the
+                // upper does not have goes when the directory is closed, after its children
+                // (one of them may be content made local there by step 1).
+                if !existing.as_ref().is_some_and(is_dir) {
                     if existing.is_some() {
                         remove_at(&ldir, &lname).map_err(io_at(&at))?;
                         crash::step();
@@ -524,7 +632,10 @@ impl InPlace<'_> {
                         .map_err(|er| io_at(&at)(er.into()))?;
                     crash::step();
                 }
-                dirs.push((e.path.clone(), meta));
+                // Nothing from below shows in an opaque directory, nor in any directory under
+                // one unless redirected (made local: its own path).
+                let clean = !own && (*opaque || parent_clean);
+                dirs.push(OpenDir::new(e.path.clone(), meta, clean));
             }
             Kind::File { source, .. } if source.layer != Layer::Upper => {
                 if source.path != e.path {
@@ -533,11 +644,17 @@ impl InPlace<'_> {
                         why: "a metacopy redirect is left after they were all made local".into(),
                     });
                 }
-                // Metacopy: the data is the lower file's; the metadata becomes the upper's.
+                // Metacopy (or an entry of a directory made local): the data is the lower
+                // file's; the metadata becomes the upper's.
                 let st = existing.ok_or_else(|| SquashError::Unsupported {
                     path: at.clone(),
                     why: "the data of a metacopy file is missing in the lower".into(),
                 })?;
+                let have =
+                    ovl_layer::xattrs::list_path(&proc_path(&ldir, &lname)).map_err(io_at(&at))?;
+                if Meta::from_disk(&st, &have) == meta {
+                    return Ok(());
+                }
                 if st.st_nlink <= 1 {
                     fsops::apply_meta(&ldir, &lname, &meta).map_err(io_at(&at))?;
                 } else {
@@ -566,10 +683,25 @@ impl InPlace<'_> {
             }
             _ => {
                 // A file, symlink, device, fifo or socket of the upper: its inode moves down.
-                let u = self
-                    .upper
-                    .leaf(&e.path, false)
-                    .map_err(io_at(self.up.display(&e.path)))?;
+                // One that only the lower has is content of a directory made local by step 1,
+                // in place already.
+                let u = match self.upper.leaf(&e.path, false) {
+                    Ok(u) => Some(u),
+                    Err(er) if matches!(er.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                        None
+                    }
+                    Err(er) => return Err(io_at(self.up.display(&e.path))(er)),
+                };
+                let u = match u {
+                    Some(u) if u.stat().map_err(io_at(self.up.display(&e.path)))?.is_some() => u,
+                    _ if existing.is_some() => return Ok(()),
+                    _ => {
+                        return Err(SquashError::Unsupported {
+                            path: at,
+                            why: "an entry of a directory made local is in neither layer".into(),
+                        });
+                    }
+                };
                 if whiteout::remove_private_xattrs(&u.dir, &u.name)
                     .map_err(io_at(self.up.display(&e.path)))?
                 {
@@ -659,6 +791,27 @@ impl InPlace<'_> {
                 Ok(())
             }
             Err(e) => Err(io_at(&at)(e.into())),
+        }
+    }
+}
+
+/// A directory of the upper being applied, until its children are done.
+struct OpenDir {
+    path: LayerPath,
+    meta: Meta,
+    /// Nothing from below shows in it: the lower keeps only what the upper has.
+    clean: bool,
+    /// The names of its children in the upper.
+    seen: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl OpenDir {
+    fn new(path: LayerPath, meta: Meta, clean: bool) -> OpenDir {
+        OpenDir {
+            path,
+            meta,
+            clean,
+            seen: Default::default(),
         }
     }
 }

@@ -24,7 +24,9 @@ use ovl_layer::fsops::{create_file_at, cstr, is_dir, link_at, open_dir_at, open_
 use ovl_layer::path::LayerPath;
 use ovl_layer::root::Root;
 use ovl_layer::staging::Staging;
-use ovl_layer::upper::{Change, Kind, Layer, LowerStack, Upper, UpperOptions, special_kind};
+use ovl_layer::upper::{
+    Change, DirStack, Kind, Layer, LowerStack, Upper, UpperOptions, special_kind,
+};
 use ovl_layer::whiteout;
 
 use crate::Summary;
@@ -78,11 +80,9 @@ pub fn squash_to(
         sum,
     };
     let root_fd = open_dir_at(&out_root.fd(), c".").map_err(io_at(staging.tmp.display()))?;
-    if let Some(top) = stack
-        .dir(&LayerPath::root())
-        .map_err(io_at(lowers[0].display()))?
-    {
-        b.lower_dir(&LayerPath::root(), &root_fd, &prune)?;
+    let root_dir = stack.root_dir();
+    if let Some(top) = stack.dir(&root_dir)? {
+        b.lower_dir(&LayerPath::root(), &root_dir, &root_fd, &prune)?;
         fsops::apply_meta_fd(&root_fd, &Meta::from_disk(&top.st, &top.xattrs))
             .map_err(io_at(staging.tmp.display()))?;
     }
@@ -120,17 +120,17 @@ impl Builder<'_> {
     fn lower_dir(
         &mut self,
         p: &LayerPath,
+        dir: &DirStack,
         out: &OwnedFd,
         prune: &HashSet<LayerPath>,
     ) -> Result<(), SquashError> {
-        let entries = self.stack.list(p).map_err(io_at(format!("lower {p}")))?;
-        for ent in entries {
+        for ent in self.stack.list(dir, p)? {
             let cp = p.join(&ent.name);
             if prune.contains(&cp) {
                 continue;
             }
             let root = self.stack.root(ent.layer);
-            let at = root.display(&cp);
+            let at = root.display(&ent.path);
             let name = cstr(&ent.name).map_err(io_at(&at))?;
             let ft = FileType::from_raw_mode(ent.st.st_mode);
             let meta = Meta::from_disk(&ent.st, &ent.xattrs);
@@ -140,7 +140,8 @@ impl Builder<'_> {
                     .map_err(|e| io_at(self.out_root.display(&cp))(e.into()))?;
                 crash::step();
                 let cfd = open_dir_at(out, &name).map_err(io_at(&at))?;
-                self.lower_dir(&cp, &cfd, prune)?;
+                let sub = ent.dir.as_ref().expect("a directory has its stack");
+                self.lower_dir(&cp, sub, &cfd, prune)?;
                 fsops::apply_meta(out, &name, &meta).map_err(io_at(self.out_root.display(&cp)))?;
                 crash::step();
                 continue;
@@ -156,12 +157,19 @@ impl Builder<'_> {
                 }
                 self.links.insert(key, cp.clone());
             }
-            let src = root.leaf(&cp, false).map_err(io_at(&at))?;
             if ft == FileType::RegularFile {
-                let clean = meta.xattrs.len() == ent.xattrs.len();
+                // The bytes may be in another layer (a metacopy file's data is below it); the
+                // file is shared only when it is the entry itself with exactly this metadata.
+                let (dl, dp, _) = ent.data.as_ref().expect("a regular file has its data");
+                let data_root = self.stack.root(*dl);
+                let src = data_root
+                    .leaf(dp, false)
+                    .map_err(io_at(data_root.display(dp)))?;
+                let clean = meta.xattrs.len() == ent.xattrs.len() && *dl == ent.layer;
                 self.share_file(&src.dir, &src.name, clean, out, &name, &meta)
                     .map_err(io_at(self.out_root.display(&cp)))?;
             } else {
+                let src = root.leaf(&ent.path, false).map_err(io_at(&at))?;
                 let kind = special_kind(&src.dir, &src.name, &ent.st).map_err(io_at(&at))?;
                 fsops::make_special(out, &name, &kind)
                     .and_then(|()| fsops::apply_meta(out, &name, &meta))
