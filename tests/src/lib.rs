@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use sha2::Digest;
+
 /// Set (to anything but `0`) to turn every skip into a failure. CI sets it.
 pub const REQUIRE_ALL: &str = "OVL_REQUIRE_ALL";
 /// The name of the unprivileged test user (default `ovltest`).
@@ -99,9 +101,46 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build of the ovl binaries failed");
-        target_dir().join("debug")
+        let built = target_dir().join("debug");
+        match not_searchable_by_others(&built) {
+            // The test user could not reach the binaries (a checkout under /root, say): run a
+            // world-readable copy instead, one per build, shared by every test process.
+            Some(blocked) if is_root() => world_readable_copy(&built, &blocked),
+            _ => built,
+        }
     });
     dir.join(name)
+}
+
+/// A copy of the built binaries under the temporary directory, named by their sizes and
+/// mtimes, for a test user who cannot search the way to `built` (`blocked` is where it stops).
+fn world_readable_copy(built: &Path, blocked: &Path) -> PathBuf {
+    let mut stamp = sha2::Sha256::new();
+    for tool in TOOLS {
+        let md = std::fs::metadata(built.join(tool)).unwrap_or_else(|e| panic!("{tool}: {e}"));
+        stamp.update(format!("{tool} {} {:?}\n", md.len(), md.modified().ok()).as_bytes());
+    }
+    let stamp = hex::encode(&stamp.finalize()[..8]);
+    let dir = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}"));
+    if !dir.join(TOOLS[TOOLS.len() - 1]).exists() {
+        // Built beside it and renamed: parallel test processes race here.
+        let tmp = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}.{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        for tool in TOOLS {
+            std::fs::copy(built.join(tool), tmp.join(tool))
+                .unwrap_or_else(|e| panic!("copy {tool}: {e}"));
+        }
+        set_mode(&tmp, 0o755);
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    eprintln!(
+        "note: {} is not searchable by other users, so the test user runs copies in {}",
+        blocked.display(),
+        dir.display()
+    );
+    dir
 }
 
 /// The first directory on the way to `path` (or `path` itself) that users other than its owner
