@@ -5,6 +5,7 @@
 //! and how a command runs as that user.
 
 pub mod scenario;
+pub mod tarworld;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -24,6 +24,7 @@ pub mod progress;
 pub mod root;
 pub mod snapshot;
 pub mod staging;
+pub mod tarin;
 pub mod tarout;
 pub mod upper;
 pub mod userns;
