@@ -48,9 +48,13 @@ fn run_into(dest: &Path, program: &str, args: &[&std::ffi::OsStr]) -> (bool, Str
     )
 }
 
+/// Files larger than this (Go's corpus has sparse files of 60 GB) are not hashed whole: see
+/// [`sparse_digest`].
+const BIG: u64 = 64 << 20;
+
 fn extracted(dir: tempfile::TempDir, tree_dir: &Path, ok: bool, stderr: String) -> Extracted {
     let tree = if tree_dir.exists() {
-        snapshot(tree_dir, &tree_opts()).unwrap_or_default()
+        snapshot_with_big_files(tree_dir)
     } else {
         Snapshot::new()
     };
@@ -60,6 +64,104 @@ fn extracted(dir: tempfile::TempDir, tree_dir: &Path, ok: bool, stderr: String) 
         tree,
         dir,
     }
+}
+
+/// The tree's snapshot, with every file over [`BIG`] bytes compared by its size and
+/// [`sparse_digest`] instead of a hash of every byte: such files are moved aside while the rest is
+/// snapshotted (their parents keep their mtimes), then added back.
+fn snapshot_with_big_files(root: &Path) -> Snapshot {
+    use std::os::unix::fs::MetadataExt;
+    let big: Vec<std::path::PathBuf> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.metadata().is_ok_and(|m| m.len() > BIG))
+        .map(|e| e.into_path())
+        .collect();
+    let aside = root.with_extension("big");
+    let mut moved = Vec::new();
+    for (i, p) in big.iter().enumerate() {
+        let parent = p.parent().unwrap();
+        let pm = parent.symlink_metadata().unwrap();
+        std::fs::create_dir_all(&aside).unwrap();
+        let to = aside.join(i.to_string());
+        if std::fs::hard_link(p, &to).is_err() {
+            continue;
+        }
+        std::fs::remove_file(p).unwrap();
+        let t = |s: i64, ns: i64| rustix::fs::Timespec {
+            tv_sec: s,
+            tv_nsec: ns as _,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            parent,
+            &rustix::fs::Timestamps {
+                last_access: t(pm.atime(), pm.atime_nsec()),
+                last_modification: t(pm.mtime(), pm.mtime_nsec()),
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        moved.push((p.clone(), to));
+    }
+    let mut tree = snapshot(root, &tree_opts()).unwrap_or_default();
+    for (p, to) in moved {
+        let md = to.symlink_metadata().unwrap();
+        let rel = p.strip_prefix(root).unwrap();
+        let mut xattrs = ovl_layer::xattrs::list_path(&to).unwrap_or_default();
+        let prefixes = tree_opts().ignore_xattr_prefixes;
+        xattrs.retain(|(n, _)| !prefixes.iter().any(|pre| n.starts_with(pre.as_str())));
+        tree.insert(
+            std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()).to_vec(),
+            ovl_layer::snapshot::Entry {
+                kind: 'f',
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                size: md.size(),
+                mtime: (md.mtime(), md.mtime_nsec()),
+                content: Some(sparse_digest(&to)),
+                link_target: None,
+                rdev: 0,
+                xattrs,
+                hardlink_group: None,
+            },
+        );
+    }
+    let _ = std::fs::remove_dir_all(&aside);
+    tree
+}
+
+/// A digest of a file's content that reads only its data extents: sha256 over (offset, block)
+/// for every 4 KiB block that is not all zeros. Holes and written zeros digest the same.
+pub fn sparse_digest(path: &Path) -> String {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut h = sha2::Sha256::new();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 4096];
+    while pos < len {
+        let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(_) => break,
+        };
+        let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)).unwrap_or(len);
+        let mut off = data - data % 4096;
+        f.seek(SeekFrom::Start(off)).unwrap();
+        while off < hole {
+            let n = buf.len().min((len - off) as usize);
+            f.read_exact(&mut buf[..n]).unwrap();
+            if buf[..n].iter().any(|&b| b != 0) {
+                h.update(off.to_le_bytes());
+                h.update(&buf[..n]);
+            }
+            off += n as u64;
+        }
+        pos = hole.max(off);
+    }
+    hex::encode(h.finalize())
 }
 
 /// GNU tar, as root keeps owners, modes, xattrs of every namespace and ns mtimes.

@@ -278,6 +278,8 @@ impl<R: Read> TarReader<R> {
             match typeflag {
                 b'x' => {
                     let data = self.ext_data(size, &mut budget, "a PAX extended header")?;
+                    // Several in a row: the last one counts, as for GNU tar and Go.
+                    pending.pax.clear();
                     parse_pax(&data, &mut pending.pax).map_err(|reason| TarError::Entry {
                         path: name_for_errors(),
                         reason,
@@ -390,8 +392,9 @@ impl<R: Read> TarReader<R> {
             match key.as_slice() {
                 // An empty value unsets the key: the header's field stands.
                 _ if value.is_empty() && !key.starts_with(b"SCHILY.xattr.") => {}
-                b"path" => path = value.clone(),
-                b"linkpath" => link = value.clone(),
+                // C tools read names as strings: a NUL ends them (GNU tar and bsdtar agree).
+                b"path" => path = cstr(value).to_vec(),
+                b"linkpath" => link = cstr(value).to_vec(),
                 b"size" => h.size = num("size")?,
                 b"uid" => h.uid = num("uid")?,
                 b"gid" => h.gid = num("gid")?,
@@ -843,7 +846,16 @@ pub(crate) fn numeric(f: &[u8]) -> Result<i128, String> {
 }
 
 fn parse_decimal(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // Leading zeros are allowed in any number (Go's pax-pos-size-file.tar has 21).
+    let start = v.iter().position(|&b| b != b'0').unwrap_or(v.len());
+    let v = &v[start..];
+    if v.is_empty() {
+        return Some(0);
+    }
+    if v.len() > 20 {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
@@ -890,7 +902,18 @@ fn parse_pax(mut data: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), S
     Ok(())
 }
 
+/// A PAX time: `[-]SECONDS[.FRACTION]`. Like GNU tar and bsdtar, what follows the leading
+/// number is ignored (Go's pax-bad-mtime-file.tar says `999xxx9324.432432444444`: 999).
 pub(crate) fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
+    let neg = v.first() == Some(&b'-');
+    let digits = |from: usize| from + v[from..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let secs_end = digits(usize::from(neg));
+    let end = if v.get(secs_end) == Some(&b'.') {
+        digits(secs_end + 1)
+    } else {
+        secs_end
+    };
+    let v = &v[..end];
     let s = std::str::from_utf8(v).ok()?;
     let (neg, s) = match s.strip_prefix('-') {
         Some(r) => (true, r),
@@ -1043,6 +1066,13 @@ mod tests {
             })
         );
         assert_eq!(parse_pax_time(b"x"), None);
+        assert_eq!(
+            parse_pax_time(b"999xxx9324.4"),
+            Some(Timespec {
+                tv_sec: 999,
+                tv_nsec: 0
+            })
+        );
     }
 
     #[test]
