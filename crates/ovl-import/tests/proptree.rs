@@ -18,7 +18,12 @@ use ovl_layer::snapshot::{SnapshotOptions, differences, snapshot};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ovl-import");
+/// The importer under test; `OVL_IMPORT_BIN` points the test at another build.
+fn bin() -> std::path::PathBuf {
+    std::env::var_os("OVL_IMPORT_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ovl-import").into())
+}
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -250,8 +255,11 @@ fn build(root: &Path, nodes: &[Node]) {
 fn apply(p: &Path, n: &Node) {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(p, Some(n.uid), Some(n.gid)).unwrap();
-    for (k, v) in &n.xattrs {
-        xattr::set(p, k, v).unwrap();
+    // user.* xattrs exist on files and directories only.
+    if matches!(n.kind, Kind::File { .. } | Kind::Dir) {
+        for (k, v) in &n.xattrs {
+            xattr::set(p, k, v).unwrap();
+        }
     }
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(n.mode)).unwrap();
     set_times(p, n.mtime);
@@ -300,7 +308,7 @@ fn check(nodes: &[Node], format: Format) -> Result<(), TestCaseError> {
         String::from_utf8_lossy(&out.stderr)
     );
     let dest = t.path().join("ovl");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("-q")
         .arg(&archive)
         .arg(&dest)

@@ -14,7 +14,12 @@ use std::process::Command;
 use ovl_layer::path::display_bytes;
 use ovl_layer::snapshot::{SnapshotOptions, differences, snapshot};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ovl-import");
+/// The importer under test; `OVL_IMPORT_BIN` points the test at another build.
+fn bin() -> std::path::PathBuf {
+    std::env::var_os("OVL_IMPORT_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ovl-import").into())
+}
 const BLOCK: usize = 512;
 
 fn pad(v: &mut Vec<u8>) {
@@ -144,7 +149,7 @@ fn stacked_layers_match_umoci_unpack() {
         .file("o/.wh..wh..opq", b"")
         .pax(&[("SCHILY.xattr.security.capability", caps)])
         .raw(b"caps", b'0', b"#!/bin/sh\n", 0o755, b"")
-        .raw(b"slashdir/", b'0', b"", 0o751, b"")
+        .raw(b"slashdir/", 0, b"", 0o751, b"")
         .raw(b"slashdir/f", b'0', b"in it\n", 0o644, b"")
         .pax(&sparse_pax)
         .raw(b"var/GNUSparseFile.1/sparse", b'0', b"headtail", 0o644, b"")
@@ -175,7 +180,7 @@ fn stacked_layers_match_umoci_unpack() {
     let dest = t.path().join("lowers");
     let mut src = std::ffi::OsString::from("oci:");
     src.push(img_tag.as_os_str());
-    let out = Command::new(BIN).arg(&src).arg(&dest).output().unwrap();
+    let out = Command::new(bin()).arg(&src).arg(&dest).output().unwrap();
     assert!(
         out.status.success(),
         "ovl-import: {}",
