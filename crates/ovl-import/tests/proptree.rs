@@ -5,7 +5,7 @@
 //! ones with holes of up to 8 MiB), hardlinks, symlinks, fifos, names over 100 bytes and paths
 //! over 255 bytes, non-UTF-8 names, binary xattrs (NUL and newline bytes), setuid/setgid/sticky
 //! modes, owners and nanosecond mtimes. Each tree is archived in one of GNU tar's formats: PAX,
-//! GNU, and with `--sparse` PAX 0.0, 0.1, 1.0 and GNU. A fixed seed and 256 cases by default;
+//! GNU, and with `--sparse` PAX 0.0, 0.1, 1.0 and GNU. A fixed seed and 200 cases by default;
 //! `OVL_PROPTEST_CASES=N` runs N. Needs root (owners, xattrs) and GNU tar.
 
 use std::ffi::OsStr;
@@ -363,7 +363,7 @@ fn random_trees_import_as_gnu_tar_extracts_them() {
     let cases = std::env::var("OVL_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(200);
     let config = Config {
         cases,
         failure_persistence: None,

@@ -467,7 +467,7 @@ impl Extractor<'_> {
             OwnerPolicy::Record => (0, 0),
         };
         let mtime = Timespec {
-            tv_sec: st.st_mtime as i64,
+            tv_sec: st.st_mtime,
             tv_nsec: st.st_mtime_nsec as _,
         };
         Ok(Meta {
@@ -476,7 +476,7 @@ impl Extractor<'_> {
             mode: st.st_mode & 0o7777,
             mtime,
             atime: Timespec {
-                tv_sec: st.st_atime as i64,
+                tv_sec: st.st_atime,
                 tv_nsec: st.st_atime_nsec as _,
             },
             xattrs,
