@@ -2,16 +2,18 @@
 //!
 //! Owns the conventions every test follows: where the built binaries are, how a test that needs
 //! root, a package or the unprivileged test user skips (loudly) or fails (`OVL_REQUIRE_ALL=1`),
-//! and how a command runs as that user.
+//! and how a command runs as that user. Skips are reported at the end of each test binary
+//! ([`skips`]); the pinned fixtures are fetched by the tests themselves ([`fixtures`]).
 
+pub mod fixtures;
 pub mod scenario;
+pub mod skips;
+pub mod snapshot;
 pub mod tarworld;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-use sha2::Digest;
 
 /// Set (to anything but `0`) to turn every skip into a failure. CI sets it.
 pub const REQUIRE_ALL: &str = "OVL_REQUIRE_ALL";
@@ -35,6 +37,7 @@ pub fn require(what: &str, present: bool) -> bool {
     eprintln!(
         "\n*** SKIPPED: {what} is missing (set {REQUIRE_ALL}=1 to make this a failure) ***\n"
     );
+    skips::record(what);
     false
 }
 
@@ -47,11 +50,21 @@ pub fn which(program: &str) -> Option<PathBuf> {
     ovl_layer::userns::which(program)
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace root (the directory holding the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` if set (relative to the workspace root), else
+/// `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
 }
 
 /// The fixtures/ directory.
@@ -59,62 +72,49 @@ pub fn fixtures() -> PathBuf {
     workspace_root().join("fixtures")
 }
 
-/// The path of an ovl binary (`ovl-import`, ...), built once per test process and copied into a
-/// directory every user can read, so the unprivileged test user can run it too.
+/// Every ovl binary, as the tests run them.
+pub const TOOLS: [&str; 5] = [
+    "ovl-import",
+    "ovl-mount",
+    "ovl-diff",
+    "ovl-squash",
+    "ovl-unshare",
+];
+
+/// The path of an ovl binary (`ovl-import`, ...), built once per test process. The tests run it
+/// where cargo put it (target/debug): nothing is copied out of the target directory. The
+/// unprivileged test user runs it from there too, so the way there must be searchable by
+/// others; [`require_test_user`] checks that and says which directory is not.
 pub fn bin(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
         let root = workspace_root();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .current_dir(&root)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "ovl-import",
-                "-p",
-                "ovl-mount",
-                "-p",
-                "ovl-diff",
-                "-p",
-                "ovl-squash",
-            ])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of the ovl binaries failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        let built = target.join("debug");
-        const TOOLS: [&str; 4] = ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"];
-        // One copy per build (named by the binaries' sizes and mtimes), shared by every test
-        // process, instead of one per process left behind in /tmp.
-        let mut stamp = sha2::Sha256::new();
+            .args(["build", "--quiet", "--bins"]);
         for tool in TOOLS {
-            let md = std::fs::metadata(built.join(tool)).unwrap_or_else(|e| panic!("{tool}: {e}"));
-            stamp.update(format!("{tool} {} {:?}\n", md.len(), md.modified().ok()).as_bytes());
+            build.args(["-p", tool]);
         }
-        let stamp = hex::encode(&stamp.finalize()[..8]);
-        let dir = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}"));
-        if !dir.join(TOOLS[TOOLS.len() - 1]).exists() {
-            // Build the copy beside it and rename: parallel test processes race here.
-            let tmp =
-                std::env::temp_dir().join(format!("ovl-test-bin-{stamp}.{}", std::process::id()));
-            std::fs::create_dir_all(&tmp).unwrap();
-            for tool in TOOLS {
-                std::fs::copy(built.join(tool), tmp.join(tool))
-                    .unwrap_or_else(|e| panic!("copy {tool}: {e}"));
-            }
-            set_mode(&tmp, 0o755);
-            if std::fs::rename(&tmp, &dir).is_err() {
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
-        }
-        dir
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build of the ovl binaries failed");
+        target_dir().join("debug")
     });
     dir.join(name)
+}
+
+/// The first directory on the way to `path` (or `path` itself) that users other than its owner
+/// cannot search, if any.
+pub fn not_searchable_by_others(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::path::absolute(path).ok()?;
+    path.ancestors()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+        .map(Path::to_path_buf)
 }
 
 pub fn set_mode(path: &Path, mode: u32) {
@@ -200,7 +200,38 @@ pub fn require_test_user() -> Option<TestUser> {
     if !require("the unprivileged test user", user.is_some()) {
         return None;
     }
-    user
+    let user = user?;
+    assert_user_can_run_the_binaries(&user);
+    Some(user)
+}
+
+/// The test user runs the binaries where cargo built them: say plainly when it cannot reach them.
+fn assert_user_can_run_the_binaries(user: &TestUser) {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let tool = bin("ovl-import");
+        let ok = command_as(user, Path::new("/bin/sh"))
+            .args(["-c", "test -x \"$1\"", "sh"])
+            .arg(&tool)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let blocked = not_searchable_by_others(&tool)
+                .map(|d| {
+                    format!(
+                        "{} is not searchable by others (chmod o+x {0})",
+                        d.display()
+                    )
+                })
+                .unwrap_or_else(|| "check the permissions on the way".into());
+            panic!(
+                "the test user {} cannot run {}: {blocked}, or set CARGO_TARGET_DIR to a \
+                 directory every user can reach",
+                user.name,
+                tool.display()
+            );
+        }
+    });
 }
 
 /// A second unprivileged user with no subordinate ids (`ovltest-nosub`), for the single-id paths.
@@ -278,49 +309,44 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
-/// The Alpine minirootfs fixture, through `cargo xtask fetch` (which honours OVL_FIXTURE_MIRROR).
-/// `None` (after a loud skip or a failure under OVL_REQUIRE_ALL) when it cannot be had.
+/// The Alpine minirootfs fixture, fetched when missing (cached in target/fixtures/, checked
+/// against its pinned sha256, from `OVL_FIXTURE_MIRROR` when set, else from upstream). Always
+/// `Some`: a test that needs it fails with the fetch error (which says what to do) instead of
+/// skipping. (An `Option` so the callers' `let Some(..) else` stays as it is.)
 pub fn alpine_minirootfs() -> Option<PathBuf> {
-    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let p = PATH
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(workspace_root())
-                .args(["xtask", "fetch"])
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                eprintln!(
-                    "cargo xtask fetch: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                return None;
-            }
-            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last()?.trim());
-            path.is_file().then_some(path)
-        })
-        .clone();
-    require(
-        "the Alpine minirootfs (cargo xtask fetch; set OVL_FIXTURE_MIRROR)",
-        p.is_some(),
-    );
-    p
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let p = PATH.get_or_init(|| fixtures::alpine_minirootfs().map_err(|e| format!("{e:#}")));
+    match p {
+        Ok(p) => Some(p.clone()),
+        Err(e) => panic!("the Alpine minirootfs fixture: {e}"),
+    }
 }
 
-/// Make /dev/fuse usable by unprivileged users (it is 0600 on these machines). Needs root.
+/// Make /dev/fuse usable by the unprivileged test user (it is 0600 on these machines): as root,
+/// an ACL entry grants it to that user alone (`setfacl -m u:ovltest:rw /dev/fuse`, package
+/// `acl`) instead of opening it to every user. Without root, true when this user can use it.
 pub fn make_fuse_usable() -> bool {
     let dev = Path::new("/dev/fuse");
     if !dev.exists() {
         return false;
     }
-    if is_root() {
-        set_mode(dev, 0o666);
+    if !is_root() {
+        return rustix::fs::access(
+            dev,
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        )
+        .is_ok();
     }
-    rustix::fs::access(
-        dev,
-        rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
-    )
-    .is_ok()
-        || is_root()
+    let Some(user) = test_user() else {
+        return false;
+    };
+    if !require("setfacl (package acl)", which("setfacl").is_some()) {
+        return false;
+    }
+    Command::new("setfacl")
+        .arg("-m")
+        .arg(format!("u:{}:rw", user.name))
+        .arg(dev)
+        .status()
+        .is_ok_and(|s| s.success())
 }

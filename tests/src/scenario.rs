@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ovl_layer::snapshot::{Entry, Snapshot, SnapshotOptions};
+use crate::snapshot::{Entry, Snapshot, SnapshotOptions};
 
 use crate::{TestUser, bin, command_as, is_root, require, run_ok, test_user, user_tempdir};
 
@@ -221,7 +221,7 @@ pub fn build(driver: Driver) -> Option<Scenario> {
                 String::from_utf8_lossy(&script.stderr)
             );
             mount();
-            let snap = ovl_layer::snapshot::snapshot(&merged_path, &compare_options());
+            let snap = crate::snapshot::snapshot(&merged_path, &compare_options());
             run_ok(Command::new("umount").arg(&merged_path));
             snap.unwrap()
         }
@@ -289,7 +289,7 @@ pub fn snapshot_helper() {
     let root = Path::new(std::ffi::OsStr::from_bytes(&spec[..tab]));
     let out = Path::new(std::ffi::OsStr::from_bytes(&spec[tab + 1..]));
     let snap =
-        ovl_layer::snapshot::snapshot(root, &compare_options()).expect("snapshot the merged view");
+        crate::snapshot::snapshot(root, &compare_options()).expect("snapshot the merged view");
     std::fs::write(out, encode(&snap)).expect("write the snapshot");
 }
 

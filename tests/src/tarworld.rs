@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use crate::snapshot::{Snapshot, SnapshotOptions, snapshot};
 use ovl_layer::path::display_bytes;
-use ovl_layer::snapshot::{Snapshot, SnapshotOptions, snapshot};
 
 /// One extraction: did the tool succeed, what it said, and the tree it left.
 #[derive(Debug)]
@@ -113,7 +113,7 @@ fn snapshot_with_big_files(root: &Path) -> Snapshot {
         xattrs.retain(|(n, _)| !prefixes.iter().any(|pre| n.starts_with(pre.as_str())));
         tree.insert(
             std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()).to_vec(),
-            ovl_layer::snapshot::Entry {
+            crate::snapshot::Entry {
                 kind: 'f',
                 mode: md.mode() & 0o7777,
                 uid: md.uid(),
@@ -253,7 +253,7 @@ pub fn compare(gnu: &Snapshot, bsd: &Snapshot, ovl: &Snapshot, since: i64) -> Ve
             let one: Snapshot = [(p.clone(), g)].into_iter().collect();
             let two: Snapshot = [(p.clone(), b)].into_iter().collect();
             v.peers_disagree
-                .extend(ovl_layer::snapshot::differences(&one, &two));
+                .extend(crate::snapshot::differences(&one, &two));
             continue;
         }
         match ovl.get(p) {
@@ -273,7 +273,7 @@ pub fn compare(gnu: &Snapshot, bsd: &Snapshot, ovl: &Snapshot, since: i64) -> Ve
                     let one: Snapshot = [(p.clone(), g)].into_iter().collect();
                     let two: Snapshot = [(p.clone(), o)].into_iter().collect();
                     v.mismatches.extend(
-                        ovl_layer::snapshot::differences(&one, &two)
+                        crate::snapshot::differences(&one, &two)
                             .into_iter()
                             .map(|d| format!("{d} (peers, then ovl)")),
                     );

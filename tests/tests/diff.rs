@@ -140,8 +140,8 @@ fn prove(driver: Driver) {
     std::fs::create_dir(&work).unwrap();
     let base_tar = scenario::decompressed(&s.alpine, &work);
     let rootfs = scenario::umoci_apply(&work, &[&base_tar, &layer]);
-    let applied = ovl_layer::snapshot::snapshot(&rootfs, &scenario::compare_options()).unwrap();
-    let diffs = ovl_layer::snapshot::differences(&s.merged, &applied);
+    let applied = ovl_tests::snapshot::snapshot(&rootfs, &scenario::compare_options()).unwrap();
+    let diffs = ovl_tests::snapshot::differences(&s.merged, &applied);
     assert!(
         diffs.is_empty(),
         "{driver:?}: the layer applied by umoci differs from the merged view (first: merged, second: umoci):\n{}",
@@ -183,6 +183,6 @@ fn snapshot_encoding_round_trips() {
     std::fs::hard_link(t.path().join("f\u{e9}"), t.path().join("g")).unwrap();
     std::os::unix::fs::symlink("f", t.path().join("l")).unwrap();
     xattr::set(t.path().join("g"), "user.k", b"v\0w").unwrap();
-    let s = ovl_layer::snapshot::snapshot(t.path(), &Default::default()).unwrap();
+    let s = ovl_tests::snapshot::snapshot(t.path(), &Default::default()).unwrap();
     assert_eq!(scenario::decode(scenario::encode(&s).as_bytes()), s);
 }

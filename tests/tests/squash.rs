@@ -1,5 +1,5 @@
 //! ovl-squash against the merged view: every result is compared, entry for entry with exact
-//! metadata (ovl_layer::snapshot), with what a kernel (or fuse-overlayfs) mount of the same
+//! metadata (ovl_tests::snapshot), with what a kernel (or fuse-overlayfs) mount of the same
 //! layers shows. The merged view is read through a read-only mount `lowerdir=UPPER:LOWER...`,
 //! which shows what the read-write overlay shows and never writes to the layers.
 //!
@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ovl_layer::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
+use ovl_tests::snapshot::{Snapshot, SnapshotOptions, differences, snapshot};
 use ovl_tests::*;
 
 /// The tests here run one at a time: a namespace another test makes (rootless ovl-mount,

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fixtures;
+pub mod install;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

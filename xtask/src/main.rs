@@ -19,6 +19,9 @@ enum Cmd {
     Fetch,
     /// Benchmark the ovl tools against their baselines (tar, bsdtar, ...) on a real-sized rootfs.
     Bench(xtask::bench::BenchArgs),
+    /// Build the tools and install them, their man pages and shell completions under PREFIX
+    /// (default /usr/local): what a package maker runs.
+    Install(xtask::install::InstallArgs),
     /// Run a container's layer life end to end with the release binaries (import, mount and
     /// change, diff and apply with umoci, squash) for every driver this machine can run.
     E2e(e2e::E2eArgs),
@@ -30,6 +33,7 @@ fn main() {
         Cmd::Fetch => fetch(),
         Cmd::Bench(args) => xtask::bench::run(&args),
         Cmd::E2e(args) => e2e::run(&args),
+        Cmd::Install(args) => xtask::install::run(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

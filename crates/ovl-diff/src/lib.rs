@@ -6,6 +6,8 @@
 //! mapping from upper changes to OCI layer entries ([`emit`]), the compression pipeline and
 //! its digests ([`output`]), and appending a layer to an OCI image layout ([`oci`]).
 
+#![forbid(unsafe_code)]
+
 pub mod emit;
 pub mod oci;
 pub mod output;
@@ -26,9 +28,9 @@ pub enum DiffError {
     Upper(#[from] UpperError),
     #[error("{path}: {reason}")]
     Entry { path: String, reason: String },
-    #[error("writing the layer: {0}")]
+    #[error("writing the layer")]
     Write(#[source] std::io::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -39,6 +41,8 @@ pub enum DiffError {
         #[source]
         source: ovl_layer::oci::OciError,
     },
+    #[error(transparent)]
+    Staging(#[from] ovl_layer::staging::StagingError),
 }
 
 /// What to diff and how to write it.

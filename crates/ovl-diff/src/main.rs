@@ -1,11 +1,14 @@
 //! The `ovl-diff` command line: a thin shim over [`ovl_diff::diff`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use ovl_cli::progress::{Bar, CountingWriter, Unit};
 use ovl_diff::oci::LayoutRef;
 use ovl_diff::{Compression, DiffOptions, LayerInfo, Stats};
 use ovl_layer::identity::Reexec;
@@ -36,8 +39,8 @@ struct Cli {
     /// stdout.
     #[arg(short, long, value_name = "FILE", conflicts_with = "oci_layout")]
     output: Option<PathBuf>,
-    /// Print the layer's OCI descriptor (mediaType, digest, size) and its diffID as JSON, to
-    /// stderr or to FILE.
+    /// Print the layer's OCI descriptor (mediaType, digest, size) and its diffID as JSON: to
+    /// FILE, else to stdout when the layer goes to a file (-o, --oci-layout), else to stderr.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     json: Option<PathBuf>,
     /// Append the layer to the image TAG (or the only image) of an OCI image layout, making a
@@ -53,7 +56,7 @@ struct Cli {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ovl_cli::parse();
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user
     // namespace mapped to our subordinate ids, so host ids read back as container ids and
     // every file is readable.
@@ -86,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     opts.id_alias = ovl_diff::id_alias_in_this_namespace();
     let upper = cli.upper.display().to_string();
     let what = || format!("exporting the upper {upper}");
+    let layer_on_stdout = cli.oci_layout.is_none() && cli.output.is_none();
 
     let (info, stats, dest) = if let Some(layout) = &cli.oci_layout {
         let layout = LayoutRef::parse(layout);
@@ -95,7 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .file()
             .try_clone()
             .context("duplicating a file handle")?;
-        let (_, info, stats) = ovl_diff::diff(&opts, file).with_context(what)?;
+        let (info, stats) = diff_showing_progress(&opts, file, cli.quiet).with_context(what)?;
         // No host paths in the image's history: it leaves the machine.
         let created_by = format!(
             "ovl-diff --compress {}",
@@ -119,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let mut f = ovl_diff::output::AtomicFile::create(path)
             .with_context(|| format!("creating {}", path.display()))?;
         let file = f.file().try_clone().context("duplicating a file handle")?;
-        let (_, info, stats) = ovl_diff::diff(&opts, file).with_context(what)?;
+        let (info, stats) = diff_showing_progress(&opts, file, cli.quiet).with_context(what)?;
         f.commit()
             .with_context(|| format!("writing {}", path.display()))?;
         (info, stats, path.display().to_string())
@@ -130,14 +134,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         let fd = rustix::io::dup(std::io::stdout()).context("duplicating stdout")?;
-        let (_, info, stats) = ovl_diff::diff(&opts, std::fs::File::from(fd)).with_context(what)?;
+        let (info, stats) =
+            diff_showing_progress(&opts, std::fs::File::from(fd), cli.quiet).with_context(what)?;
         (info, stats, "stdout".to_string())
     };
 
     if let Some(j) = &cli.json {
         let text = serde_json::to_string_pretty(&info.descriptor_json())? + "\n";
-        if j.as_os_str() == "-" {
+        if j.as_os_str() == "-" && layer_on_stdout {
             eprint!("{text}");
+        } else if j.as_os_str() == "-" {
+            // The layer went to a file: stdout is free, where `jq` reads it.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .context("writing the JSON descriptor to stdout")?;
         } else {
             std::fs::write(j, text).with_context(|| format!("writing {}", j.display()))?;
         }
@@ -146,6 +158,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("{}", summary(&info, &stats, &dest));
     }
     Ok(())
+}
+
+/// [`ovl_diff::diff`] with a bar of the layer bytes written, on a terminal.
+fn diff_showing_progress(
+    opts: &DiffOptions,
+    file: std::fs::File,
+    quiet: bool,
+) -> Result<(LayerInfo, Stats), ovl_diff::DiffError> {
+    if !ovl_cli::progress::wanted(quiet) {
+        return ovl_diff::diff(opts, file).map(|(_, info, stats)| (info, stats));
+    }
+    let (out, count) = CountingWriter::new(file);
+    let bar = Bar::start("diff", Unit::Bytes, quiet, move || {
+        (count.load(std::sync::atomic::Ordering::Relaxed), None)
+    });
+    let result = ovl_diff::diff(opts, out);
+    bar.finish();
+    result.map(|(_, info, stats)| (info, stats))
 }
 
 fn summary(info: &LayerInfo, s: &Stats, dest: &str) -> String {

@@ -210,6 +210,7 @@ fn staging_error(e: StagingError) -> DiffError {
             path,
             source: io::Error::from(io::ErrorKind::AlreadyExists),
         },
+        e @ StagingError::NoParent(_) => DiffError::Staging(e),
     }
 }
 

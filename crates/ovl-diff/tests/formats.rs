@@ -390,7 +390,7 @@ fn redirect_dir_and_metacopy_from_a_real_mount() {
         .output()
         .unwrap();
     let merged =
-        ovl_layer::snapshot::snapshot(&m, &ovl_tests::scenario::compare_options()).unwrap();
+        ovl_tests::snapshot::snapshot(&m, &ovl_tests::scenario::compare_options()).unwrap();
     run_ok(Command::new("umount").arg(&m));
     assert!(
         script.status.success(),
@@ -470,8 +470,8 @@ fn redirect_dir_and_metacopy_from_a_real_mount() {
     std::fs::create_dir(&work).unwrap();
     let rootfs = ovl_tests::scenario::umoci_apply(&work, &[&base, &layer_path]);
     let applied =
-        ovl_layer::snapshot::snapshot(&rootfs, &ovl_tests::scenario::compare_options()).unwrap();
-    let diffs = ovl_layer::snapshot::differences(&merged, &applied);
+        ovl_tests::snapshot::snapshot(&rootfs, &ovl_tests::scenario::compare_options()).unwrap();
+    let diffs = ovl_tests::snapshot::differences(&merged, &applied);
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
 
@@ -564,8 +564,9 @@ fn json_output_file_and_terminal() {
     );
 
     // A terminal on stdout: refused before anything is written.
-    if let Some(script) = ovl_tests::which("script") {
-        let o = Command::new(script)
+    let script = ovl_tests::which("script");
+    if require("script (for a terminal on stdout)", script.is_some()) {
+        let o = Command::new(script.expect("checked"))
             .args(["-qec"])
             .arg(format!("{BIN} {}", u.display()))
             .arg("/dev/null")
@@ -642,7 +643,10 @@ fn oci_layout_append() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    if is_root() && ovl_tests::which("umoci").is_some() {
+    if require(
+        "root and umoci (to unpack the layout)",
+        is_root() && ovl_tests::which("umoci").is_some(),
+    ) {
         // umoci 0.4.7 reads gzip layers only: check the layout through the first image.
         let t2 = tempfile::tempdir().unwrap();
         let l2 = t2.path().join("img");

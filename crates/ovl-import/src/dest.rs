@@ -21,6 +21,7 @@ impl From<StagingError> for ImportError {
         match e {
             StagingError::DestExists(p) => ImportError::DestExists(p),
             StagingError::Io { path, source } => ImportError::Dest { path, source },
+            e @ StagingError::NoParent(_) => ImportError::Staging(e),
         }
     }
 }

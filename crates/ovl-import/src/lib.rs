@@ -4,6 +4,8 @@
 //! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination ([`dest`]), and
 //! the choice of owner policy and opaque-xattr namespace for the privileges it runs with.
 
+#![forbid(unsafe_code)]
+
 pub mod dest;
 pub mod oci;
 
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use ovl_layer::compress::{self, ThreadedReader};
 use ovl_layer::extract::{ExtractError, ExtractOptions, ExtractStats, OwnerPolicy};
+use ovl_layer::progress::{Progress, ProgressReader};
 use ovl_layer::root::Root;
 use ovl_layer::whiteout::XattrNs;
 
@@ -21,12 +24,12 @@ use ovl_layer::whiteout::XattrNs;
 pub enum ImportError {
     #[error("{0}: DEST already exists (ovl-import only creates a new directory)")]
     DestExists(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Dest {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Source {
         path: String,
         source: std::io::Error,
@@ -37,9 +40,12 @@ pub enum ImportError {
         #[source]
         source: ovl_layer::oci::OciError,
     },
-    #[error("{source_name}: {err}")]
+    #[error(transparent)]
+    Staging(ovl_layer::staging::StagingError),
+    #[error("{source_name}")]
     Extract {
         source_name: String,
+        #[source]
         err: ExtractError,
     },
 }
@@ -80,7 +86,8 @@ impl Source {
 pub struct ImportOptions {
     pub opaque_ns: XattrNs,
     pub owners: OwnerPolicy,
-    pub quiet: bool,
+    /// Counts the archive bytes read (of the total when it is known), for a progress bar.
+    pub progress: Option<std::sync::Arc<Progress>>,
 }
 
 /// What an import did.
@@ -132,7 +139,7 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
         Source::Oci { dir, tag } => {
             let layers = oci::layers(dir, tag.as_deref())?;
             let total = layers.iter().map(|l| l.size).sum();
-            let bar = ovl_layer::progress::bytes_bar(Some(total), opts.quiet, "import");
+            set_total(opts, Some(total));
             let mut stats = ExtractStats::default();
             let mut names = Vec::new();
             // The layers extracted so far, top first: a layer's implicit directories and
@@ -149,21 +156,23 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                     path: layer.path.display().to_string(),
                     source: e,
                 })?;
-                let raw = layer.verify(ovl_layer::progress::ProgressReader::new(file, bar.clone()));
-                let label = format!("{} (layer {i}, {})", layer.path.display(), layer.media_type);
+                let raw = layer.verify(ProgressReader::new(file, opts.progress.clone()));
+                // The media type comes from the image: escaped before it can reach a terminal.
+                let label = format!(
+                    "{} (layer {i}, {})",
+                    layer.path.display(),
+                    ovl_layer::path::display_str(&layer.media_type)
+                );
                 stats.add(&extract_stream(raw, &sub, ex, &below, &label)?);
                 below.insert(0, sub);
                 names.push(dest.join(name));
             }
-            bar.finish_and_clear();
             names.reverse();
             (stats, Some(ovl_layer::lowers::join(&names)))
         }
         Source::Stdin => {
-            let bar = ovl_layer::progress::bytes_bar(None, opts.quiet, "import");
-            let r = ovl_layer::progress::ProgressReader::new(std::io::stdin(), bar.clone());
+            let r = ProgressReader::new(std::io::stdin(), opts.progress.clone());
             let s = extract_stream(r, &staging.tmp, ex, &[], "stdin")?;
-            bar.finish_and_clear();
             (s, None)
         }
         Source::File(path) => {
@@ -176,10 +185,9 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                 .ok()
                 .filter(|m| m.is_file())
                 .map(|m| m.len());
-            let bar = ovl_layer::progress::bytes_bar(total, opts.quiet, "import");
-            let r = ovl_layer::progress::ProgressReader::new(file, bar.clone());
+            set_total(opts, total);
+            let r = ProgressReader::new(file, opts.progress.clone());
             let s = extract_stream(r, &staging.tmp, ex, &[], &path.display().to_string())?;
-            bar.finish_and_clear();
             (s, None)
         }
     };
@@ -189,6 +197,12 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
         elapsed: start.elapsed(),
         lowerdirs,
     })
+}
+
+fn set_total(opts: &ImportOptions, total: Option<u64>) {
+    if let Some(p) = &opts.progress {
+        p.set_total(total);
+    }
 }
 
 /// Decompress (on its own thread) and extract one stream into the directory `into`, then read

@@ -1,5 +1,7 @@
 //! The `ovl-import` command line: a thin shim over [`ovl_import::import`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -7,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use ovl_cli::progress::{Bar, Unit};
 use ovl_import::{ImportOptions, Source};
 use ovl_layer::identity::{Identity, Reexec};
 use ovl_layer::whiteout::XattrNs;
@@ -37,7 +40,7 @@ struct Cli {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ovl_cli::parse();
     // Rootless: do the work as container root in a user namespace mapped to our subordinate
     // ids, so image owners land as mapped host ids.
     let identity = Reexec::new("ovl-import")
@@ -57,12 +60,20 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         OpaqueXattr::User => XattrNs::User,
     };
     let source = Source::parse(&cli.source);
+    let progress = ovl_cli::progress::wanted(cli.quiet).then(ovl_layer::progress::Progress::new);
+    let bar = progress.clone().map(|p| {
+        Bar::start("import", Unit::Bytes, cli.quiet, move || {
+            (p.done(), p.total())
+        })
+    });
     let opts = ImportOptions {
         opaque_ns,
         owners,
-        quiet: cli.quiet,
+        progress,
     };
-    let summary = ovl_import::import(&source, &cli.dest, &opts).with_context(|| {
+    let result = ovl_import::import(&source, &cli.dest, &opts);
+    drop(bar);
+    let summary = result.with_context(|| {
         format!(
             "importing {} into {}",
             cli.source.to_string_lossy(),

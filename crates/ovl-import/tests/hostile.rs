@@ -488,6 +488,10 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
     ];
     match file {
         "dotdot.tar" | "dotdot-nested.tar" => &["ovl-hostile-escape"],
+        // The name, escaped: ESC as the four characters `\x1b`, the title text kept.
+        "escape-sequences.tar" => &["\\x1b]0;ovl-hostile-title\\x07\\x1b[31m"],
+        "escape-sequences-link.tar" => &["\\x1b]0;ovl-hostile-title\\x07"],
+        "escape-sequences-field.tar" => &["uid"],
         "symlink-parent-abs.tar" => &["lnk"],
         "symlink-parent-sandbox.tar" => &["lnk", "ovl-hostile-escaped"],
         "symlink-loop.tar" => &["a/x", "loop", "symbolic links", "eloop"],
@@ -808,6 +812,14 @@ fn check_row(row: &Row, via_stdin: bool) -> Vec<String> {
     if out.code() == Some(101) || out.stderr.contains("panicked at") {
         problems.push(format!("ovl-import panicked: {}", out.describe()));
     }
+    // Bytes from the archive are escaped before they reach a terminal: no control character
+    // (an escape sequence starts with one) but the line ends.
+    if let Some(c) = out.stderr.chars().find(|&c| c.is_control() && c != '\n') {
+        problems.push(format!(
+            "stderr carries the raw control character {c:?}: {:?}",
+            out.stderr.trim()
+        ));
+    }
     match row.expect {
         Expect::Reject => {
             if out.code() == Some(0) {
@@ -969,6 +981,9 @@ fixture_tests! {
     dotdot_lookalike => "dotdot-lookalike.tar",
     dotdot_nested => "dotdot-nested.tar",
     dotdot => "dotdot.tar",
+    escape_sequences => "escape-sequences.tar",
+    escape_sequences_field => "escape-sequences-field.tar",
+    escape_sequences_link => "escape-sequences-link.tar",
     empty_bin => "empty.bin",
     file_over_symlink_sandbox => "file-over-symlink-sandbox.tar",
     file_over_symlink => "file-over-symlink.tar",

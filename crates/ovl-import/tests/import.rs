@@ -4,7 +4,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ovl_layer::snapshot::{SnapshotOptions, differences, snapshot};
+use ovl_tests::snapshot::{SnapshotOptions, differences, snapshot};
 use ovl_tests::{bin, command_as, is_root, output, require, run_ok, which};
 
 fn import_cmd() -> Command {

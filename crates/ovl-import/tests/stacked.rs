@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ovl_layer::path::display_bytes;
-use ovl_layer::snapshot::{SnapshotOptions, differences, snapshot};
+use ovl_tests::snapshot::{SnapshotOptions, differences, snapshot};
 
 /// The importer under test; `OVL_IMPORT_BIN` points the test at another build.
 fn bin() -> std::path::PathBuf {

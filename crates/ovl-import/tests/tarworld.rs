@@ -87,7 +87,7 @@ fn check_skips(r: &Run, n: usize) -> Result<(), String> {
         return Err(format!("{} warnings, expected {n}: {w:?}", w.len()));
     }
     for p in &r.verdict.missing {
-        let named = format!("{:?}", display_bytes(p));
+        let named = format!("\"{}\"", display_bytes(p));
         if !w.iter().any(|l| l.contains(&named)) {
             return Err(format!("{named} is missing but no warning names it: {w:?}"));
         }

@@ -40,7 +40,7 @@ pub fn data_chunks(file: &File, size: u64) -> io::Result<Option<Vec<(u64, u64)>>
 
 /// Copy `src` into the empty `dst`, data chunks only, so holes stay holes. Returns the bytes
 /// of data copied.
-pub fn copy_sparse(src: &File, dst: &File) -> io::Result<u64> {
+pub(crate) fn copy_sparse(src: &File, dst: &File) -> io::Result<u64> {
     let size = rustix::fs::fstat(src)?.st_size as u64;
     let chunks = data_chunks(src, size)?.unwrap_or_else(|| vec![(0, size)]);
     let mut copied = 0u64;

@@ -95,14 +95,14 @@ pub fn remove_at(dir: &impl AsFd, name: &CStr) -> io::Result<bool> {
 }
 
 /// Remove directory NAME in DIR and everything below it, without following any symlink.
-pub fn remove_tree(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
+pub(crate) fn remove_tree(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
     let fd = open_dir_at(dir, name)?;
     empty_dir(&fd)?;
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)
 }
 
 /// Remove everything inside the directory open as `fd`.
-pub fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
+pub(crate) fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
     let mut names = Vec::new();
     for ent in rustix::fs::Dir::read_from(fd)? {
         let ent = ent?;
@@ -126,7 +126,7 @@ pub fn empty_dir(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-pub fn chown_at(dir: &impl AsFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn chown_at(dir: &impl AsFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     rustix::fs::chownat(
         dir,
         name,
@@ -139,7 +139,7 @@ pub fn chown_at(dir: &impl AsFd, name: &CStr, uid: u32, gid: u32) -> io::Result<
 
 /// chmod by name, never following NAME: a symlink is refused with EOPNOTSUPP, as glibc's
 /// lchmod does (Linux has no lchmod; plain `fchmodat` would change the symlink's target).
-pub fn chmod_at(dir: &impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
+pub(crate) fn chmod_at(dir: &impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -158,7 +158,7 @@ pub fn chmod_at(dir: &impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
     .map_err(Into::into)
 }
 
-pub fn set_times_at(dir: &impl AsFd, name: &CStr, times: &Timestamps) -> io::Result<()> {
+pub(crate) fn set_times_at(dir: &impl AsFd, name: &CStr, times: &Timestamps) -> io::Result<()> {
     rustix::fs::utimensat(dir, name, times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into)
 }
 

@@ -164,7 +164,7 @@ impl Reexec {
         }
         match userns::reexec_self(&plan) {
             Ok(code) => std::process::exit(code),
-            Err(e) => fail(e.to_string()),
+            Err(e) => fail(crate::message::error_chain(&e)),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! directories mounted overlays use ([`mounts`]), and what an OCI image layout holds and how it
 //! is read and written ([`oci`]).
 
+pub mod apply;
 pub mod compress;
 pub mod copy;
 pub mod extract;
@@ -16,13 +17,13 @@ pub mod fsops;
 pub mod identity;
 pub mod idmap;
 pub mod lowers;
+pub mod message;
 pub mod mounts;
 pub mod oci;
 pub mod path;
 pub mod pgzip;
 pub mod progress;
 pub mod root;
-pub mod snapshot;
 pub mod staging;
 pub mod tarin;
 pub mod tarout;

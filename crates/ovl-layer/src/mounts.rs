@@ -38,7 +38,7 @@ pub struct MountEntry {
 
 impl MountEntry {
     /// The dirs of an overlay mount; `None` for other filesystems.
-    pub fn overlay_dirs(&self) -> Option<Vec<UsedDir>> {
+    pub(crate) fn overlay_dirs(&self) -> Option<Vec<UsedDir>> {
         (self.fs_type == "overlay").then(|| dirs_in_mountinfo_options(&self.super_options))
     }
 }
@@ -62,7 +62,7 @@ pub struct Overlay {
 
 /// Undo mountinfo's octal escapes (`\040` for a space, ...). A backslash that starts no valid
 /// escape stays as it is.
-pub fn unescape_octal(s: &[u8]) -> Vec<u8> {
+pub(crate) fn unescape_octal(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
@@ -84,7 +84,7 @@ pub fn unescape_octal(s: &[u8]) -> Vec<u8> {
 }
 
 /// Parse a mountinfo text (/proc/PID/mountinfo).
-pub fn parse_mountinfo(text: &[u8]) -> Vec<MountEntry> {
+pub(crate) fn parse_mountinfo(text: &[u8]) -> Vec<MountEntry> {
     text.split(|&c| c == b'\n')
         .filter_map(|line| {
             let sep = find(line, b" - ")?;
@@ -143,7 +143,7 @@ pub fn overlay_using<'a>(
 /// - `upperdir=`, `workdir=`: a backslash escapes the next character, through mount(2) and
 ///   fsconfig alike (fsconfig `upperdir=/u,p` shows as `u\054p`; `/u\\q` names `/u\q`);
 /// - `lowerdir+=`, `datadir+=` (fsconfig, one layer each): the path as given, no escapes.
-pub fn dirs_in_mountinfo_options(opts: &[u8]) -> Vec<UsedDir> {
+pub(crate) fn dirs_in_mountinfo_options(opts: &[u8]) -> Vec<UsedDir> {
     let mut out = Vec::new();
     for field in opts.split(|&c| c == b',') {
         option_dirs(&unescape_octal(field), &mut out);
@@ -153,7 +153,7 @@ pub fn dirs_in_mountinfo_options(opts: &[u8]) -> Vec<UsedDir> {
 
 /// The dirs named by overlay mount options written as for mount(2) (`a=b,c=d`, a `\,` inside a
 /// value; a fuse-overlayfs command line).
-pub fn dirs_in_options(opts: &[u8]) -> Vec<UsedDir> {
+pub(crate) fn dirs_in_options(opts: &[u8]) -> Vec<UsedDir> {
     let mut out = Vec::new();
     for opt in split_escaped(opts, b',', true) {
         option_dirs(&opt, &mut out);
@@ -191,7 +191,7 @@ fn option_dirs(opt: &[u8], out: &mut Vec<UsedDir>) {
 }
 
 /// The overlays in a mountinfo text, named as mounted in namespace `ns` by process `pid`.
-pub fn overlays_in_mountinfo(text: &[u8], pid: u32, ns: &str) -> Vec<Overlay> {
+pub(crate) fn overlays_in_mountinfo(text: &[u8], pid: u32, ns: &str) -> Vec<Overlay> {
     parse_mountinfo(text)
         .into_iter()
         .filter_map(|m| {
@@ -208,7 +208,7 @@ pub fn overlays_in_mountinfo(text: &[u8], pid: u32, ns: &str) -> Vec<Overlay> {
 }
 
 /// The dirs of a fuse-overlayfs command line (`-o a=b,c=d` or `-oa=b`, any number of them).
-pub fn fuse_overlayfs_dirs(cmdline: &[u8]) -> Vec<UsedDir> {
+pub(crate) fn fuse_overlayfs_dirs(cmdline: &[u8]) -> Vec<UsedDir> {
     let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
     let mut out = Vec::new();
     let mut i = 1;
@@ -434,15 +434,7 @@ mod tests {
     }
 
     fn root_or_skip(what: &str) -> bool {
-        if rustix::process::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("OVL_REQUIRE_ALL").is_none(),
-            "OVL_REQUIRE_ALL=1 and {what} needs root"
-        );
-        eprintln!("SKIPPED: {what} needs root");
-        false
+        ovl_tests::require(&format!("root (for {what})"), ovl_tests::is_root())
     }
 
     /// Unmounts on drop.

@@ -111,14 +111,35 @@ impl fmt::Display for LayerPath {
     }
 }
 
-/// Bytes shown to a person: UTF-8 as is, other bytes as `\xNN`.
+/// Bytes shown to a person (a name, a link target or a label read from an archive, an image
+/// or a directory): the one escaping rule, so no byte from a hostile archive reaches a terminal
+/// raw. Printable UTF-8 as is; bytes that are not UTF-8 as `\xNN`; control characters (where a
+/// terminal's escape sequences start) as `\xNN` or `\u{NNNN}`, and so are the bidirectional
+/// overrides that make text display in another order than it reads.
 pub fn display_bytes(b: &[u8]) -> String {
-    b.utf8_chunks()
-        .flat_map(|c| {
-            let bad: String = c.invalid().iter().map(|b| format!("\\x{b:02x}")).collect();
-            [c.valid().to_string(), bad]
-        })
-        .collect()
+    use std::fmt::Write;
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if (c as u32) < 0x80 && c.is_control() {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            } else if c.is_control() || bidi {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// [`display_bytes`] of a string.
+pub fn display_str(s: &str) -> String {
+    display_bytes(s.as_bytes())
 }
 
 #[cfg(test)]
@@ -145,5 +166,19 @@ mod tests {
         assert!(p.starts_with(&LayerPath::parse(b"a/b").unwrap()));
         assert!(!p.starts_with(&LayerPath::parse(b"a/bc").unwrap()));
         assert_eq!(display_bytes(b"a\xffb"), "a\\xffb");
+    }
+
+    #[test]
+    fn control_characters_and_bidi_overrides_are_escaped() {
+        assert_eq!(display_bytes(b"\x1b[31mred\x07"), "\\x1b[31mred\\x07");
+        assert_eq!(
+            display_bytes("a\u{9b}b\u{202e}c".as_bytes()),
+            "a\\u{009b}b\\u{202e}c"
+        );
+        assert_eq!(
+            display_bytes("tab\tnl\n\x7f".as_bytes()),
+            "tab\\x09nl\\x0a\\x7f"
+        );
+        assert_eq!(display_bytes("bücher/é".as_bytes()), "bücher/é");
     }
 }

@@ -43,9 +43,9 @@ impl Default for GzOptions {
 }
 
 /// The level layers are written with by default.
-pub const DEFAULT_LEVEL: u32 = 6;
+pub(crate) const DEFAULT_LEVEL: u32 = 6;
 /// The block size layers are written with by default.
-pub const DEFAULT_BLOCK: usize = 256 * 1024;
+pub(crate) const DEFAULT_BLOCK: usize = 256 * 1024;
 
 struct Job {
     index: u64,
@@ -113,8 +113,9 @@ where
     })
 }
 
-/// Compress `data` into a `Vec` (convenience for small inputs and tests).
-pub fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
+/// Compress `data` into a `Vec` (for the tests).
+#[cfg(test)]
+fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
     compress(Vec::new(), opts, |w| w.write_all(data)).map(|(v, ())| v)
 }
 
@@ -320,7 +321,9 @@ mod tests {
             if n > 100_000 {
                 assert!(outs[0].len() < n / 2, "{n} -> {}", outs[0].len());
             }
-            if let Some(gzip) = crate::userns::which("gzip") {
+            let gzip = crate::userns::which("gzip");
+            if ovl_tests::require("gzip", gzip.is_some()) {
+                let gzip = gzip.expect("checked");
                 let t = tempfile::tempdir().unwrap();
                 let p = t.path().join("x.gz");
                 std::fs::write(&p, &outs[0]).unwrap();

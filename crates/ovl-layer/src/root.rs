@@ -12,10 +12,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, Stat, Timestamps};
+use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 
 use crate::fsops;
-use crate::path::{LayerPath, display_bytes};
+use crate::path::LayerPath;
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
 
@@ -30,12 +30,12 @@ impl Root {
     /// Open an existing directory as a root. `path` itself may be reached through symlinks: it
     /// is the caller's choice; what is below it is confined.
     pub fn open(path: &Path) -> io::Result<Root> {
+        // The bare error: every caller names the path (naming it here too said it twice).
         let fd = rustix::fs::open(
             path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .map_err(|e| with_path(e.into(), "open", path))?;
+        )?;
         Ok(Root {
             fd,
             path: path.to_path_buf(),
@@ -61,7 +61,7 @@ impl Root {
 
     /// Open directory `p` (an `O_PATH` fd), resolved inside the root. With `create`, missing
     /// directories are made (mode 0755, owned by the caller) on the way, as tar does.
-    pub fn open_dir(&self, p: &LayerPath, create: bool) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self, p: &LayerPath, create: bool) -> io::Result<OwnedFd> {
         match self.openat2_dir(p.as_bytes()) {
             Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => self.create_dirs(p),
             r => r,
@@ -141,10 +141,6 @@ impl Leaf {
         })
     }
 
-    pub fn name_bytes(&self) -> &[u8] {
-        self.name.as_bytes()
-    }
-
     /// lstat; `None` when nothing is there.
     pub fn stat(&self) -> io::Result<Option<Stat>> {
         fsops::stat_at(&self.dir, &self.name)
@@ -163,38 +159,13 @@ impl Leaf {
     }
 
     /// Open this name as a directory for reading (`O_NOFOLLOW`).
-    pub fn open_dir(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self) -> io::Result<OwnedFd> {
         fsops::open_dir_at(&self.dir, &self.name)
-    }
-
-    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
-        fsops::chown_at(&self.dir, &self.name, uid, gid)
-    }
-
-    /// chmod by name: only for entries that are not symlinks (Linux has no lchmod).
-    pub fn chmod(&self, mode: u32) -> io::Result<()> {
-        fsops::chmod_at(&self.dir, &self.name, mode)
-    }
-
-    pub fn set_times(&self, times: &Timestamps) -> io::Result<()> {
-        fsops::set_times_at(&self.dir, &self.name, times)
-    }
-
-    pub fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
-        crate::xattrs::set_at(&self.dir, &self.name, name, value)
     }
 
     pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
         crate::xattrs::list_at(&self.dir, &self.name)
     }
-}
-
-/// An io error that names the path it happened on.
-pub fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
-    io::Error::new(
-        e.kind(),
-        format!("{op} {}: {e}", display_bytes(path.as_os_str().as_bytes())),
-    )
 }
 
 #[cfg(test)]

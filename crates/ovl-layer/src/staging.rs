@@ -37,7 +37,9 @@ use crate::fsops;
 pub enum StagingError {
     #[error("{0}: already exists")]
     DestExists(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("the parent directory {0} does not exist: create it first (mkdir -p {0})")]
+    NoParent(PathBuf),
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -180,10 +182,7 @@ impl Sibling {
         let name = fsops::cstr(name.as_bytes()).map_err(|e| io_err(e, dest))?;
         let parent_path = parent_of(dest);
         let parent = open_parent(&parent_path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => io_err(
-                io::Error::other("the parent directory does not exist"),
-                &parent_path,
-            ),
+            Some(libc::ENOENT) => StagingError::NoParent(parent_path.clone()),
             _ => io_err(e, &parent_path),
         })?;
         if dir
@@ -488,14 +487,14 @@ fn wait_for_exit() -> ! {
 /// Pass SIGINT, SIGTERM and SIGHUP on to process `pid` (a child we wait for) instead of dying:
 /// the child then cleans up after itself and its exit code tells the caller what happened.
 /// Call [`stop_forwarding`] once the child is reaped.
-pub fn forward_interrupts(pid: u32) -> io::Result<()> {
+pub(crate) fn forward_interrupts(pid: u32) -> io::Result<()> {
     FORWARD_TO.store(pid as i32, Ordering::SeqCst);
     install_handler()
 }
 
 /// Undo [`forward_interrupts`]: a signal now ends this process (with nothing of its own to
 /// remove, exit code 128+N).
-pub fn stop_forwarding() {
+pub(crate) fn stop_forwarding() {
     FORWARD_TO.store(0, Ordering::SeqCst);
 }
 

@@ -16,6 +16,8 @@ use std::io::{self, Read};
 
 use rustix::fs::Timespec;
 
+use crate::path::display_bytes;
+
 /// The most bytes one entry's headers may take (its header blocks, PAX records, GNU long name
 /// and long link records, GNU sparse maps), all of which are held in memory. Go's archive/tar
 /// (containerd, umoci, docker) refuses a PAX header or long name over 1 MiB.
@@ -79,8 +81,8 @@ pub struct Header {
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
     /// The stream could not be read, or ended too early.
-    #[error("{0}")]
-    Io(#[source] io::Error),
+    #[error(transparent)]
+    Io(io::Error),
     /// The archive is malformed at a place with no entry name yet.
     #[error("{0}")]
     Stream(String),
@@ -386,7 +388,7 @@ impl<R: Read> TarReader<R> {
             let num = |what: &str| -> Result<u64, TarError> {
                 parse_decimal(value).ok_or_else(|| TarError::Entry {
                     path: path.clone(),
-                    reason: format!("bad PAX {what} record {:?}", String::from_utf8_lossy(value)),
+                    reason: format!("bad PAX {what} record \"{}\"", display_bytes(value)),
                 })
             };
             match key.as_slice() {
@@ -832,10 +834,7 @@ pub(crate) fn numeric(f: &[u8]) -> Result<i128, String> {
     let mut v: i128 = 0;
     for &b in trimmed {
         if !(b'0'..=b'7').contains(&b) {
-            return Err(format!(
-                "{:?} is not an octal number",
-                String::from_utf8_lossy(f)
-            ));
+            return Err(format!("\"{}\" is not an octal number", display_bytes(f)));
         }
         v = v * 8 + i128::from(b - b'0');
         if v > i128::from(u64::MAX) {

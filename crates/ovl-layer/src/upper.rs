@@ -53,7 +53,7 @@ pub struct UpperOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpperError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: String, source: io::Error },
     #[error(
         "{path}: {what}: the upper was mounted with redirect_dir/metacopy and cannot be read \

@@ -31,7 +31,7 @@ pub enum UsernsError {
     NoMapTool { tool: &'static str },
     #[error("writing the id map of the new user namespace failed: {0}")]
     Map(String),
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         program: String,
         source: std::io::Error,

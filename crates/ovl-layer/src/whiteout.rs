@@ -9,17 +9,26 @@
 //! - how an entry of an upperdir is classified: kernel 0/0 char device whiteouts, xattr
 //!   whiteouts (Linux >= 6.7; only in a directory marked `opaque=x`), and fuse-overlayfs's
 //!   `.wh.` files and `.wh..opq` devices.
+//! - which xattrs are the overlay's own, not content ([`public_xattrs`]).
+//!
+//! And writes the markers: the whiteout device ([`make_whiteout`]) and the opaque xattr
+//! ([`set_opaque`]); removes the overlay's xattrs from an entry ([`remove_private_xattrs`]).
 
 use std::borrow::Cow;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::fs::{FileType, Mode};
 
 /// Prefix of an OCI whiteout name.
-pub const WH_PREFIX: &[u8] = b".wh.";
+pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 /// The OCI opaque-directory marker (also written by fuse-overlayfs as a regular file).
 pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// fuse-overlayfs's second opaque marker, a 0/0 char device.
 pub const FUSE_OPAQUE_DEVICE: &[u8] = b".wh..opq";
 /// fuse-overlayfs's xattr on opaque directories when it runs rootless.
-pub const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
+pub(crate) const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
 /// Prefix of fuse-overlayfs's private xattrs.
 pub const FUSE_PRIVATE_PREFIX: &str = "user.fuseoverlayfs.";
 
@@ -86,30 +95,24 @@ impl XattrNs {
     pub fn name(self, key: &str) -> String {
         format!("{}{key}", self.prefix())
     }
-
-    /// The namespace this process must use (see [`crate::identity::Identity::xattr_ns`]).
-    pub fn for_current_process() -> Self {
-        crate::identity::Identity::current().xattr_ns()
-    }
 }
 
 /// The overlay xattr keys (after the namespace prefix) the kernel uses.
 pub mod key {
-    pub const OPAQUE: &str = "opaque";
-    pub const WHITEOUT: &str = "whiteout";
+    pub(crate) const OPAQUE: &str = "opaque";
+    pub(crate) const WHITEOUT: &str = "whiteout";
     pub const REDIRECT: &str = "redirect";
-    pub const METACOPY: &str = "metacopy";
-    pub const ORIGIN: &str = "origin";
+    pub(crate) const METACOPY: &str = "metacopy";
     /// On a file copied up through the inodes index (`index=on`): its link count in the merged
     /// view, `U[+-]N` relative to the upper inode's (index link included) or `L[+-]N` relative
     /// to the lower inode's.
-    pub const NLINK: &str = "nlink";
+    pub(crate) const NLINK: &str = "nlink";
 }
 
 /// Value of `overlay.opaque` on a directory hidden from below.
-pub const OPAQUE_YES: &[u8] = b"y";
+pub(crate) const OPAQUE_YES: &[u8] = b"y";
 /// Value of `overlay.opaque` on a directory that holds xattr whiteouts (not itself opaque).
-pub const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
+pub(crate) const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
 
 /// Escape an xattr that comes from outside so the kernel never reads it as an overlay marker:
 /// `trusted.overlay.X` -> `trusted.overlay.overlay.X` (same for `user.overlay.`).
@@ -124,7 +127,7 @@ pub fn escape_xattr(name: &str) -> Cow<'_, str> {
 
 /// What an xattr read from an upperdir becomes in a layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpperXattr<'a> {
+pub(crate) enum UpperXattr<'a> {
     /// An overlay-private marker: never exported.
     Private,
     /// An ordinary xattr, possibly unescaped from `overlay.overlay.*`.
@@ -132,7 +135,7 @@ pub enum UpperXattr<'a> {
 }
 
 /// Classify an xattr of an upperdir entry.
-pub fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
+pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
     if name.starts_with(FUSE_PRIVATE_PREFIX) {
         return UpperXattr::Private;
     }
@@ -145,6 +148,50 @@ pub fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
         }
     }
     UpperXattr::Keep(Cow::Borrowed(name))
+}
+
+/// The xattrs of an entry that are content, not the overlay's own markers (names as stored:
+/// an escaped `overlay.overlay.*` is content).
+pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    xattrs
+        .iter()
+        .filter(|(n, _)| matches!(classify_upper_xattr(n), UpperXattr::Keep(_)))
+        .cloned()
+        .collect()
+}
+
+/// Make NAME in DIR a whiteout, as the kernel makes them: a 0/0 char device, mode 0.
+pub(crate) fn make_whiteout(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0).map_err(Into::into)
+}
+
+/// Mark the directory open as `fd` opaque (`overlay.opaque=y` in namespace `ns`).
+pub(crate) fn set_opaque(fd: &impl AsFd, ns: XattrNs) -> io::Result<()> {
+    // `fd` may be an O_PATH fd, which fsetxattr refuses: go through its /proc entry.
+    let path = format!("/proc/self/fd/{}/.", fd.as_fd().as_raw_fd());
+    rustix::fs::lsetxattr(
+        path.as_str(),
+        ns.name(key::OPAQUE).as_str(),
+        OPAQUE_YES,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(Into::into)
+}
+
+/// Remove the overlay's own xattrs (markers, origin, redirect, ...) of NAME in DIR, so that a
+/// link to it elsewhere carries none. Returns whether there were any.
+pub fn remove_private_xattrs(dir: &impl AsRawFd, name: &CStr) -> io::Result<bool> {
+    let mut any = false;
+    for (n, _) in crate::xattrs::list_at(dir, name)? {
+        if classify_upper_xattr(&n) == UpperXattr::Private {
+            match crate::xattrs::remove_at(dir, name, &n) {
+                Ok(()) => any = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => any = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(any)
 }
 
 /// The facts about one upperdir entry that decide what it means.
@@ -165,7 +212,7 @@ pub struct UpperFacts<'a> {
 
 /// What one upperdir entry means in the merged view.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpperEntry {
+pub(crate) enum UpperEntry {
     /// An ordinary entry.
     Plain,
     /// This name is deleted (kernel 0/0 char device or xattr whiteout).
@@ -178,7 +225,7 @@ pub enum UpperEntry {
 
 /// Classify an upperdir entry. Decide this before hardlink tracking: kernel whiteouts share one
 /// inode.
-pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
+pub(crate) fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
     if f.name == OPAQUE_MARKER && (f.is_regular || f.is_char_device) {
         return UpperEntry::OpaqueMarker;
     }
@@ -212,16 +259,29 @@ pub fn classify_upper(f: &UpperFacts<'_>) -> UpperEntry {
 /// True when an upperdir directory hides everything below it, judged by its own xattrs
 /// (`overlay.opaque=y` in either namespace, or fuse-overlayfs's rootless marker). A child
 /// [`UpperEntry::OpaqueMarker`] also makes it opaque: the caller sees those while listing.
-pub fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+pub(crate) fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
     XattrNs::ALL
         .iter()
-        .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_YES))
-        || (xattr)(FUSE_OPAQUE_XATTR).is_some_and(|v| v.first() == Some(&b'y') || v.is_empty())
+        .map(|ns| ns.name(key::OPAQUE))
+        .chain([FUSE_OPAQUE_XATTR.to_string()])
+        .any(|n| (xattr)(&n).is_some_and(|v| makes_opaque(&n, &v)))
+}
+
+/// True when the xattr NAME=VALUE makes the directory it is on opaque (see [`dir_is_opaque`]).
+/// `overlay.opaque=x` does not: it only says the directory holds xattr whiteouts.
+pub fn makes_opaque(name: &str, value: &[u8]) -> bool {
+    if name == FUSE_OPAQUE_XATTR {
+        return value.first() == Some(&b'y') || value.is_empty();
+    }
+    value == OPAQUE_YES
+        && XattrNs::ALL
+            .iter()
+            .any(|ns| name.strip_prefix(ns.prefix()) == Some(key::OPAQUE))
 }
 
 /// True when a directory is marked as holding xattr whiteouts (`overlay.opaque=x` in either
 /// namespace); such a directory is not itself opaque.
-pub fn dir_has_xwhiteouts(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
+pub(crate) fn dir_has_xwhiteouts(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
     XattrNs::ALL
         .iter()
         .any(|ns| (xattr)(&ns.name(key::OPAQUE)).as_deref() == Some(OPAQUE_HAS_XWHITEOUTS))
@@ -319,5 +379,64 @@ mod tests {
         assert!(!dir_is_opaque(&x));
         assert!(dir_has_xwhiteouts(&x));
         assert!(!dir_has_xwhiteouts(&opq));
+    }
+
+    #[test]
+    fn opaque_xattrs() {
+        assert!(makes_opaque("trusted.overlay.opaque", b"y"));
+        assert!(makes_opaque("user.overlay.opaque", b"y"));
+        assert!(!makes_opaque("user.overlay.opaque", b"x"));
+        assert!(!makes_opaque("user.overlay.overlay.opaque", b"y"));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b""));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b"y"));
+        assert!(!makes_opaque("user.foo", b"y"));
+    }
+
+    /// The markers written here read back as what they are with the rules above, and the
+    /// overlay's own xattrs are removed, the content ones kept.
+    #[test]
+    fn markers_written_read_back() {
+        if !ovl_tests::require("root (for mknod)", ovl_tests::is_root()) {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        let open = |p: &std::path::Path| {
+            rustix::fs::open(
+                p,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let top = open(t.path());
+        make_whiteout(&top, c"gone").unwrap();
+        let st = rustix::fs::lstat(t.path().join("gone")).unwrap();
+        let none = |_: &str| None;
+        let facts = UpperFacts {
+            name: b"gone",
+            is_char_device: FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice,
+            is_regular: false,
+            is_dir: false,
+            rdev: st.st_rdev,
+            size: 0,
+            parent_xwhiteouts: false,
+            xattr: &none,
+        };
+        assert_eq!(classify_upper(&facts), UpperEntry::Whiteout);
+
+        let d = t.path().join("d");
+        for ns in XattrNs::ALL {
+            set_opaque(&open(&d), ns).unwrap();
+            let get = |n: &str| xattr::get(&d, n).unwrap();
+            assert!(dir_is_opaque(&get));
+            assert!(!dir_has_xwhiteouts(&get));
+        }
+        xattr::set(&d, "user.keep", b"k").unwrap();
+        assert!(remove_private_xattrs(&top, c"d").unwrap());
+        let left = crate::xattrs::list_path(&d).unwrap();
+        assert_eq!(public_xattrs(&left), left, "overlay xattrs left");
+        assert!(left.contains(&("user.keep".to_string(), b"k".to_vec())));
+        assert!(!remove_private_xattrs(&top, c"d").unwrap());
     }
 }

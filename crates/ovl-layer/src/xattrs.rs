@@ -15,7 +15,7 @@ pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Every xattr of NAME in DIR (not following NAME), sorted by name.
-pub fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String, Vec<u8>)>> {
     list_path(&proc_path(dir, name))
 }
 
@@ -55,12 +55,12 @@ fn collect(
 }
 
 /// Set an xattr on an open file or directory.
-pub fn set_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
     rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
 }
 
 /// Set an xattr on NAME in DIR (not following NAME).
-pub fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::Result<()> {
     rustix::fs::lsetxattr(
         proc_path(dir, name),
         key,
@@ -68,4 +68,14 @@ pub fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::R
         rustix::fs::XattrFlags::empty(),
     )
     .map_err(Into::into)
+}
+
+/// Remove an xattr of an open file or directory.
+pub(crate) fn remove_fd(fd: impl AsFd, name: &str) -> io::Result<()> {
+    rustix::fs::fremovexattr(fd, name).map_err(Into::into)
+}
+
+/// Remove an xattr of NAME in DIR (not following NAME).
+pub fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &str) -> io::Result<()> {
+    rustix::fs::lremovexattr(proc_path(dir, name), key).map_err(Into::into)
 }

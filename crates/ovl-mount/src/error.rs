@@ -15,7 +15,7 @@ pub enum MountError {
     NotADirectory { what: &'static str, path: PathBuf },
     #[error("{what} {path} does not exist")]
     Missing { what: &'static str, path: PathBuf },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -80,7 +80,7 @@ pub enum MountError {
     UnmountNeedsRoot,
     #[error("{0} is not a mount point: nothing to unmount")]
     NotMounted(PathBuf),
-    #[error("unmounting {path} failed: {source}")]
+    #[error("unmounting {path} failed")]
     Unmount {
         path: PathBuf,
         source: std::io::Error,
@@ -125,18 +125,19 @@ pub enum MountError {
     FuseMount { merged: PathBuf, detail: String },
     #[error(
         "no driver can mount here: kernel overlayfs is not allowed ({kernel}) and fuse-overlayfs \
-         is not usable ({fuse})"
+         is not usable"
     )]
     NoDriver {
         kernel: String,
+        #[source]
         fuse: Box<MountError>,
     },
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Setup {
         what: String,
         source: std::io::Error,
     },
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Command {
         program: String,
         source: std::io::Error,

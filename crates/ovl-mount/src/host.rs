@@ -12,8 +12,6 @@ use crate::error::{MountError, Result};
 pub const USERNS_OVERLAY: (u32, u32) = (5, 11);
 /// `lowerdir+` one layer per fsconfig call (Linux 6.8).
 pub const LOWERDIR_APPEND: (u32, u32) = (6, 8);
-/// fsopen/fsconfig/fsmount (Linux 5.2).
-pub const NEW_MOUNT_API: (u32, u32) = (5, 2);
 
 /// `major.minor` of a kernel release string such as `6.18.44-foo`.
 pub fn parse_release(release: &str) -> Option<(u32, u32)> {

@@ -1,10 +1,11 @@
 //! ovl-mount: the command line. All logic is in the library.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
 use ovl_mount::{DriverChoice, IdmapChoice, MountSpec};
 
 /// Mount image layers with overlayfs (kernel or fuse-overlayfs), as root or rootless.
@@ -12,7 +13,7 @@ use ovl_mount::{DriverChoice, IdmapChoice, MountSpec};
 /// Without CMD (root only) the mount stays until `ovl-mount --unmount MERGED`. With `-- CMD`
 /// the overlay lives in a private mount namespace for as long as CMD runs, CMD runs in MERGED,
 /// and its exit status is returned. Without --upper the mount is read-only.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "ovl-mount", version)]
 struct Cli {
     /// Lower directories, top first, separated by `:` as in `lowerdir=` (`\:` for a colon in a
@@ -61,29 +62,14 @@ struct Cli {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ovl_cli::parse();
     match real_main(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ovl-mount: error: {}", message(&e));
+            eprintln!("ovl-mount: error: {e:#}");
             std::process::exit(ovl_mount::EXIT_FAILURE);
         }
     }
-}
-
-/// The error and its causes, each said once (a library error already quotes its source).
-fn message(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<i32> {

@@ -94,11 +94,6 @@ impl MountSpec {
         })
     }
 
-    /// The mount is read-only when there is no upper directory.
-    pub fn read_only(&self) -> bool {
-        self.upper.is_none()
-    }
-
     /// True for the persistent form (no command).
     pub fn persistent(&self) -> bool {
         self.command.is_empty()

@@ -7,14 +7,14 @@ use ovl_layer::upper::UpperError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SquashError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: String,
         source: std::io::Error,
     },
-    #[error("reading the upper: {0}")]
+    #[error("reading the upper")]
     Upper(#[from] UpperError),
-    #[error("--output: {0}")]
+    #[error("--output")]
     Staging(#[from] StagingError),
     #[error("{dir} is part of a mounted overlay ({by}): unmount it first, nothing was changed")]
     InUse { dir: PathBuf, by: String },

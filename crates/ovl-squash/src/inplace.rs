@@ -59,6 +59,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, RenameFlags};
 
+use ovl_layer::apply::Meta;
 use ovl_layer::fsops::{
     create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, proc_path, remove_at, stat_at,
 };
@@ -70,7 +71,7 @@ use ovl_layer::whiteout::{self, XattrNs};
 use crate::Summary;
 use crate::crash;
 use crate::error::{SquashError, io_at};
-use crate::fsops::{self, DiskMeta, Sharing};
+use crate::fsops::{self, Sharing};
 
 /// `.NAME.ovl-squash-SUFFIX` beside `dir`: its parent, and the sibling's name.
 fn sibling(dir: &Path, suffix: &str) -> Result<(PathBuf, CString), SquashError> {
@@ -298,8 +299,7 @@ impl InPlace<'_> {
         let target = item.target.clone();
         let tmp = self.next_work_name();
         let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
-        let mut dirs: Vec<(LayerPath, DiskMeta)> = Vec::new();
-        let mut made_root = false;
+        let mut dirs: Vec<(LayerPath, Meta)> = Vec::new();
         for c in &item.changes {
             let Change::Entry(e) = c else { continue };
             let rel = relative(&e.path, &target);
@@ -310,8 +310,7 @@ impl InPlace<'_> {
                 Kind::Dir { .. } => {
                     rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o700))
                         .map_err(|er| io_at(&at)(er.into()))?;
-                    made_root |= rel.is_root();
-                    dirs.push((rel, DiskMeta::from_layer(&e.meta)));
+                    dirs.push((rel, fsops::disk_meta(&e.meta)));
                 }
                 Kind::File { source, .. } => {
                     self.place_file(e, source, &dir, &name)
@@ -335,15 +334,12 @@ impl InPlace<'_> {
                 }
                 kind => {
                     fsops::make_special(&dir, &name, kind)
-                        .and_then(|()| {
-                            fsops::apply_meta(&dir, &name, &DiskMeta::from_layer(&e.meta))
-                        })
+                        .and_then(|()| fsops::apply_meta(&dir, &name, &fsops::disk_meta(&e.meta)))
                         .map_err(io_at(&at))?;
                 }
             }
             crash::step();
         }
-        let _ = made_root;
         for (rel, meta) in dirs.into_iter().rev() {
             let (dir, name) = work_place(&work, &tmp, &rel)?;
             fsops::apply_meta(&dir, &name, &meta).map_err(io_at(&rel))?;
@@ -387,11 +383,11 @@ impl InPlace<'_> {
         dir: &OwnedFd,
         name: &CStr,
     ) -> std::io::Result<()> {
-        let meta = DiskMeta::from_layer(&e.meta);
+        let meta = fsops::disk_meta(&e.meta);
         let leaf = match source.layer {
             Layer::Upper => {
                 let l = self.upper.leaf(&source.path, false)?;
-                fsops::strip_private(&l.dir, &l.name)?;
+                whiteout::remove_private_xattrs(&l.dir, &l.name)?;
                 l
             }
             Layer::Lower(_) => {
@@ -400,7 +396,7 @@ impl InPlace<'_> {
                     .stat()?
                     .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))?;
                 let have = l.xattrs()?;
-                if DiskMeta::from_disk(&st, &have) != meta {
+                if Meta::from_disk(&st, &have) != meta {
                     return copy_with_meta(self.sharing, (&l.dir, &l.name), (dir, name), &meta);
                 }
                 l
@@ -449,7 +445,7 @@ impl InPlace<'_> {
 
     fn apply(&mut self) -> Result<(), SquashError> {
         let changes = self.up.changes()?;
-        let mut dirs: Vec<(LayerPath, DiskMeta)> = Vec::new();
+        let mut dirs: Vec<(LayerPath, Meta)> = Vec::new();
         for c in changes {
             let p = change_path(&c).clone();
             while let Some((top, _)) = dirs.last() {
@@ -488,7 +484,7 @@ impl InPlace<'_> {
         Ok(())
     }
 
-    fn dir_meta(&mut self, p: &LayerPath, meta: &DiskMeta) -> Result<(), SquashError> {
+    fn dir_meta(&mut self, p: &LayerPath, meta: &Meta) -> Result<(), SquashError> {
         let at = self.lower_at(p);
         if p.is_root() {
             let fd = open_dir_at(&self.lower.fd(), c".").map_err(io_at(&at))?;
@@ -501,12 +497,8 @@ impl InPlace<'_> {
         Ok(())
     }
 
-    fn entry(
-        &mut self,
-        e: Entry,
-        dirs: &mut Vec<(LayerPath, DiskMeta)>,
-    ) -> Result<(), SquashError> {
-        let meta = DiskMeta::from_layer(&e.meta);
+    fn entry(&mut self, e: Entry, dirs: &mut Vec<(LayerPath, Meta)>) -> Result<(), SquashError> {
+        let meta = fsops::disk_meta(&e.meta);
         if e.path.is_root() {
             dirs.push((e.path, meta));
             return Ok(());
@@ -578,7 +570,9 @@ impl InPlace<'_> {
                     .upper
                     .leaf(&e.path, false)
                     .map_err(io_at(self.up.display(&e.path)))?;
-                if fsops::strip_private(&u.dir, &u.name).map_err(io_at(self.up.display(&e.path)))? {
+                if whiteout::remove_private_xattrs(&u.dir, &u.name)
+                    .map_err(io_at(self.up.display(&e.path)))?
+                {
                     crash::step();
                 }
                 let ust = u.stat().map_err(io_at(self.up.display(&e.path)))?;
@@ -629,7 +623,7 @@ impl InPlace<'_> {
         let ufd = open_path_dir(upper)?;
         let st = rustix::fs::fstat(&ufd).map_err(|e| io_at(&at)(e.into()))?;
         let xattrs = ovl_layer::xattrs::list_fd(&ufd).map_err(io_at(&at))?;
-        let meta = DiskMeta::from_disk(&st, &xattrs);
+        let meta = Meta::from_disk(&st, &xattrs);
         let name = cstr(upper.file_name().unwrap_or_default().as_bytes()).map_err(io_at(&at))?;
         if upper_is_empty(&ufd).map_err(io_at(&at))? {
             return Ok(());
@@ -695,7 +689,7 @@ fn copy_with_meta(
     sharing: &Sharing,
     from: (&OwnedFd, &CStr),
     to: (&OwnedFd, &CStr),
-    meta: &DiskMeta,
+    meta: &Meta,
 ) -> std::io::Result<()> {
     let src = open_file_at(from.0, from.1)?;
     let dst = create_file_at(to.0, to.1)?;
@@ -731,14 +725,8 @@ fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
         return rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).map_err(Into::into);
     }
     let fd = open_dir_at(dir, name)?;
-    let mut opaque: Vec<String> = XattrNs::ALL
-        .iter()
-        .map(|ns| ns.name(whiteout::key::OPAQUE))
-        .collect();
-    opaque.push(whiteout::FUSE_OPAQUE_XATTR.to_string());
     for (n, v) in ovl_layer::xattrs::list_fd(&fd)? {
-        // `x` only says the directory holds xattr whiteouts: it hides nothing.
-        if opaque.contains(&n) && v != whiteout::OPAQUE_HAS_XWHITEOUTS {
+        if whiteout::makes_opaque(&n, &v) {
             match rustix::fs::fremovexattr(&fd, n.as_str()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(e.into()),

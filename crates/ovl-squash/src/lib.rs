@@ -8,6 +8,8 @@
 //! overlay shows), the content sharing and exact metadata both use ([`fsops`]), the refusal to
 //! touch a mounted overlay ([`inuse`]), and the crash-test hook ([`crash`]).
 
+#![forbid(unsafe_code)]
+
 pub mod crash;
 pub mod error;
 pub mod fsops;

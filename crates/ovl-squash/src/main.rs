@@ -1,5 +1,7 @@
 //! The `ovl-squash` command line: a thin shim over [`ovl_squash::squash`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -11,7 +13,11 @@ use ovl_squash::{SquashOptions, Target};
 /// Fold an overlay's upper layer into a new lower layer: the result is the merged view, entry
 /// for entry. Refuses while any of the dirs is part of a mounted overlay.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    override_usage = "ovl-squash [OPTIONS] --lower DIR[:DIR...] --upper DIR (--output NEWDIR | --in-place)",
+    group(clap::ArgGroup::new("target").required(true).args(["output", "in_place"]))
+)]
 struct Cli {
     /// The lowerdirs, top first, colon-separated as in `lowerdir=` (`\:` for a colon in a
     /// name, `\\` for a backslash); repeat the option to add more.
@@ -21,12 +27,7 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     upper: PathBuf,
     /// Write the result as this new directory (the lowers and the upper are left untouched).
-    #[arg(
-        long,
-        value_name = "NEWDIR",
-        conflicts_with = "in_place",
-        required_unless_present = "in_place"
-    )]
+    #[arg(long, value_name = "NEWDIR")]
     output: Option<PathBuf>,
     /// Make the (single) lower the result and empty the upper; safe to re-run after a crash.
     #[arg(long)]
@@ -53,7 +54,7 @@ fn options(cli: &Cli) -> anyhow::Result<SquashOptions> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = ovl_cli::parse();
     let opts = options(&cli).unwrap_or_else(|e| fail(&e));
     if Identity::current().needs_reexec() {
         // Rootless: look at the mount tables first, from outside: our own user namespaces'

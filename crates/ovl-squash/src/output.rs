@@ -19,16 +19,18 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode};
 
+use ovl_layer::apply::Meta;
 use ovl_layer::fsops::{create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at};
 use ovl_layer::path::LayerPath;
 use ovl_layer::root::Root;
 use ovl_layer::staging::Staging;
 use ovl_layer::upper::{Change, Kind, Layer, LowerStack, Upper, UpperOptions, special_kind};
+use ovl_layer::whiteout;
 
 use crate::Summary;
 use crate::crash;
 use crate::error::{SquashError, io_at};
-use crate::fsops::{self, DiskMeta, Sharing};
+use crate::fsops::{self, Sharing};
 
 /// The tool name in the staging sibling's name.
 pub const TOOL: &str = "ovl-squash";
@@ -81,7 +83,7 @@ pub fn squash_to(
         .map_err(io_at(lowers[0].display()))?
     {
         b.lower_dir(&LayerPath::root(), &root_fd, &prune)?;
-        fsops::apply_meta_fd(&root_fd, &DiskMeta::from_disk(&top.st, &top.xattrs))
+        fsops::apply_meta_fd(&root_fd, &Meta::from_disk(&top.st, &top.xattrs))
             .map_err(io_at(staging.tmp.display()))?;
     }
     let mut dirs = Vec::new();
@@ -131,7 +133,7 @@ impl Builder<'_> {
             let at = root.display(&cp);
             let name = cstr(&ent.name).map_err(io_at(&at))?;
             let ft = FileType::from_raw_mode(ent.st.st_mode);
-            let meta = DiskMeta::from_disk(&ent.st, &ent.xattrs);
+            let meta = Meta::from_disk(&ent.st, &ent.xattrs);
             self.sum.entries += 1;
             if ft == FileType::Directory {
                 rustix::fs::mkdirat(out, name.as_c_str(), Mode::from_raw_mode(0o700))
@@ -179,7 +181,7 @@ impl Builder<'_> {
         linkable: bool,
         out: &OwnedFd,
         name: &std::ffi::CStr,
-        meta: &DiskMeta,
+        meta: &Meta,
     ) -> std::io::Result<()> {
         if self.sharing.link && linkable {
             match link_at(src_dir, src, out, name) {
@@ -201,11 +203,7 @@ impl Builder<'_> {
         fsops::apply_meta(out, name, meta)
     }
 
-    fn change(
-        &mut self,
-        c: Change,
-        dirs: &mut Vec<(LayerPath, DiskMeta)>,
-    ) -> Result<(), SquashError> {
+    fn change(&mut self, c: Change, dirs: &mut Vec<(LayerPath, Meta)>) -> Result<(), SquashError> {
         let e = match c {
             Change::Whiteout(p) => {
                 let leaf = self.out_root.leaf(&p, false);
@@ -219,7 +217,7 @@ impl Builder<'_> {
             Change::Redirect { .. } => return Ok(()),
             Change::Entry(e) => e,
         };
-        let meta = DiskMeta::from_layer(&e.meta);
+        let meta = fsops::disk_meta(&e.meta);
         if e.path.is_root() {
             dirs.push((e.path, meta));
             return Ok(());
@@ -262,8 +260,8 @@ impl Builder<'_> {
                         let st = src.stat().map_err(io_at(&src_label))?;
                         let same = st.is_some_and(|st| {
                             let have = src.xattrs().unwrap_or_default();
-                            DiskMeta::from_disk(&st, &have) == meta
-                                && fsops::public_xattrs(&have).len() == have.len()
+                            Meta::from_disk(&st, &have) == meta
+                                && whiteout::public_xattrs(&have).len() == have.len()
                         });
                         self.share_file(
                             &src.dir,

@@ -114,14 +114,14 @@ impl Actor {
     }
 
     /// `program` run as root of a new user namespace of this user with its subordinate ids
-    /// (ovl's own map, through the `e2e userns` helper); for root, just `program`. Where a
+    /// (ovl's own map, through `ovl-unshare`); for root, just `program`. Where a
     /// rootless actor sees container ids, as the mounts and the layers do.
     pub fn command_as_container_root(&self, ctx: &Ctx, program: impl AsRef<OsStr>) -> Command {
         if self.is_root() {
             return Command::new(program);
         }
-        let mut c = self.command(ctx.bin("xtask"));
-        c.args(["e2e", "userns", "--"]).arg(program);
+        let mut c = self.command(ctx.bin("ovl-unshare"));
+        c.arg(program);
         c
     }
 

@@ -2,7 +2,7 @@
 //! the merged view and check every change is in it, and that the lower was left alone.
 
 use anyhow::{Result, bail};
-use ovl_layer::snapshot::{Entry, Snapshot};
+use ovl_tests::snapshot::{Entry, Snapshot};
 use sha2::{Digest, Sha256};
 
 use super::table::Outcome;

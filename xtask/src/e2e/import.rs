@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use ovl_layer::snapshot::{Entry, Snapshot};
+use ovl_tests::snapshot::{Entry, Snapshot};
 use sha2::{Digest, Sha256};
 
 use super::table::Outcome;

@@ -12,11 +12,11 @@
 //! 4. `ovl-squash` lower and upper into a new lower, mount it alone: it must be the merged view
 //!    ([`squash`]).
 //!
-//! Trees are compared with [`ovl_layer::snapshot`]; every field a comparison leaves out is
+//! Trees are compared with [`ovl_tests::snapshot`]; every field a comparison leaves out is
 //! named, with the reason, where it is left out. Rootless snapshots are taken as root of the
-//! user's namespace (inside the mount, or through the hidden `e2e userns` helper) so they hold
-//! container ids, like the layers. The binary re-executes itself for that: `e2e snapshot` and
-//! `e2e userns` are hidden helper subcommands.
+//! user's namespace (inside the mount, or through `ovl-unshare`) so they hold container ids,
+//! like the layers. The binary re-executes itself for that: `e2e snapshot` is a hidden helper
+//! subcommand.
 
 mod actor;
 mod r#box;
@@ -27,7 +27,6 @@ mod layer;
 mod squash;
 mod table;
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -36,17 +35,21 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ovl_layer::snapshot::{self, Snapshot, SnapshotOptions};
+use ovl_tests::snapshot::{self, Snapshot, SnapshotOptions};
+use ovl_tests::{REQUIRE_ALL, require_all};
 
 use actor::Actor;
 use r#box::BoxDir;
 use table::{Outcome, Row};
 
-/// Set (to anything but `0`) to make every skip a failure. CI sets it.
-pub const REQUIRE_ALL_ENV: &str = "OVL_REQUIRE_ALL";
-
 /// The tools, as `cargo build --release --bins` leaves them.
-const TOOLS: [&str; 4] = ["ovl-import", "ovl-mount", "ovl-diff", "ovl-squash"];
+const TOOLS: [&str; 5] = [
+    "ovl-import",
+    "ovl-mount",
+    "ovl-diff",
+    "ovl-squash",
+    "ovl-unshare",
+];
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -67,12 +70,6 @@ enum Helper {
     /// Write the snapshot of ROOT to OUT as JSON (run inside a mount or a user namespace).
     #[command(hide = true)]
     Snapshot { root: PathBuf, out: PathBuf },
-    /// Run CMD as root of a new user namespace holding the caller's subordinate ids.
-    #[command(hide = true)]
-    Userns {
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        cmd: Vec<OsString>,
-    },
 }
 
 /// How the overlay is mounted, and by whom.
@@ -258,27 +255,24 @@ pub fn same(what: &str, first: (&str, &Snapshot), second: (&str, &Snapshot)) -> 
     }
 }
 
-pub fn require_all() -> bool {
-    std::env::var(REQUIRE_ALL_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
 pub fn run(args: &E2eArgs) -> Result<()> {
     match &args.helper {
         Some(Helper::Snapshot { root, out }) => return helper_snapshot(root, out),
-        Some(Helper::Userns { cmd }) => helper_userns(cmd),
         None => {}
     }
     let started = Instant::now();
     let require_all = require_all();
 
+    // The fixture first: without it nothing runs, and a release build takes minutes.
+    let fixture = xtask::fixtures::alpine_minirootfs()?;
+    let build_started = Instant::now();
     println!("e2e: cargo build --release --bins");
     xtask::run(
         xtask::cargo()
             .args(["build", "--release", "--bins"])
             .current_dir(xtask::workspace_root()),
     )?;
-    let build_time = started.elapsed();
-    let fixture = xtask::fixtures::alpine_minirootfs()?;
+    let build_time = build_started.elapsed();
     let ctx = prepare(&fixture)?;
     println!(
         "e2e: {} ({} entries), binaries in {}",
@@ -311,8 +305,8 @@ pub fn run(args: &E2eArgs) -> Result<()> {
         if !actor::running_as_root() {
             println!(
                 "e2e: (its rootless boxes hold files of your subordinate ids; remove it with \
-                 `{} e2e userns -- rm -rf {}`)",
-                ctx.bin("xtask").display(),
+                 `{} rm -rf {}`)",
+                ctx.bin("ovl-unshare").display(),
                 ctx.work.display()
             );
         }
@@ -330,7 +324,7 @@ pub fn run(args: &E2eArgs) -> Result<()> {
                     e.lines().next().unwrap_or("")
                 )),
                 Outcome::Skip(why) if require_all => Some(format!(
-                    "{} / {}: skipped ({REQUIRE_ALL_ENV}=1): {why}",
+                    "{} / {}: skipped ({REQUIRE_ALL}=1): {why}",
                     r.driver, r.step
                 )),
                 _ => None,
@@ -617,31 +611,4 @@ fn helper_snapshot(root: &Path, out: &Path) -> Result<()> {
         .with_context(|| format!("cannot snapshot {}", root.display()))?;
     fs::write(out, snapshot::to_json(&snap))
         .with_context(|| format!("cannot write {}", out.display()))
-}
-
-/// `e2e userns -- CMD...`: exits with CMD's status.
-fn helper_userns(cmd: &[OsString]) -> ! {
-    let result = (|| -> Result<i32> {
-        let mut c = Command::new(&cmd[0]);
-        c.args(&cmd[1..]);
-        if actor::running_as_root() {
-            let status = c
-                .status()
-                .with_context(|| format!("cannot run {:?}", cmd[0]))?;
-            return Ok(ovl_layer::userns::exit_code(status));
-        }
-        let plan = ovl_layer::userns::UsernsPlan::for_current_user(false)?;
-        if !plan.maps.has_subordinate_ids() {
-            bail!("no subordinate ids for this user in /etc/subuid and /etc/subgid");
-        }
-        let mut child = ovl_layer::userns::spawn_in_userns(c, &plan)?;
-        Ok(ovl_layer::userns::exit_code(child.wait()?))
-    })();
-    match result {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("xtask e2e userns: {e:#}");
-            std::process::exit(125)
-        }
-    }
 }

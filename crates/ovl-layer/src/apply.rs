@@ -1,0 +1,485 @@
+//! Giving one entry its metadata: owner, xattrs, mode, times, in that order.
+//!
+//! Owns how every tool applies metadata (the extractor to each entry of a layer, ovl-squash to
+//! what it writes): by an open fd, or by a name in a directory fd without following the name.
+//! The order is the rule: owner first (chown clears setuid and setgid bits and file
+//! capabilities), then xattrs (a `security.capability` set before the chown would be lost),
+//! then mode (puts back the bits the chown cleared), then times last (after the data and
+//! everything else).
+//!
+//! Also owns umoci's record of a rootless owner ([`ROOTLESS_XATTR`]). Which xattrs are overlay
+//! markers rather than content is [`crate::whiteout`]'s; the `*at` calls are
+//! [`crate::fsops`]'s and [`crate::xattrs`]'s.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use rustix::fs::{AtFlags, FileType, Mode, Stat, Timespec, Timestamps};
+
+use crate::{fsops, whiteout, xattrs};
+
+/// The xattr umoci uses to record the owner of a rootless file (a protobuf `Resource`).
+pub(crate) const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+
+/// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
+pub(crate) fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u32) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut out = Vec::new();
+    if uid != 0 {
+        out.push(0x08);
+        varint(&mut out, uid);
+    }
+    if gid != 0 {
+        out.push(0x10);
+        varint(&mut out, gid);
+    }
+    out
+}
+
+/// The metadata an entry is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits with setuid, setgid and sticky (`& 0o7777`).
+    pub mode: u32,
+    pub mtime: Timespec,
+    pub atime: Timespec,
+    /// Named as stored on disk (an `overlay.*` xattr from outside escaped, see
+    /// [`whiteout::escape_xattr`]), sorted by name.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Meta {
+    /// An entry as it is on disk (its lstat and its xattrs as listed): the overlay's own xattrs
+    /// are markers, not content, and are left out; a layer keeps no atime, so it is the mtime.
+    pub fn from_disk(st: &Stat, xattrs: &[(String, Vec<u8>)]) -> Meta {
+        let mtime = Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        };
+        Meta {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+            mtime,
+            atime: mtime,
+            xattrs: whiteout::public_xattrs(xattrs),
+        }
+    }
+
+    fn timestamps(&self) -> Timestamps {
+        Timestamps {
+            last_access: self.atime,
+            last_modification: self.mtime,
+        }
+    }
+}
+
+/// The entry metadata is applied to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// An open file or directory (not `O_PATH`: fchmod and fsetxattr refuse those).
+    Fd(BorrowedFd<'a>),
+    /// NAME in the directory DIR, never followed: symlinks, devices, fifos, anything not open.
+    At(BorrowedFd<'a>, &'a CStr),
+}
+
+impl Target<'_> {
+    fn stat(self) -> io::Result<Stat> {
+        match self {
+            Target::Fd(fd) => rustix::fs::fstat(fd),
+            Target::At(dir, name) => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        }
+        .map_err(Into::into)
+    }
+
+    fn chown(self, uid: u32, gid: u32) -> io::Result<()> {
+        match self {
+            Target::Fd(fd) => rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(Into::into),
+            Target::At(dir, name) => fsops::chown_at(&dir, name, uid, gid),
+        }
+    }
+
+    fn xattrs(self) -> io::Result<Vec<(String, Vec<u8>)>> {
+        match self {
+            Target::Fd(fd) => xattrs::list_fd(fd),
+            Target::At(dir, name) => xattrs::list_at(&dir, name),
+        }
+    }
+
+    fn set_xattr(self, key: &str, value: &[u8]) -> io::Result<()> {
+        match self {
+            Target::Fd(fd) => xattrs::set_fd(fd, key, value),
+            Target::At(dir, name) => xattrs::set_at(&dir, name, key, value),
+        }
+    }
+
+    fn remove_xattr(self, key: &str) -> io::Result<()> {
+        match self {
+            Target::Fd(fd) => xattrs::remove_fd(fd, key),
+            Target::At(dir, name) => xattrs::remove_at(&dir, name, key),
+        }
+    }
+
+    fn chmod(self, mode: u32) -> io::Result<()> {
+        match self {
+            Target::Fd(fd) => rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(Into::into),
+            Target::At(dir, name) => fsops::chmod_at(&dir, name, mode),
+        }
+    }
+
+    fn set_times(self, times: &Timestamps) -> io::Result<()> {
+        match self {
+            Target::Fd(fd) => rustix::fs::futimens(fd, times).map_err(Into::into),
+            Target::At(dir, name) => fsops::set_times_at(&dir, name, times),
+        }
+    }
+}
+
+/// What becomes of the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Left as it is.
+    Leave,
+    /// chown to the entry's ids, unless it has them already.
+    Chown,
+    /// Left as it is, and the entry's ids recorded in [`ROOTLESS_XATTR`] (before its other
+    /// xattrs), as umoci does when there are no subordinate ids to chown to. Root (0:0) needs
+    /// no record.
+    Record,
+}
+
+/// What becomes of the xattrs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xattrs {
+    /// Left as they are.
+    Leave,
+    /// Each of the entry's written; others left (a new entry has none).
+    Add,
+    /// Exactly the entry's: content xattrs it does not list are removed (the overlay's own are
+    /// left alone, see [`whiteout::public_xattrs`]), and only those that differ are written.
+    Exact,
+}
+
+/// What becomes of the mode. Never set on a symlink (Linux has no lchmod): a symlink met by
+/// name is left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perms {
+    /// Left as it is.
+    Leave,
+    /// chmod to the entry's mode.
+    Set,
+    /// The entry was created with its permission bits (`mode & 0o777`, no umask): chmod only
+    /// when it has setuid, setgid or sticky bits, or a chown cleared bits.
+    Created,
+}
+
+/// How [`apply`] goes about it.
+#[derive(Debug, Clone, Copy)]
+pub struct How {
+    pub owner: Owner,
+    /// The owner the entry has now, when the caller knows it (what it just made has the
+    /// creator's ids), so it is not read again.
+    pub owner_now: Option<(u32, u32)>,
+    pub xattrs: Xattrs,
+    /// Count an xattr that the filesystem or our privileges refuse (`trusted.*` rootless,
+    /// `user.*` on a symlink) and go on, instead of failing.
+    pub skip_refused_xattrs: bool,
+    pub perms: Perms,
+    /// Set atime and mtime.
+    pub times: bool,
+}
+
+impl How {
+    /// Everything, exactly: the owner, exactly these xattrs, the mode, the times (what a copy
+    /// of an entry that already exists on disk gets).
+    pub const EXACT: How = How {
+        owner: Owner::Chown,
+        owner_now: None,
+        xattrs: Xattrs::Exact,
+        skip_refused_xattrs: false,
+        perms: Perms::Set,
+        times: true,
+    };
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub chowned: bool,
+    /// xattrs refused and skipped (see [`How::skip_refused_xattrs`]).
+    pub skipped_xattrs: u64,
+}
+
+/// The step of [`apply`] that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Stat,
+    Owner { uid: u32, gid: u32 },
+    ListXattrs,
+    SetXattr(String),
+    RemoveXattr(String),
+    Mode,
+    Times,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Stat => write!(f, "stat"),
+            Step::Owner { uid, gid } => write!(f, "chown {uid}:{gid}"),
+            Step::ListXattrs => write!(f, "list xattrs"),
+            Step::SetXattr(n) => write!(f, "set xattr {n}"),
+            Step::RemoveXattr(n) => write!(f, "remove xattr {n}"),
+            Step::Mode => write!(f, "chmod"),
+            Step::Times => write!(f, "set times"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{step}")]
+pub struct ApplyError {
+    pub step: Step,
+    #[source]
+    pub source: io::Error,
+}
+
+impl From<ApplyError> for io::Error {
+    /// One message naming the step, of the same kind as the error that stopped it.
+    fn from(e: ApplyError) -> io::Error {
+        io::Error::new(e.source.kind(), format!("{}: {}", e.step, e.source))
+    }
+}
+
+/// True for an xattr error that says "not here, not by you" rather than that something broke.
+fn is_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::ENOTSUP | libc::EACCES | libc::EINVAL)
+    )
+}
+
+/// Give `target` the metadata `meta`, as `how` says, in the order owner, xattrs, mode, times.
+pub fn apply(target: Target<'_>, meta: &Meta, how: &How) -> Result<Applied, ApplyError> {
+    let at = |step: Step| move |source: io::Error| ApplyError { step, source };
+    let mut done = Applied::default();
+    // Read at most once, and only when something needs it.
+    let mut st = None;
+    let stat = |st: &mut Option<Stat>| -> Result<Stat, ApplyError> {
+        if st.is_none() {
+            *st = Some(target.stat().map_err(at(Step::Stat))?);
+        }
+        Ok(st.expect("just read"))
+    };
+
+    if how.owner == Owner::Chown {
+        let now = match how.owner_now {
+            Some(ids) => ids,
+            None => {
+                let s = stat(&mut st)?;
+                (s.st_uid, s.st_gid)
+            }
+        };
+        if now != (meta.uid, meta.gid) {
+            target.chown(meta.uid, meta.gid).map_err(at(Step::Owner {
+                uid: meta.uid,
+                gid: meta.gid,
+            }))?;
+            done.chowned = true;
+        }
+    }
+
+    let record = (how.owner == Owner::Record && (meta.uid, meta.gid) != (0, 0))
+        .then(|| (ROOTLESS_XATTR, encode_rootless_owner(meta.uid, meta.gid)));
+    let wanted = record
+        .iter()
+        .map(|(n, v)| (*n, v.as_slice()))
+        .chain(meta.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+    let mut set = |name: &str, value: &[u8]| match target.set_xattr(name, value) {
+        Ok(()) => Ok(()),
+        Err(e) if how.skip_refused_xattrs && is_refusal(&e) => {
+            done.skipped_xattrs += 1;
+            Ok(())
+        }
+        Err(e) => Err(at(Step::SetXattr(name.to_string()))(e)),
+    };
+    match how.xattrs {
+        Xattrs::Leave => {}
+        Xattrs::Add => {
+            for (n, v) in wanted {
+                set(n, v)?;
+            }
+        }
+        Xattrs::Exact => {
+            let have = target.xattrs().map_err(at(Step::ListXattrs))?;
+            for (n, _) in whiteout::public_xattrs(&have) {
+                if !meta.xattrs.iter().any(|(m, _)| *m == n) {
+                    target
+                        .remove_xattr(&n)
+                        .map_err(at(Step::RemoveXattr(n.clone())))?;
+                }
+            }
+            for (n, v) in wanted {
+                if !have.iter().any(|(h, hv)| h == n && hv == v) {
+                    set(n, v)?;
+                }
+            }
+        }
+    }
+
+    let chmod = match how.perms {
+        Perms::Leave => false,
+        Perms::Set => match target {
+            Target::Fd(_) => true,
+            Target::At(..) => FileType::from_raw_mode(stat(&mut st)?.st_mode) != FileType::Symlink,
+        },
+        Perms::Created => done.chowned || meta.mode & 0o7000 != 0,
+    };
+    if chmod {
+        target.chmod(meta.mode).map_err(at(Step::Mode))?;
+    }
+
+    if how.times {
+        target
+            .set_times(&meta.timestamps())
+            .map_err(at(Step::Times))?;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn meta(mode: u32) -> Meta {
+        let t = Timespec {
+            tv_sec: 1_600_000_000,
+            tv_nsec: 123_456_789,
+        };
+        Meta {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            mode,
+            mtime: t,
+            atime: Timespec {
+                tv_sec: 1_500_000_000,
+                tv_nsec: 1,
+            },
+            xattrs: vec![("user.a".into(), b"1".to_vec())],
+        }
+    }
+
+    #[test]
+    fn rootless_owner_encoding_matches_umoci() {
+        assert_eq!(encode_rootless_owner(0, 0), Vec::<u8>::new());
+        assert_eq!(encode_rootless_owner(42, 0), vec![0x08, 42]);
+        assert_eq!(
+            encode_rootless_owner(1000, 300),
+            vec![0x08, 0xe8, 0x07, 0x10, 0xac, 0x02]
+        );
+    }
+
+    /// By name: a symlink keeps its target's mode untouched and gets its own times; a file
+    /// gets everything, and `Exact` removes a content xattr it does not list but keeps the
+    /// overlay's own.
+    #[test]
+    fn by_name_never_follows_and_exact_keeps_overlay_xattrs() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("l")).unwrap();
+        let dir = rustix::fs::open(
+            t.path(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let how = How {
+            xattrs: Xattrs::Leave,
+            ..How::EXACT
+        };
+        apply(Target::At(dir.as_fd(), c"l"), &meta(0o777), &how).unwrap();
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        let l = std::fs::symlink_metadata(t.path().join("l")).unwrap();
+        assert_eq!((l.mtime(), l.mtime_nsec()), (1_600_000_000, 123_456_789));
+
+        let user_xattrs = xattr::set(&f, "user.stale", b"s").is_ok()
+            && xattr::set(&f, "user.overlay.origin", b"o").is_ok();
+        let mut m = meta(0o4751);
+        if !user_xattrs {
+            m.xattrs.clear();
+        }
+        let done = apply(Target::At(dir.as_fd(), c"f"), &m, &How::EXACT).unwrap();
+        assert!(!done.chowned);
+        let md = std::fs::metadata(&f).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o4751);
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 123_456_789));
+        assert_eq!((md.atime(), md.atime_nsec()), (1_500_000_000, 1));
+        if user_xattrs {
+            assert_eq!(xattr::get(&f, "user.stale").unwrap(), None);
+            assert_eq!(xattr::get(&f, "user.a").unwrap(), Some(b"1".to_vec()));
+            assert_eq!(
+                xattr::get(&f, "user.overlay.origin").unwrap(),
+                Some(b"o".to_vec())
+            );
+        } else {
+            eprintln!("(this filesystem has no user xattrs: their part was not checked)");
+        }
+    }
+
+    /// `Created` chmods only for the bits a create cannot give; the owner is recorded, not
+    /// chowned, under `Record`.
+    #[test]
+    fn created_mode_and_recorded_owner() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let file = std::fs::File::open(&f).unwrap();
+        let how = How {
+            owner: Owner::Record,
+            owner_now: None,
+            xattrs: Xattrs::Add,
+            skip_refused_xattrs: true,
+            perms: Perms::Created,
+            times: false,
+        };
+        let mut m = meta(0o755);
+        m.uid = 1000;
+        m.gid = 300;
+        apply(Target::Fd(file.as_fd()), &m, &how).unwrap();
+        let mode = || std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(), 0o640, "no setuid bits, no chown: left as created");
+        m.mode = 0o2755;
+        let done = apply(Target::Fd(file.as_fd()), &m, &how).unwrap();
+        assert_eq!(mode(), 0o2755);
+        assert!(!done.chowned);
+        if done.skipped_xattrs == 0 {
+            assert_eq!(
+                xattr::get(&f, ROOTLESS_XATTR).unwrap(),
+                Some(encode_rootless_owner(1000, 300))
+            );
+        }
+    }
+}
