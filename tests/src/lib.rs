@@ -10,6 +10,7 @@ pub mod scenario;
 pub mod skips;
 pub mod snapshot;
 pub mod stack;
+pub mod tarworld;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -104,14 +104,23 @@ impl Summary {
     pub fn line(&self, dest: &Path) -> String {
         let s = &self.stats;
         format!(
-            "ovl-import: {} entries, {:.1} MiB, {} whiteouts, {} opaque dirs, {} skipped ({} devices, {} xattrs) in {:.2}s -> {}",
+            "ovl-import: {} entries, {:.1} MiB, {} whiteouts, {} opaque dirs, {} skipped ({} devices, {} xattrs, {} entries){} in {:.2}s -> {}",
             s.entries,
             s.bytes as f64 / (1024.0 * 1024.0),
             s.whiteouts,
             s.opaques,
-            s.skipped_devices + s.skipped_xattrs,
+            s.skipped_devices + s.skipped_xattrs + s.skipped_entries,
             s.skipped_devices,
             s.skipped_xattrs,
+            s.skipped_entries,
+            if s.lower_link_copies > 0 {
+                format!(
+                    ", {} hardlinks to lower-layer files copied",
+                    s.lower_link_copies
+                )
+            } else {
+                String::new()
+            },
             self.elapsed.as_secs_f64(),
             dest.display()
         )
@@ -133,6 +142,9 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
             set_total(opts, Some(total));
             let mut stats = ExtractStats::default();
             let mut names = Vec::new();
+            // The layers extracted so far, top first: a layer's implicit directories and
+            // hardlinks to lower files are resolved against them.
+            let mut below: Vec<PathBuf> = Vec::new();
             for (i, layer) in layers.iter().enumerate() {
                 let name = i.to_string();
                 let sub = staging.tmp.join(&name);
@@ -151,7 +163,8 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                     layer.path.display(),
                     ovl_layer::path::display_str(&layer.media_type)
                 );
-                stats.add(&extract_stream(raw, &sub, ex, &label)?);
+                stats.add(&extract_stream(raw, &sub, ex, &below, &label)?);
+                below.insert(0, sub);
                 names.push(dest.join(name));
             }
             names.reverse();
@@ -159,7 +172,7 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
         }
         Source::Stdin => {
             let r = ProgressReader::new(std::io::stdin(), opts.progress.clone());
-            let s = extract_stream(r, &staging.tmp, ex, "stdin")?;
+            let s = extract_stream(r, &staging.tmp, ex, &[], "stdin")?;
             (s, None)
         }
         Source::File(path) => {
@@ -174,7 +187,7 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                 .map(|m| m.len());
             set_total(opts, total);
             let r = ProgressReader::new(file, opts.progress.clone());
-            let s = extract_stream(r, &staging.tmp, ex, &path.display().to_string())?;
+            let s = extract_stream(r, &staging.tmp, ex, &[], &path.display().to_string())?;
             (s, None)
         }
     };
@@ -198,6 +211,7 @@ fn extract_stream<R: Read + Send + 'static>(
     raw: R,
     into: &Path,
     ex: ExtractOptions,
+    lowers: &[PathBuf],
     label: &str,
 ) -> Result<ExtractStats, ImportError> {
     let src_err = |e: std::io::Error| ImportError::Source {
@@ -210,12 +224,13 @@ fn extract_stream<R: Read + Send + 'static>(
         path: into.to_path_buf(),
         source: e,
     })?;
-    let stats = ovl_layer::extract::extract(&mut reader, &root, ex).map_err(|err| {
-        ImportError::Extract {
-            source_name: label.to_string(),
-            err,
-        }
-    })?;
+    let stats =
+        ovl_layer::extract::extract_onto(&mut reader, &root, ex, lowers).map_err(|err| {
+            ImportError::Extract {
+                source_name: label.to_string(),
+                err,
+            }
+        })?;
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(src_err)?;
     Ok(stats)
 }

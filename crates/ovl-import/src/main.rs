@@ -22,7 +22,7 @@ enum OpaqueXattr {
     User,
 }
 
-/// Unpack an image tarball (gzip, zstd or plain; a file, `-` for stdin, or `oci:DIR[:TAG]`) into
+/// Unpack an image tarball (gzip, zstd, xz, bzip2 or plain; a file, `-` for stdin, or `oci:DIR[:TAG]`) into
 /// a new overlay lowerdir DEST. OCI whiteouts become overlay whiteouts.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -86,6 +86,16 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         out.write_all(lower.as_bytes())
             .and_then(|()| out.write_all(b"\n"))
             .context("writing the lowerdir list to stdout")?;
+    }
+    // What was skipped is said even with --quiet: the tree is not the whole archive.
+    for note in &summary.stats.notes {
+        eprintln!("ovl-import: warning: {note}");
+    }
+    if summary.stats.skipped_entries > summary.stats.notes.len() as u64 {
+        eprintln!(
+            "ovl-import: warning: {} more entries skipped",
+            summary.stats.skipped_entries - summary.stats.notes.len() as u64
+        );
     }
     if !cli.quiet {
         eprintln!("{}", summary.line(&cli.dest));

@@ -1,6 +1,7 @@
 //! Compression: sniffing the format from magic bytes, and decoding in-process.
 //!
-//! Owns which compressions a layer may come in. Decompression always happens in this process
+//! Owns which compressions a layer may come in (gzip, zstd, xz, bzip2; others are named in the
+//! error). Decompression always happens in this process
 //! (never by running a helper binary that an image could shadow), on its own thread, so the
 //! thread that writes files never waits on inflate ([`ThreadedReader`]).
 
@@ -13,15 +14,45 @@ pub enum Compression {
     None,
     Gzip,
     Zstd,
+    /// System images ship `rootfs.tar.xz`.
+    Xz,
+    Bzip2,
+    /// A format we recognise but do not read (`.Z`, lz4, lzma, ...): its name, for the error.
+    Unsupported(&'static str),
 }
+
+/// Magic numbers of the formats a tarball may come in that we do not read, so the error can
+/// name them.
+const UNSUPPORTED: &[(&[u8], &str)] = &[
+    (&[0x1f, 0x9d], "compress (.Z)"),
+    (&[0x1f, 0xa0], "LZH compress"),
+    (&[0x04, 0x22, 0x4d, 0x18], "lz4"),
+    (&[0x02, 0x21, 0x4c, 0x18], "lz4 (legacy)"),
+    (b"LZIP", "lzip"),
+    (&[0x5d, 0x00, 0x00], "lzma"),
+    (&[0x37, 0x7a, 0xbc, 0xaf, 0x27, 0x1c], "7z"),
+    (b"PK\x03\x04", "zip"),
+];
 
 impl Compression {
     /// Judge by the first bytes of the stream.
     pub(crate) fn sniff(head: &[u8]) -> Compression {
         if head.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+            // A zstd stream may open with a skippable frame (magic 0x184D2A50..5F); the
+            // decoder steps over it.
+            || (head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18])
+        {
             Compression::Zstd
+        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+            Compression::Xz
+        } else if head.len() >= 4 && head.starts_with(b"BZh") && (b'1'..=b'9').contains(&head[3]) {
+            Compression::Bzip2
+        } else if looks_like_tar(head) {
+            Compression::None
+        } else if let Some((_, name)) = UNSUPPORTED.iter().find(|(m, _)| head.starts_with(m)) {
+            Compression::Unsupported(name)
         } else {
             Compression::None
         }
@@ -32,8 +63,35 @@ impl Compression {
             Compression::None => "none",
             Compression::Gzip => "gzip",
             Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::Bzip2 => "bzip2",
+            Compression::Unsupported(name) => name,
         }
     }
+}
+
+/// A first block that is a tar header with a good checksum: plain tar, whatever its first
+/// bytes (a member named `]` starts like an lzma stream).
+fn looks_like_tar(head: &[u8]) -> bool {
+    let Some(block) = head.get(..512) else {
+        return false;
+    };
+    let stored = std::str::from_utf8(&block[148..156])
+        .ok()
+        .map(|s| s.trim_matches(|c| c == ' ' || c == '\0'))
+        .and_then(|s| u32::from_str_radix(s, 8).ok());
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    stored == Some(sum)
 }
 
 /// Peek at a stream's first bytes, then wrap it in the right decoder.
@@ -53,6 +111,17 @@ pub fn decoder<R: Read + Send + 'static>(
         Compression::None => Box::new(buf),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buf)),
         Compression::Zstd => Box::new(zstd::Decoder::with_buffer(buf)?),
+        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buf)),
+        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buf)),
+        Compression::Unsupported(name) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the input is {name}-compressed, which is not supported: decompress it \
+                     first (gzip, zstd, xz, bzip2 and plain tar are read)"
+                ),
+            ));
+        }
     };
     Ok((kind, out))
 }

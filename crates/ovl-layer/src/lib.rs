@@ -25,6 +25,7 @@ pub mod pgzip;
 pub mod progress;
 pub mod root;
 pub mod staging;
+pub mod tarin;
 pub mod tarout;
 pub mod upper;
 pub mod userns;
