@@ -11,7 +11,8 @@ use clap::{Parser, ValueEnum};
 use ovl_cli::progress::{Bar, CountingWriter, Unit};
 use ovl_diff::oci::LayoutRef;
 use ovl_diff::{Compression, DiffOptions, LayerInfo, Stats};
-use ovl_layer::identity::Reexec;
+use ovl_layer::identity::{Identity, Reexec};
+use ovl_layer::idmap::IdRange;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Compress {
@@ -53,10 +54,25 @@ struct Cli {
     /// No summary line.
     #[arg(short, long)]
     quiet: bool,
+    /// The uid map the upper was written under (`ovl-mount --uidmap`, `ovl-import --uidmap`):
+    /// its host ids are exported as the container ids of the map, and a host id outside the map
+    /// is an error naming the path. Repeatable; alone, it maps gids too. Real root only.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    uidmap: Vec<IdRange>,
+    /// The gid map the upper was written under, as --uidmap.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    gidmap: Vec<IdRange>,
 }
 
 fn main() {
     let cli: Cli = ovl_cli::parse();
+    if (!cli.uidmap.is_empty() || !cli.gidmap.is_empty()) && !Identity::current().is_real_root() {
+        eprintln!(
+            "ovl-diff: error: --uidmap/--gidmap need real root (the upper holds host ids of the \
+             map); as a user, ovl-diff maps your /etc/subuid and /etc/subgid ranges itself"
+        );
+        std::process::exit(1);
+    }
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user
     // namespace mapped to our subordinate ids, so host ids read back as container ids and
     // every file is readable.
@@ -85,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(t) = cli.threads {
         opts.threads = t.max(1);
     }
+    opts.ids = ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?;
     opts.refuse_ids = ovl_diff::unmapped_id_markers();
     opts.id_alias = ovl_diff::id_alias_in_this_namespace();
     let upper = cli.upper.display().to_string();

@@ -88,6 +88,8 @@ pub struct ImportOptions {
     pub owners: OwnerPolicy,
     /// Counts the archive bytes read (of the total when it is known), for a progress bar.
     pub progress: Option<std::sync::Arc<Progress>>,
+    /// `--uidmap`/`--gidmap`: write owners as the host ids of this map.
+    pub shift: Option<ovl_layer::idmap::RootlessMaps>,
 }
 
 /// What an import did.
@@ -134,6 +136,7 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
     let ex = ExtractOptions {
         opaque_ns: opts.opaque_ns,
         owners: opts.owners,
+        shift: opts.shift.clone().map(std::sync::Arc::new),
     };
     let (stats, lowerdirs) = match source {
         Source::Oci { dir, tag } => {
@@ -163,7 +166,7 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                     layer.path.display(),
                     ovl_layer::path::display_str(&layer.media_type)
                 );
-                stats.add(&extract_stream(raw, &sub, ex, &below, &label)?);
+                stats.add(&extract_stream(raw, &sub, ex.clone(), &below, &label)?);
                 below.insert(0, sub);
                 names.push(dest.join(name));
             }

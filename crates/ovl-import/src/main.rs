@@ -12,6 +12,7 @@ use clap::{Parser, ValueEnum};
 use ovl_cli::progress::{Bar, Unit};
 use ovl_import::{ImportOptions, Source};
 use ovl_layer::identity::{Identity, Reexec};
+use ovl_layer::idmap::IdRange;
 use ovl_layer::whiteout::XattrNs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -37,10 +38,26 @@ struct Cli {
     /// The namespace of the opaque-directory xattr (`user` for a rootless `userxattr` stack).
     #[arg(long, value_enum, default_value = "auto")]
     opaque_xattr: OpaqueXattr,
+    /// Import already shifted (real root): an owner with container uid N lands as the host uid
+    /// the map gives N (CONTAINER..+COUNT -> HOST..+COUNT). Repeatable; alone, it maps gids
+    /// too. For kernels or filesystems without idmapped layers: mount the result with
+    /// `ovl-mount --uidmap ... --shifted-lowers`.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    uidmap: Vec<IdRange>,
+    /// Shift group ids, as --uidmap does for user ids.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    gidmap: Vec<IdRange>,
 }
 
 fn main() {
     let cli: Cli = ovl_cli::parse();
+    if (!cli.uidmap.is_empty() || !cli.gidmap.is_empty()) && !Identity::current().is_real_root() {
+        eprintln!(
+            "ovl-import: error: --uidmap/--gidmap need real root (they chown to any host id); as a \
+             user, ovl-import maps your /etc/subuid and /etc/subgid ranges itself"
+        );
+        std::process::exit(1);
+    }
     // Rootless: do the work as container root in a user namespace mapped to our subordinate
     // ids, so image owners land as mapped host ids.
     let identity = Reexec::new("ovl-import")
@@ -70,6 +87,7 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         opaque_ns,
         owners,
         progress,
+        shift: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
     };
     let result = ovl_import::import(&source, &cli.dest, &opts);
     drop(bar);

@@ -7,9 +7,11 @@
 //! then mode (puts back the bits the chown cleared), then times last (after the data and
 //! everything else).
 //!
-//! Also owns umoci's record of a rootless owner ([`ROOTLESS_XATTR`]). Which xattrs are overlay
-//! markers rather than content is [`crate::whiteout`]'s; the `*at` calls are
-//! [`crate::fsops`]'s and [`crate::xattrs`]'s.
+//! Also owns which owner an entry gets: its own, shifted to host ids by a `--uidmap`/`--gidmap`
+//! ([`Owner::Shift`]), or recorded in xattrs where it cannot be real ([`Owner::Record`]; the
+//! records themselves are [`crate::owners`]'). Which xattrs are overlay markers rather than
+//! content is [`crate::whiteout`]'s; the `*at` calls are [`crate::fsops`]'s and
+//! [`crate::xattrs`]'s.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -18,31 +20,8 @@ use std::os::fd::BorrowedFd;
 
 use rustix::fs::{AtFlags, FileType, Mode, Stat, Timespec, Timestamps};
 
-use crate::{fsops, whiteout, xattrs};
-
-/// The xattr umoci uses to record the owner of a rootless file (a protobuf `Resource`).
-pub(crate) const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
-
-/// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
-pub(crate) fn encode_rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u32) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    let mut out = Vec::new();
-    if uid != 0 {
-        out.push(0x08);
-        varint(&mut out, uid);
-    }
-    if gid != 0 {
-        out.push(0x10);
-        varint(&mut out, gid);
-    }
-    out
-}
+use crate::idmap::RootlessMaps;
+use crate::{fsops, owners, whiteout, xattrs};
 
 /// The metadata an entry is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,14 +131,18 @@ impl Target<'_> {
 
 /// What becomes of the owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
+pub enum Owner<'a> {
     /// Left as it is.
     Leave,
     /// chown to the entry's ids, unless it has them already.
     Chown,
-    /// Left as it is, and the entry's ids recorded in [`ROOTLESS_XATTR`] (before its other
-    /// xattrs), as umoci does when there are no subordinate ids to chown to. Root (0:0) needs
-    /// no record.
+    /// chown to the host ids these maps give the entry's ids (`ovl-import --uidmap`), unless it
+    /// has them already; an id outside the map is [`Step::Unmapped`].
+    Shift(&'a RootlessMaps),
+    /// Left as it is, and the entry's owner recorded in xattrs (before its other xattrs), as
+    /// [`owners::records`] says: where there are no subordinate ids to chown to. The mode is
+    /// recorded too on an open file or directory ([`Target::Fd`]), the only kinds
+    /// fuse-overlayfs presents a record for.
     Record,
 }
 
@@ -190,8 +173,8 @@ pub enum Perms {
 
 /// How [`apply`] goes about it.
 #[derive(Debug, Clone, Copy)]
-pub struct How {
-    pub owner: Owner,
+pub struct How<'a> {
+    pub owner: Owner<'a>,
     /// The owner the entry has now, when the caller knows it (what it just made has the
     /// creator's ids), so it is not read again.
     pub owner_now: Option<(u32, u32)>,
@@ -204,10 +187,10 @@ pub struct How {
     pub times: bool,
 }
 
-impl How {
+impl How<'_> {
     /// Everything, exactly: the owner, exactly these xattrs, the mode, the times (what a copy
     /// of an entry that already exists on disk gets).
-    pub const EXACT: How = How {
+    pub const EXACT: How<'static> = How {
         owner: Owner::Chown,
         owner_now: None,
         xattrs: Xattrs::Exact,
@@ -229,7 +212,15 @@ pub struct Applied {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     Stat,
-    Owner { uid: u32, gid: u32 },
+    Owner {
+        uid: u32,
+        gid: u32,
+    },
+    /// The entry's `which` ("uid" or "gid") `id` is outside the map of [`Owner::Shift`].
+    Unmapped {
+        which: &'static str,
+        id: u32,
+    },
     ListXattrs,
     SetXattr(String),
     RemoveXattr(String),
@@ -242,6 +233,7 @@ impl fmt::Display for Step {
         match self {
             Step::Stat => write!(f, "stat"),
             Step::Owner { uid, gid } => write!(f, "chown {uid}:{gid}"),
+            Step::Unmapped { which, id } => write!(f, "{which} {id} outside the --{which}map"),
             Step::ListXattrs => write!(f, "list xattrs"),
             Step::SetXattr(n) => write!(f, "set xattr {n}"),
             Step::RemoveXattr(n) => write!(f, "remove xattr {n}"),
@@ -275,7 +267,7 @@ fn is_refusal(e: &io::Error) -> bool {
 }
 
 /// Give `target` the metadata `meta`, as `how` says, in the order owner, xattrs, mode, times.
-pub fn apply(target: Target<'_>, meta: &Meta, how: &How) -> Result<Applied, ApplyError> {
+pub fn apply(target: Target<'_>, meta: &Meta, how: &How<'_>) -> Result<Applied, ApplyError> {
     let at = |step: Step| move |source: io::Error| ApplyError { step, source };
     let mut done = Applied::default();
     // Read at most once, and only when something needs it.
@@ -287,7 +279,25 @@ pub fn apply(target: Target<'_>, meta: &Meta, how: &How) -> Result<Applied, Appl
         Ok(st.expect("just read"))
     };
 
-    if how.owner == Owner::Chown {
+    let owner = match how.owner {
+        Owner::Chown => Some((meta.uid, meta.gid)),
+        Owner::Shift(maps) => {
+            let unmapped = |which, id| ApplyError {
+                step: Step::Unmapped { which, id },
+                source: io::Error::from_raw_os_error(libc::EOVERFLOW),
+            };
+            Some((
+                maps.uid
+                    .to_host(meta.uid)
+                    .ok_or_else(|| unmapped("uid", meta.uid))?,
+                maps.gid
+                    .to_host(meta.gid)
+                    .ok_or_else(|| unmapped("gid", meta.gid))?,
+            ))
+        }
+        Owner::Leave | Owner::Record => None,
+    };
+    if let Some((uid, gid)) = owner {
         let now = match how.owner_now {
             Some(ids) => ids,
             None => {
@@ -295,21 +305,27 @@ pub fn apply(target: Target<'_>, meta: &Meta, how: &How) -> Result<Applied, Appl
                 (s.st_uid, s.st_gid)
             }
         };
-        if now != (meta.uid, meta.gid) {
-            target.chown(meta.uid, meta.gid).map_err(at(Step::Owner {
-                uid: meta.uid,
-                gid: meta.gid,
-            }))?;
+        if now != (uid, gid) {
+            target
+                .chown(uid, gid)
+                .map_err(at(Step::Owner { uid, gid }))?;
             done.chowned = true;
         }
     }
 
-    let record = (how.owner == Owner::Record && (meta.uid, meta.gid) != (0, 0))
-        .then(|| (ROOTLESS_XATTR, encode_rootless_owner(meta.uid, meta.gid)));
-    let wanted = record
+    let records = match how.owner {
+        Owner::Record => owners::records(
+            meta.uid,
+            meta.gid,
+            meta.mode,
+            matches!(target, Target::Fd(_)),
+        ),
+        _ => Vec::new(),
+    };
+    let wanted = records
         .iter()
-        .map(|(n, v)| (*n, v.as_slice()))
-        .chain(meta.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+        .chain(meta.xattrs.iter())
+        .map(|(n, v)| (n.as_str(), v.as_slice()));
     let mut set = |name: &str, value: &[u8]| match target.set_xattr(name, value) {
         Ok(()) => Ok(()),
         Err(e) if how.skip_refused_xattrs && is_refusal(&e) => {
@@ -384,16 +400,6 @@ mod tests {
             },
             xattrs: vec![("user.a".into(), b"1".to_vec())],
         }
-    }
-
-    #[test]
-    fn rootless_owner_encoding_matches_umoci() {
-        assert_eq!(encode_rootless_owner(0, 0), Vec::<u8>::new());
-        assert_eq!(encode_rootless_owner(42, 0), vec![0x08, 42]);
-        assert_eq!(
-            encode_rootless_owner(1000, 300),
-            vec![0x08, 0xe8, 0x07, 0x10, 0xac, 0x02]
-        );
     }
 
     /// By name: a symlink keeps its target's mode untouched and gets its own times; a file
@@ -477,8 +483,12 @@ mod tests {
         assert!(!done.chowned);
         if done.skipped_xattrs == 0 {
             assert_eq!(
-                xattr::get(&f, ROOTLESS_XATTR).unwrap(),
-                Some(encode_rootless_owner(1000, 300))
+                xattr::get(&f, owners::ROOTLESS_XATTR).unwrap(),
+                Some(owners::encode_rootless(1000, 300))
+            );
+            assert_eq!(
+                xattr::get(&f, owners::FUSE_OVERRIDE_XATTR).unwrap(),
+                Some(b"1000:300:2755".to_vec())
             );
         }
     }

@@ -24,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use rustix::fs::{FileType, Mode, OFlags, Timespec};
 
 use crate::apply::{self, ApplyError, How, Meta, Owner, Perms, Step, Target, Xattrs};
+use crate::owners;
 use crate::path::{LayerPath, PathError, display_bytes, display_str};
 use crate::root::{Leaf, Root};
 use crate::tarin::{Header, Kind, Sparse, TarError, TarReader};
@@ -34,16 +35,20 @@ use crate::whiteout::{self, OciName, XattrNs};
 pub enum OwnerPolicy {
     /// chown to the archive's ids (real root, or a user namespace that maps them).
     Preserve,
-    /// Leave files to the caller and record the archive's owner in the
-    /// `user.rootlesscontainers` xattr, as umoci does (no subordinate ids).
+    /// Leave files to the caller and record the archive's owner (and, for files and
+    /// directories, the mode) in xattrs: fuse-overlayfs' override_stat, which it presents, and
+    /// umoci's `user.rootlesscontainers` (no subordinate ids; see [`crate::owners`]).
     Record,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExtractOptions {
     /// Where opaque-directory xattrs go.
     pub opaque_ns: XattrNs,
     pub owners: OwnerPolicy,
+    /// With [`OwnerPolicy::Preserve`]: chown to the host ids this map gives the archive's
+    /// owners (`ovl-import --uidmap`); an owner outside the map is an error naming the entry.
+    pub shift: Option<std::sync::Arc<crate::idmap::RootlessMaps>>,
 }
 
 /// What an extraction did, for the summary line.
@@ -214,6 +219,9 @@ impl Extractor<'_> {
             self.entry(&h, &mut tar)?;
         }
         self.finish_dirs()?;
+        if self.opts.owners == OwnerPolicy::Record {
+            self.record_root_override()?;
+        }
         Ok(self.stats)
     }
 }
@@ -560,6 +568,8 @@ impl Extractor<'_> {
                 *name = escaped;
             }
         }
+        // An archive does not get to say what owner a rootless mount presents.
+        m.xattrs.retain(|(name, _)| !owners::is_owner_record(name));
         // The last record for a name wins.
         m.xattrs.reverse();
         m.xattrs.sort_by(|a, b| a.0.cmp(&b.0));
@@ -971,6 +981,32 @@ impl Extractor<'_> {
         self.apply_meta(target, &meta, Perms::Set, true, raw)
     }
 
+    /// fuse-overlayfs presents a layer's override_stat records only when the layer's root
+    /// directory carries one: give the root one (root's, with its mode) when the archive had no
+    /// root entry.
+    fn record_root_override(&mut self) -> Result<(), ExtractError> {
+        let fd = rustix::fs::openat(
+            self.root.fd(),
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| entry_err(b".", e))?;
+        match rustix::fs::fgetxattr(&fd, owners::FUSE_OVERRIDE_XATTR, &mut [0u8; 64]) {
+            Ok(_) => Ok(()),
+            Err(rustix::io::Errno::NODATA) => {
+                let st = rustix::fs::fstat(&fd).map_err(|e| entry_err(b".", e))?;
+                let meta = Meta {
+                    uid: 0,
+                    gid: 0,
+                    ..Meta::from_disk(&st, &[])
+                };
+                self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, b".")
+            }
+            Err(e) => Err(entry_err(b".", format!("read xattr: {e}"))),
+        }
+    }
+
     /// Give an entry its owner (as the policy says) and xattrs, then its mode as `perms` says
     /// and, with `times`, its times.
     fn apply_meta(
@@ -982,9 +1018,10 @@ impl Extractor<'_> {
         raw: &[u8],
     ) -> Result<(), ExtractError> {
         let how = How {
-            owner: match self.opts.owners {
-                OwnerPolicy::Preserve => Owner::Chown,
-                OwnerPolicy::Record => Owner::Record,
+            owner: match (self.opts.owners, &self.opts.shift) {
+                (OwnerPolicy::Preserve, None) => Owner::Chown,
+                (OwnerPolicy::Preserve, Some(maps)) => Owner::Shift(maps),
+                (OwnerPolicy::Record, _) => Owner::Record,
             },
             owner_now: self.creator,
             xattrs: Xattrs::Add,
@@ -1087,6 +1124,10 @@ fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {
             raw,
             format!("owner {uid}:{gid} is not mapped in this user namespace"),
         ),
+        Step::Unmapped { which, id } => entry_err(
+            raw,
+            format!("its {which} {id} is outside the --{which}map given: widen the map to hold it"),
+        ),
         step => entry_err(raw, format!("{step}: {}", e.source)),
     }
 }
@@ -1129,6 +1170,7 @@ mod tests {
             ExtractOptions {
                 opaque_ns: XattrNs::User,
                 owners,
+                shift: None,
             },
         )
     }
@@ -1222,6 +1264,7 @@ mod tests {
             let opts = ExtractOptions {
                 opaque_ns: XattrNs::User,
                 owners: OwnerPolicy::Record,
+                shift: None,
             };
             let err = extract(lazy, &root, opts).unwrap_err();
             // The message and its cause (a read error says only "reading the archive").

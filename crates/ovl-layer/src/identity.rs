@@ -9,7 +9,7 @@
 //! - the overlay xattr namespace ([`Identity::xattr_ns`]): `trusted.overlay.*` for real root,
 //!   `user.overlay.*` (a `userxattr` mount) for anyone else;
 //! - how image owners land ([`Identity::owner_policy`]): chowned, unless the namespace maps a
-//!   single id, where they are recorded in `user.rootlesscontainers` instead;
+//!   single id, where they are recorded in xattrs instead ([`crate::owners`]);
 //! - whether to run again as root of a new user namespace mapped to the user's subordinate ids
 //!   (a plain user) and how ([`Reexec`]; the namespace itself is made by [`crate::userns`]).
 
@@ -71,7 +71,7 @@ impl Identity {
 
     /// How extracted files get the archive's owners: chowned (real root, or a namespace that
     /// maps a range of ids), or, where only one id is mapped (`unshare -r`, a user without
-    /// subordinate ids), left to this process and recorded in `user.rootlesscontainers`.
+    /// subordinate ids), left to this process and recorded in xattrs ([`crate::owners`]).
     pub fn owner_policy(&self) -> OwnerPolicy {
         match self {
             Identity::RealRoot => OwnerPolicy::Preserve,
@@ -158,8 +158,9 @@ impl Reexec {
         if self.warn_single && !plan.maps.has_subordinate_ids() {
             eprintln!(
                 "{tool}: warning: no subordinate ids for this user in /etc/subuid and \
-                 /etc/subgid: files will belong to you and image owners are recorded in the \
-                 user.rootlesscontainers xattr"
+                 /etc/subgid: files will belong to you and image owners and modes are \
+                 recorded in xattrs (user.fuseoverlayfs.override_stat, which fuse-overlayfs \
+                 presents, and umoci's user.rootlesscontainers)"
             );
         }
         match userns::reexec_self(&plan) {

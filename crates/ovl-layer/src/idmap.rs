@@ -4,6 +4,8 @@
 //! (/etc/subuid, /etc/subgid) become a user-namespace map (container 0 is the user itself,
 //! container 1..=65536 are the first 65536 subordinate ids), and how ids are translated in both
 //! directions with that map (import and mount go container -> host, diff goes host -> container).
+//! Also the one parser of `--uidmap CONTAINER:HOST:COUNT` / `--gidmap ...`, the same syntax in
+//! every tool ([`IdRange`]'s `FromStr`, [`shift_maps`]).
 
 use std::path::Path;
 
@@ -18,6 +20,85 @@ pub struct IdRange {
     pub count: u32,
 }
 
+/// Why a `--uidmap`/`--gidmap` value or list is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdMapError {
+    #[error(
+        "{0:?}: an id map is CONTAINER:HOST:COUNT, three decimal numbers (e.g. 0:100000:65536)"
+    )]
+    Syntax(String),
+    #[error("{0:?}: COUNT must be at least 1")]
+    Empty(String),
+    #[error("{0:?}: the range runs past the last id (4294967294)")]
+    TooLong(String),
+    #[error(
+        "--{which} ranges {a} and {b} overlap on the {side} side (the kernel refuses such a map)"
+    )]
+    Overlap {
+        which: &'static str,
+        a: IdRange,
+        b: IdRange,
+        side: &'static str,
+    },
+    #[error("--{0} has more than 340 ranges (the kernel's limit)")]
+    TooMany(&'static str),
+}
+
+impl std::fmt::Display for IdRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.container, self.host, self.count)
+    }
+}
+
+impl std::str::FromStr for IdRange {
+    type Err = IdMapError;
+
+    /// `CONTAINER:HOST:COUNT`, as `--uidmap`/`--gidmap` take it (podman's and umoci's syntax).
+    fn from_str(s: &str) -> Result<Self, IdMapError> {
+        let f: Vec<&str> = s.split(':').collect();
+        let num = |x: &str| -> Result<u32, IdMapError> {
+            if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(IdMapError::Syntax(s.to_string()));
+            }
+            x.parse().map_err(|_| IdMapError::TooLong(s.to_string()))
+        };
+        let [c, h, n] = f[..] else {
+            return Err(IdMapError::Syntax(s.to_string()));
+        };
+        let r = IdRange {
+            container: num(c)?,
+            host: num(h)?,
+            count: num(n)?,
+        };
+        if r.count == 0 {
+            return Err(IdMapError::Empty(s.to_string()));
+        }
+        // u32::MAX is "no id" (chown's "unchanged"): a range may end just below it.
+        let fits = |start: u32| u64::from(start) + u64::from(r.count) <= u64::from(u32::MAX);
+        if !fits(r.container) || !fits(r.host) {
+            return Err(IdMapError::TooLong(s.to_string()));
+        }
+        Ok(r)
+    }
+}
+
+/// The uid and gid maps of `--uidmap` / `--gidmap` (each repeatable): `None` when neither was
+/// given. Given one without the other, it maps both (as podman does).
+pub fn shift_maps(uid: &[IdRange], gid: &[IdRange]) -> Result<Option<RootlessMaps>, IdMapError> {
+    if uid.is_empty() && gid.is_empty() {
+        return Ok(None);
+    }
+    let (uid, gid) = match (uid.is_empty(), gid.is_empty()) {
+        (false, true) => (uid, uid),
+        (true, false) => (gid, gid),
+        _ => (uid, gid),
+    };
+    Ok(Some(RootlessMaps {
+        uid: IdMap::checked(uid.to_vec(), "uidmap")?,
+        gid: IdMap::checked(gid.to_vec(), "gidmap")?,
+    }))
+}
+
 /// A list of id ranges, as written to /proc/PID/uid_map.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IdMap {
@@ -27,6 +108,36 @@ pub struct IdMap {
 impl IdMap {
     pub fn new(ranges: Vec<IdRange>) -> Self {
         Self { ranges }
+    }
+
+    /// A map from `--uidmap`/`--gidmap` ranges, refused when two ranges overlap on either side
+    /// (the kernel would refuse to write it) or there are more than the kernel takes.
+    pub fn checked(ranges: Vec<IdRange>, which: &'static str) -> Result<Self, IdMapError> {
+        if ranges.len() > 340 {
+            return Err(IdMapError::TooMany(which));
+        }
+        for (i, a) in ranges.iter().enumerate() {
+            for b in &ranges[i + 1..] {
+                let over = |x: u32, y: u32| {
+                    let (x, y) = (u64::from(x), u64::from(y));
+                    x < y + u64::from(b.count) && y < x + u64::from(a.count)
+                };
+                for (side, hit) in [
+                    ("container", over(a.container, b.container)),
+                    ("host", over(a.host, b.host)),
+                ] {
+                    if hit {
+                        return Err(IdMapError::Overlap {
+                            which,
+                            a: *a,
+                            b: *b,
+                            side,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Self::new(ranges))
     }
 
     /// The identity map over every id (what real root sees).
@@ -262,6 +373,64 @@ mod tests {
         assert_eq!(m.to_container(100041), Some(42));
         assert_eq!(m.to_container(1001), Some(0));
         assert_eq!(m.to_container(0), None);
+    }
+
+    #[test]
+    fn uidmap_arguments_parse_and_are_checked() {
+        let r: IdRange = "0:100000:65536".parse().unwrap();
+        assert_eq!(
+            r,
+            IdRange {
+                container: 0,
+                host: 100000,
+                count: 65536
+            }
+        );
+        assert_eq!(r.to_string(), "0:100000:65536");
+        for bad in ["", "0:1", "0:1:2:3", "a:1:2", "-1:0:1", "0: 1:2", "+0:1:1"] {
+            assert!(
+                matches!(bad.parse::<IdRange>(), Err(IdMapError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "0:1:0".parse::<IdRange>(),
+            Err(IdMapError::Empty("0:1:0".into()))
+        );
+        assert!(matches!(
+            "0:4294967295:1".parse::<IdRange>(),
+            Err(IdMapError::TooLong(_))
+        ));
+        assert!(matches!(
+            "0:1:99999999999".parse::<IdRange>(),
+            Err(IdMapError::TooLong(_))
+        ));
+        "0:4294967294:1".parse::<IdRange>().unwrap();
+
+        let a: IdRange = "0:100000:65536".parse().unwrap();
+        let b: IdRange = "65536:200000:10".parse().unwrap();
+        let m = shift_maps(&[a, b], &[]).unwrap().unwrap();
+        assert_eq!(m.uid, m.gid);
+        assert_eq!(m.uid.to_host(42), Some(100042));
+        assert_eq!(m.uid.to_host(65537), Some(200001));
+        assert_eq!(m.uid.to_container(100042), Some(42));
+        assert_eq!(m.uid.to_container(0), None);
+        assert_eq!(m.uid.to_proc_text(), "0 100000 65536\n65536 200000 10\n");
+        assert_eq!(shift_maps(&[], &[]).unwrap(), None);
+        let g = shift_maps(&[], &[b]).unwrap().unwrap();
+        assert_eq!(g.uid, IdMap::new(vec![b]));
+        let c: IdRange = "10:300000:5".parse().unwrap();
+        let e = shift_maps(&[a, c], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("overlap on the container side"),
+            "{e}"
+        );
+        let d: IdRange = "70000:100005:5".parse().unwrap();
+        let e = shift_maps(&[a], &[a, d]).unwrap_err();
+        assert!(
+            e.to_string().contains("--gidmap") && e.to_string().contains("host side"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -815,6 +815,7 @@ mod tests {
             crate::extract::ExtractOptions {
                 opaque_ns: crate::whiteout::XattrNs::User,
                 owners: crate::extract::OwnerPolicy::Record,
+                shift: None,
             },
         )
         .unwrap();

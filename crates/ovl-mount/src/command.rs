@@ -29,9 +29,15 @@ pub fn ignore_terminal_signals() {
     }
 }
 
-/// Run `argv` with MERGED as its working directory (or its root), wait, and return its exit
-/// code (128+N for a signal).
-pub fn run(argv: &[OsString], merged: &Path, chroot: bool) -> Result<i32> {
+/// Run `argv` with MERGED as its working directory (or its root), as root of the user
+/// namespace `userns` when given (a shifted mount), wait, and return its exit code (128+N for
+/// a signal).
+pub fn run(
+    argv: &[OsString],
+    merged: &Path,
+    chroot: bool,
+    userns: Option<std::os::fd::RawFd>,
+) -> Result<i32> {
     let (program, args) = argv.split_first().expect("a command");
     let mut cmd = Command::new(program);
     // The command is not a re-executed ovl tool, even if it runs one.
@@ -46,7 +52,8 @@ pub fn run(argv: &[OsString], merged: &Path, chroot: bool) -> Result<i32> {
     }
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, signal, chroot,
-    // chdir) on memory prepared before the fork.
+    // chdir, setns, setgroups, setresgid, setresuid) on memory prepared before the fork; the
+    // user namespace fd lives in the parent until the command has been waited for.
     unsafe {
         cmd.pre_exec(move || {
             // CMD must not outlive us (e.g. a SIGTERM to ovl-mount): it would keep the mount
@@ -60,6 +67,16 @@ pub fn run(argv: &[OsString], merged: &Path, chroot: bool) -> Result<i32> {
             if let Some(root) = &root {
                 if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Last, as real root still: the command becomes root of the shifted namespace.
+            // The change of uid clears the parent-death signal: set it again.
+            if let Some(ns) = userns {
+                ovl_layer::idmount::join_raw(ns)?;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    || libc::getppid() != parent
+                {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
             }
             Ok(())

@@ -94,8 +94,17 @@ fn kernel_mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<(Ac
 
 fn fuse_mount(spec: &MountSpec, layout: &Layout) -> Result<(Active, Duration)> {
     let program = host::fuse_usable(spec.fuse_program.as_deref(), spec.fuse_device.as_deref())?;
-    let (f, took) = timed(|| crate::fuse::mount(&program, layout))?;
+    let recorded = spec.recorded_owners && single_id_map();
+    let (f, took) = timed(|| crate::fuse::mount(&program, layout, recorded))?;
     Ok((Active::Fuse(f), took))
+}
+
+/// In a user namespace that maps only our own id (no subordinate ids): files cannot have
+/// their image owners, so they are recorded in xattrs (fuse-overlayfs presents them when
+/// asked).
+fn single_id_map() -> bool {
+    let maps = ovl_layer::userns::current_maps();
+    maps.uid.is_single() && maps.gid.is_single()
 }
 
 /// Mount for a command, as real root (`rootless` false) or as root of a user namespace.
@@ -142,6 +151,14 @@ pub fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounte
                 "--driver kernel".into(),
             ))
         }
+        // Asked to present recorded owners: only fuse-overlayfs can.
+        DriverChoice::Auto if spec.recorded_owners => Ok(done(
+            fuse_mount(spec, layout)?,
+            Driver::Fuse,
+            "--recorded-owners: fuse-overlayfs presents the owners and modes recorded in \
+             user.fuseoverlayfs.override_stat (xattr_permissions=2)"
+                .into(),
+        )),
         DriverChoice::Auto if version < host::USERNS_OVERLAY => {
             let why = format!(
                 "Linux {release} is older than 5.11, which first allows overlayfs in a user namespace"

@@ -132,6 +132,42 @@ pub enum MountError {
         #[source]
         fuse: Box<MountError>,
     },
+    #[error(
+        "--uidmap/--gidmap need real root (idmapped mounts take CAP_SYS_ADMIN over the layers' \
+         filesystem); as a user, ovl-mount maps your /etc/subuid and /etc/subgid ranges itself"
+    )]
+    ShiftNeedsRoot,
+    #[error(
+        "--uidmap/--gidmap need a command: ovl-mount --uidmap ... MERGED -- CMD (the map lives \
+         in the user namespace CMD runs in)"
+    )]
+    ShiftNeedsCmd,
+    #[error(
+        "--recorded-owners is for a rootless mount under a single-id map (no subordinate ids, or \
+         --idmap single) with fuse-overlayfs: that is where owners are recorded in xattrs"
+    )]
+    RecordedOwnersNeedSingle,
+    #[error("--uidmap/--gidmap work with kernel overlayfs only, not --driver fuse")]
+    ShiftFuse,
+    #[error("--uidmap/--gidmap must map container id 0 (the container's root) in both maps")]
+    ShiftNoRoot,
+    #[error(
+        "the upper directory {upper} was written under another id map: its root is owned by \
+         host {}:{}, but this map's root is host {}:{}. Mount it with the map it was written \
+         under, or use a fresh upper", owner.0, owner.1, root.0, root.1
+    )]
+    UpperOtherMap {
+        upper: PathBuf,
+        owner: (u32, u32),
+        root: (u32, u32),
+    },
+    #[error("cannot shift ids with an idmapped mount: {0}. {SHIFT_FALLBACK}")]
+    IdmapRefused(ovl_layer::idmount::IdmapMountError),
+    #[error(
+        "the kernel refused the overlay mount on {merged} with idmapped lower layers: {detail} \
+         (overlayfs takes idmapped layers since Linux 5.19). {SHIFT_FALLBACK}"
+    )]
+    ShiftedOverlayRefused { merged: PathBuf, detail: String },
     #[error("{what} failed")]
     Setup {
         what: String,
@@ -167,5 +203,10 @@ impl MountError {
         }
     }
 }
+
+/// Where an idmapped mount is refused: the copy-based shift at import.
+pub const SHIFT_FALLBACK: &str = "Fall back to shifting at import time: ovl-import --uidmap \
+    C:H:N --gidmap C:H:N SOURCE LOWER writes the lower in host ids, then mount it with \
+    ovl-mount --uidmap C:H:N --gidmap C:H:N --shifted-lowers --lower LOWER ...";
 
 pub type Result<T, E = MountError> = std::result::Result<T, E>;

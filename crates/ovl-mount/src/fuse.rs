@@ -22,9 +22,15 @@ use crate::layout::Layout;
 /// How long fuse-overlayfs may take to mount or to exit after its unmount.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// `-o xattr_permissions=2`: fuse-overlayfs presents owners and modes from
+/// `user.fuseoverlayfs.override_stat` (what ovl-import records without subordinate ids) and
+/// records every chown and chmod there (see [`ovl_layer::owners`]).
+pub const XATTR_PERMISSIONS: &str = "xattr_permissions=2";
+
 /// The `-o` value for fuse-overlayfs, every path escaped by [`ovl_layer::lowers`] for it
-/// (a path with a `:` is refused: fuse-overlayfs splits its layer lists on every colon).
-pub fn options(layout: &Layout) -> Result<OsString> {
+/// (a path with a `:` is refused: fuse-overlayfs splits its layer lists on every colon);
+/// `recorded_owners`: present and record owners in override xattrs (a single-id map).
+pub fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
     let unsafe_path = |e: LowerError| match e {
         LowerError::FuseColon { path } => MountError::UnsafePath(path, FUSE_COLON),
         other => MountError::FuseMount {
@@ -43,6 +49,10 @@ pub fn options(layout: &Layout) -> Result<OsString> {
         o.extend_from_slice(lowers::escape_fuse(u).map_err(unsafe_path)?.as_bytes());
         o.extend_from_slice(b",workdir=");
         o.extend_from_slice(lowers::escape_fuse(w).map_err(unsafe_path)?.as_bytes());
+    }
+    if recorded_owners {
+        o.push(b',');
+        o.extend_from_slice(XATTR_PERMISSIONS.as_bytes());
     }
     Ok(OsString::from_vec(o))
 }
@@ -67,12 +77,19 @@ pub struct FuseMount {
     merged: PathBuf,
 }
 
-fn command(program: &Path, layout: &Layout, foreground: bool) -> Result<Command> {
+fn command(
+    program: &Path,
+    layout: &Layout,
+    foreground: bool,
+    recorded_owners: bool,
+) -> Result<Command> {
     let mut cmd = Command::new(program);
     if foreground {
         cmd.arg("-f");
     }
-    cmd.arg("-o").arg(options(layout)?).arg(&layout.merged);
+    cmd.arg("-o")
+        .arg(options(layout, recorded_owners)?)
+        .arg(&layout.merged);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -100,9 +117,9 @@ fn failed(layout: &Layout, child: &mut Child, why: String) -> MountError {
 }
 
 /// Start fuse-overlayfs in the foreground and wait until MERGED is its mount.
-pub fn mount(program: &Path, layout: &Layout) -> Result<FuseMount> {
+pub fn mount(program: &Path, layout: &Layout, recorded_owners: bool) -> Result<FuseMount> {
     let before = mount_id(&layout.merged)?;
-    let mut cmd = command(program, layout, true)?;
+    let mut cmd = command(program, layout, true, recorded_owners)?;
     // SAFETY: prctl is async-signal-safe; the child dies with us rather than outlive its mount
     // namespace's only user.
     unsafe {
@@ -173,7 +190,7 @@ impl FuseMount {
 
 /// Start fuse-overlayfs as a daemon that outlives us (a persistent mount, as root).
 pub fn mount_persistent(program: &Path, layout: &Layout) -> Result<()> {
-    let mut cmd = command(program, layout, false)?;
+    let mut cmd = command(program, layout, false, false)?;
     let mut child = cmd.spawn().map_err(|source| MountError::Command {
         program: program.display().to_string(),
         source,
@@ -206,7 +223,7 @@ mod tests {
             merged: "/m".into(),
         };
         assert_eq!(
-            options(&l).unwrap(),
+            options(&l, false).unwrap(),
             "lowerdir=/a:/b,upperdir=/u,workdir=/w"
         );
         let commas = Layout {
@@ -216,7 +233,7 @@ mod tests {
             merged: "/m".into(),
         };
         assert_eq!(
-            options(&commas).unwrap(),
+            options(&commas, false).unwrap(),
             "lowerdir=/a\\,b:/c\\\\d,upperdir=/u\\,,workdir=/w"
         );
         let bad = Layout {
@@ -225,6 +242,9 @@ mod tests {
             work: None,
             merged: "/m".into(),
         };
-        assert!(matches!(options(&bad), Err(MountError::UnsafePath(..))));
+        assert!(matches!(
+            options(&bad, false),
+            Err(MountError::UnsafePath(..))
+        ));
     }
 }

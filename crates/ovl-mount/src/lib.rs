@@ -22,7 +22,8 @@
 //! their rules), [`inuse`] (is an upper/work already serving), [`host`] (kernel, user namespace
 //! and fuse prerequisites), [`kernel`] and [`fuse`] (the two mount mechanisms), [`driver`] (the
 //! choice and a live mount), [`chroot`] (/proc and /dev for `--chroot`), [`command`] (the child),
-//! [`session`] (the order of it all), [`error`] (typed errors that say what to do).
+//! [`session`] (the order of it all), [`shift`] (`--uidmap`: idmapped lowers, the upper's
+//! owner), [`error`] (typed errors that say what to do).
 
 pub mod chroot;
 pub mod command;
@@ -34,6 +35,7 @@ pub mod inuse;
 pub mod kernel;
 pub mod layout;
 pub mod session;
+pub mod shift;
 pub mod spec;
 
 pub use driver::Driver;

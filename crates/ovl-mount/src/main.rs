@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use ovl_layer::idmap::IdRange;
 use ovl_mount::{DriverChoice, IdmapChoice, MountSpec};
 
 /// Mount image layers with overlayfs (kernel or fuse-overlayfs), as root or rootless.
@@ -34,6 +35,24 @@ struct Cli {
     /// subids (or fail), single.
     #[arg(long, default_value = "auto", value_name = "auto|subids|single")]
     idmap: IdmapChoice,
+    /// Shift user ids (real root): CMD runs in a new user namespace where container ids
+    /// CONTAINER..CONTAINER+COUNT are host ids HOST..HOST+COUNT, and every lower is an
+    /// idmapped mount (the lower on disk is unchanged). Repeatable; alone, it maps gids too.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    uidmap: Vec<IdRange>,
+    /// Shift group ids, as --uidmap does for user ids.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    gidmap: Vec<IdRange>,
+    /// With --uidmap/--gidmap: the lowers already hold host ids (imported with
+    /// `ovl-import --uidmap`), so they are not idmapped.
+    #[arg(long)]
+    shifted_lowers: bool,
+    /// Rootless without subordinate ids: show the owners and modes ovl-import recorded
+    /// (fuse-overlayfs with xattr_permissions=2; inside, ids other than 0 read as nobody, and
+    /// fuse-overlayfs 1.10 records a copied-up file as mode 0755). Default: a kernel overlay
+    /// that shows every file as root and keeps the records for ovl-diff.
+    #[arg(long)]
+    recorded_owners: bool,
     /// Run CMD with MERGED as its root (with /proc and a minimal /dev), with a clean
     /// environment: the standard PATH, HOME=/root, and only TERM, LANG, LC_* and TZ kept.
     #[arg(long)]
@@ -92,7 +111,13 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         legacy_mount_api: cli.legacy_mount_api,
         fuse_program: cli.fuse_overlayfs,
         fuse_device: cli.fuse_device,
+        shift: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
+        shifted_lowers: cli.shifted_lowers,
+        recorded_owners: cli.recorded_owners,
     };
+    if cli.shifted_lowers && spec.shift.is_none() {
+        anyhow::bail!("--shifted-lowers goes with --uidmap/--gidmap");
+    }
     let merged = spec.merged.display().to_string();
     ovl_mount::run(&spec).with_context(|| format!("mounting on {merged}"))
 }

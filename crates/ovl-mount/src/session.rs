@@ -5,12 +5,14 @@
 //! `unshare -r` makes; [`Identity`] tells which); and the rootless form, which checks what it can as the user, takes the work
 //! directory lock, then re-executes itself inside a new user + mount namespace (unshare of a user
 //! namespace fails in a multithreaded process) where it mounts and runs the command. Also owns
-//! `--unmount`.
+//! `--unmount`, and the order of a shifted run (`--uidmap`, see [`crate::shift`]).
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use ovl_layer::identity::Identity;
 use ovl_layer::idmap::{IdMap, RootlessMaps};
+use ovl_layer::idmount::UsernsFd;
 use ovl_layer::userns::{UsernsPlan, in_userns, reexec_self};
 use ovl_layer::{lowers, mounts};
 use rustix::mount::MountPropagationFlags;
@@ -20,12 +22,26 @@ use crate::error::{MountError, Result};
 use crate::inuse::{self, WorkLock};
 use crate::layout::Layout;
 use crate::spec::{DriverChoice, IdmapChoice, MountSpec};
-use crate::{chroot, command, fuse, host, kernel};
+use crate::{chroot, command, fuse, host, kernel, shift};
 
 /// Do what `spec` asks; returns the exit code for the process (the command's, or 0).
 pub fn run(spec: &MountSpec) -> Result<i32> {
     if spec.chroot && spec.persistent() {
         return Err(MountError::ChrootNeedsCmd);
+    }
+    if spec.recorded_owners && (spec.driver == DriverChoice::Kernel || spec.persistent()) {
+        return Err(MountError::RecordedOwnersNeedSingle);
+    }
+    if spec.shift.is_some() {
+        if !Identity::current().is_real_root() {
+            return Err(MountError::ShiftNeedsRoot);
+        }
+        if spec.persistent() {
+            return Err(MountError::ShiftNeedsCmd);
+        }
+        if spec.driver == DriverChoice::Fuse {
+            return Err(MountError::ShiftFuse);
+        }
     }
     match Identity::current() {
         // The copy of ovl-mount that `rootless` started, in its new user and mount namespace.
@@ -130,8 +146,19 @@ fn private_namespace() -> Result<()> {
     })
 }
 
-fn mount_and_run(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<i32> {
-    let mounted: Mounted = driver::mount(spec, layout, rootless)?;
+/// Mount, run the command (in `userns` when given: a shifted mount), unmount.
+fn mount_and_run(
+    spec: &MountSpec,
+    layout: &Layout,
+    rootless: bool,
+    userns: Option<&UsernsFd>,
+) -> Result<i32> {
+    let mounted: Mounted = driver::mount(spec, layout, rootless).map_err(|e| match e {
+        MountError::KernelMount { merged, detail } if userns.is_some() && !spec.shifted_lowers => {
+            MountError::ShiftedOverlayRefused { merged, detail }
+        }
+        e => e,
+    })?;
     note(spec, &mounted.describe());
     note(spec, &format!("mounted {}", summary(layout)));
     let result = (|| {
@@ -139,7 +166,12 @@ fn mount_and_run(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<i3
             chroot::prepare(&layout.merged, layout.upper.is_some())?;
         }
         command::ignore_terminal_signals();
-        command::run(&spec.command, &layout.merged, spec.chroot)
+        command::run(
+            &spec.command,
+            &layout.merged,
+            spec.chroot,
+            userns.map(|u| u.as_fd().as_raw_fd()),
+        )
     })();
     let down = mounted.unmount();
     let code = result?;
@@ -149,8 +181,14 @@ fn mount_and_run(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<i3
 
 /// A command in a private mount namespace, run by real root or by the root of a user namespace.
 fn root_command(spec: &MountSpec, rootless: bool) -> Result<i32> {
+    if spec.recorded_owners && !rootless {
+        return Err(MountError::RecordedOwnersNeedSingle);
+    }
     let layout = Layout::resolve(spec)?;
     let _lock = claim(&layout)?;
+    if let (Some(maps), Some(upper)) = (&spec.shift, &layout.upper) {
+        shift::prepare_upper(upper, maps)?;
+    }
     // SAFETY: a new mount namespace only changes what this process sees of the filesystem; no
     // other thread exists yet (unshare of CLONE_NEWNS fails in a multithreaded process anyway).
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.map_err(
@@ -160,7 +198,39 @@ fn root_command(spec: &MountSpec, rootless: bool) -> Result<i32> {
         },
     )?;
     private_namespace()?;
-    mount_and_run(spec, &layout, rootless)
+    let userns = match &spec.shift {
+        Some(maps) => {
+            let ns = shift::userns(maps)?;
+            if !spec.shifted_lowers {
+                shift::idmap_lowers(&layout, &ns)?;
+            }
+            note(
+                spec,
+                &format!(
+                    "id map: uid {} gid {}; {}",
+                    ranges(&maps.uid),
+                    ranges(&maps.gid),
+                    if spec.shifted_lowers {
+                        "lowers already shifted"
+                    } else {
+                        "lowers idmapped"
+                    }
+                ),
+            );
+            Some(ns)
+        }
+        None => None,
+    };
+    mount_and_run(spec, &layout, rootless, userns.as_ref())
+}
+
+/// `C:H:N,C:H:N` for `-v`.
+fn ranges(map: &IdMap) -> String {
+    map.ranges()
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The id maps for the rootless namespace, by `--idmap`.
@@ -198,6 +268,24 @@ fn rootless_maps(spec: &MountSpec) -> Result<RootlessMaps> {
     Ok(single)
 }
 
+/// A lower imported without subordinate ids holds every file as the user's own, with the
+/// image owners only recorded in xattrs; a mount with subordinate ids shows them all as root.
+fn warn_recorded_owners(layout: &Layout) {
+    for lower in &layout.lowers {
+        let mut buf = [0u8; 64];
+        if rustix::fs::getxattr(lower, ovl_layer::owners::FUSE_OVERRIDE_XATTR, &mut buf).is_ok() {
+            eprintln!(
+                "ovl-mount: warning: {} was imported without subordinate ids: its files all \
+                 belong to you and the image's owners are only recorded in xattrs, which this \
+                 mount (with subordinate ids) does not present, so every file shows as root. \
+                 Import the image again (ovl-import SOURCE NEWDIR) to give files their owners, \
+                 or mount with --idmap single --recorded-owners to see the recorded ones.",
+                lower.display()
+            );
+        }
+    }
+}
+
 fn rootless(spec: &MountSpec) -> Result<i32> {
     if spec.persistent() {
         return Err(MountError::PersistentNeedsRoot);
@@ -207,6 +295,12 @@ fn rootless(spec: &MountSpec) -> Result<i32> {
     driver::precheck_rootless(spec)?;
     let _lock = claim(&layout)?;
     let maps = rootless_maps(spec)?;
+    if !maps.uid.is_single() {
+        if spec.recorded_owners {
+            return Err(MountError::RecordedOwnersNeedSingle);
+        }
+        warn_recorded_owners(&layout);
+    }
     command::ignore_terminal_signals();
     Ok(reexec_self(&UsernsPlan {
         maps,
@@ -221,7 +315,7 @@ fn inside_userns(spec: &MountSpec) -> Result<i32> {
     private_namespace()?;
     // The outer process checked and locked; resolving again only re-reads the same paths.
     let layout = Layout::resolve(spec)?;
-    mount_and_run(spec, &layout, true)
+    mount_and_run(spec, &layout, true, None)
 }
 
 /// `--unmount MERGED`: take down a persistent mount.

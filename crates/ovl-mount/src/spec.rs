@@ -7,6 +7,8 @@
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
+use ovl_layer::idmap::RootlessMaps;
+
 use crate::error::{MountError, Result};
 
 /// Which overlay implementation mounts.
@@ -78,6 +80,15 @@ pub struct MountSpec {
     pub fuse_program: Option<PathBuf>,
     /// The fuse device to check (default /dev/fuse).
     pub fuse_device: Option<PathBuf>,
+    /// `--uidmap`/`--gidmap` (real root): run CMD in a user namespace with these maps, the
+    /// lowers seen through idmapped mounts.
+    pub shift: Option<RootlessMaps>,
+    /// With `shift`: the lowers already hold host ids (`ovl-import --uidmap`); mount them as
+    /// they are.
+    pub shifted_lowers: bool,
+    /// Under a single-id map: present the owners and modes ovl-import recorded in xattrs,
+    /// through fuse-overlayfs with `xattr_permissions=2` (see [`ovl_layer::owners`]).
+    pub recorded_owners: bool,
 }
 
 impl MountSpec {

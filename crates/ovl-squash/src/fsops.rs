@@ -19,27 +19,54 @@ use ovl_layer::copy::{Filled, Filler};
 use ovl_layer::upper::Kind;
 use ovl_layer::whiteout;
 
-/// The metadata an entry of the layer `m` is given on disk: xattr names escaped as stored,
-/// the atime is the mtime.
-pub fn disk_meta(m: &ovl_layer::upper::Meta) -> Meta {
+/// The metadata an entry of the layer `m`, of `kind`, is given on disk: xattr names escaped as
+/// stored, the atime is the mtime. Under a single-id map (no subordinate ids) the owner cannot
+/// be real: the entry stays ours and its owner and mode are recorded as ovl-import records them
+/// ([`ovl_layer::owners::records`]).
+pub fn disk_meta(m: &ovl_layer::upper::Meta, kind: &Kind) -> Meta {
     let mut xattrs: Vec<_> = m
         .xattrs
         .iter()
         .map(|(n, v)| (whiteout::escape_xattr(n).into_owned(), v.clone()))
         .collect();
+    let (mut uid, mut gid) = (m.uid, m.gid);
+    if let Some((own_uid, own_gid)) = record_owners() {
+        xattrs.extend(ovl_layer::owners::records(
+            m.uid,
+            m.gid,
+            m.mode,
+            matches!(kind, Kind::Dir { .. } | Kind::File { .. }),
+        ));
+        (uid, gid) = (own_uid, own_gid);
+    }
     xattrs.sort();
     let mtime = Timespec {
         tv_sec: m.mtime.0,
         tv_nsec: m.mtime.1 as _,
     };
     Meta {
-        uid: m.uid,
-        gid: m.gid,
+        uid,
+        gid,
         mode: m.mode,
         mtime,
         atime: mtime,
         xattrs,
     }
+}
+
+/// Our own ids when owners are recorded rather than real: in a user namespace that maps only
+/// our own id (rootless without subordinate ids).
+pub fn record_owners() -> Option<(u32, u32)> {
+    static ONCE: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| {
+        let maps = ovl_layer::userns::current_maps();
+        (maps.uid.is_single() && maps.gid.is_single()).then(|| {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        })
+    })
 }
 
 /// How file content is shared with its source, and what was done.

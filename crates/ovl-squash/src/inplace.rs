@@ -124,6 +124,7 @@ struct InPlace<'a> {
 pub fn squash_in_place(
     lower: &Path,
     upper: &Path,
+    ids: Option<ovl_layer::idmap::RootlessMaps>,
     sharing: &Sharing,
     sum: &mut Summary,
 ) -> Result<(), SquashError> {
@@ -148,7 +149,7 @@ pub fn squash_in_place(
             upper,
             &UpperOptions {
                 lowers: vec![lower.to_path_buf()],
-                ids: None,
+                ids,
             },
         )?,
         sharing,
@@ -323,7 +324,7 @@ impl InPlace<'_> {
                 Kind::Dir { .. } => {
                     rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o700))
                         .map_err(|er| io_at(&at)(er.into()))?;
-                    dirs.push((rel, fsops::disk_meta(&e.meta)));
+                    dirs.push((rel, fsops::disk_meta(&e.meta, &e.kind)));
                 }
                 Kind::File { source, .. } => {
                     self.place_file(e, source, &dir, &name)
@@ -347,7 +348,9 @@ impl InPlace<'_> {
                 }
                 kind => {
                     fsops::make_special(&dir, &name, kind)
-                        .and_then(|()| fsops::apply_meta(&dir, &name, &fsops::disk_meta(&e.meta)))
+                        .and_then(|()| {
+                            fsops::apply_meta(&dir, &name, &fsops::disk_meta(&e.meta, &e.kind))
+                        })
                         .map_err(io_at(&at))?;
                 }
             }
@@ -438,7 +441,7 @@ impl InPlace<'_> {
         dir: &OwnedFd,
         name: &CStr,
     ) -> std::io::Result<()> {
-        let meta = fsops::disk_meta(&e.meta);
+        let meta = fsops::disk_meta(&e.meta, &e.kind);
         let leaf = match source.layer {
             Layer::Upper => {
                 let l = self.upper.leaf(&source.path, false)?;
@@ -606,7 +609,7 @@ impl InPlace<'_> {
         parent_clean: bool,
         dirs: &mut Vec<OpenDir>,
     ) -> Result<(), SquashError> {
-        let meta = fsops::disk_meta(&e.meta);
+        let meta = fsops::disk_meta(&e.meta, &e.kind);
         if e.path.is_root() {
             // The kernel never takes a root as opaque.
             dirs.push(OpenDir::new(e.path, meta, false));

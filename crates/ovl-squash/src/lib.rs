@@ -40,6 +40,9 @@ pub struct SquashOptions {
     pub target: Target,
     /// `--output`: hardlink unchanged lower files when there are no reflinks.
     pub link: bool,
+    /// `--uidmap`/`--gidmap`: the map the upper was written under; its host ids are folded in
+    /// as container ids (`None`: ids as seen).
+    pub ids: Option<ovl_layer::idmap::RootlessMaps>,
 }
 
 /// What a squash did.
@@ -105,14 +108,25 @@ pub fn squash(opts: &SquashOptions) -> Result<Summary, SquashError> {
     let sharing = fsops::Sharing::new(opts.link);
     let mut sum = Summary::default();
     match &opts.target {
-        Target::Output(out) => {
-            output::squash_to(&opts.lowers, &opts.upper, out, &sharing, &mut sum)?
-        }
+        Target::Output(out) => output::squash_to(
+            &opts.lowers,
+            &opts.upper,
+            out,
+            opts.ids.clone(),
+            &sharing,
+            &mut sum,
+        )?,
         Target::InPlace => {
             if opts.lowers.len() != 1 {
                 return Err(SquashError::InPlaceLowers(opts.lowers.len()));
             }
-            inplace::squash_in_place(&opts.lowers[0], &opts.upper, &sharing, &mut sum)?
+            inplace::squash_in_place(
+                &opts.lowers[0],
+                &opts.upper,
+                opts.ids.clone(),
+                &sharing,
+                &mut sum,
+            )?
         }
     }
     sum.reflinked = sharing.reflinked.load(Ordering::Relaxed);

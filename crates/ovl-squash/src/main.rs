@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use ovl_layer::identity::{Identity, Reexec};
+use ovl_layer::idmap::IdRange;
 use ovl_squash::{SquashOptions, Target};
 
 /// Fold an overlay's upper layer into a new lower layer: the result is the merged view, entry
@@ -39,6 +40,15 @@ struct Cli {
     /// No progress, no summary.
     #[arg(short, long)]
     quiet: bool,
+    /// The uid map the upper was written under (`ovl-mount --uidmap`): its host ids are folded
+    /// in as the container ids of the map, so the lower stays in container ids; a host id
+    /// outside the map is an error naming the path. Repeatable; alone, it maps gids too. Real
+    /// root only.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    uidmap: Vec<IdRange>,
+    /// The gid map the upper was written under, as --uidmap.
+    #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
+    gidmap: Vec<IdRange>,
 }
 
 fn options(cli: &Cli) -> anyhow::Result<SquashOptions> {
@@ -50,12 +60,19 @@ fn options(cli: &Cli) -> anyhow::Result<SquashOptions> {
             None => Target::InPlace,
         },
         link: cli.link,
+        ids: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
     })
 }
 
 fn main() {
     let cli: Cli = ovl_cli::parse();
     let opts = options(&cli).unwrap_or_else(|e| fail(&e));
+    if opts.ids.is_some() && !Identity::current().is_real_root() {
+        fail(&anyhow::anyhow!(
+            "--uidmap/--gidmap need real root (the upper holds host ids of the map); as a user, \
+             ovl-squash maps your /etc/subuid and /etc/subgid ranges itself"
+        ));
+    }
     if Identity::current().needs_reexec() {
         // Rootless: look at the mount tables first, from outside: our own user namespaces'
         // mounts are readable from here, not from inside a new one. Then do the work as

@@ -41,6 +41,7 @@ pub fn squash_to(
     lowers: &[PathBuf],
     upper: &Path,
     out: &Path,
+    ids: Option<ovl_layer::idmap::RootlessMaps>,
     sharing: &Sharing,
     sum: &mut Summary,
 ) -> Result<(), SquashError> {
@@ -50,7 +51,7 @@ pub fn squash_to(
         upper,
         &UpperOptions {
             lowers: lowers.to_vec(),
-            ids: None,
+            ids,
         },
     )?;
     let changes = up.changes()?;
@@ -225,7 +226,7 @@ impl Builder<'_> {
             Change::Redirect { .. } => return Ok(()),
             Change::Entry(e) => e,
         };
-        let meta = fsops::disk_meta(&e.meta);
+        let meta = fsops::disk_meta(&e.meta, &e.kind);
         if e.path.is_root() {
             dirs.push((e.path, meta));
             return Ok(());

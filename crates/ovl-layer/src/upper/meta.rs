@@ -18,8 +18,16 @@ use crate::whiteout::{self, UpperXattr};
 pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, UpperError> {
     let st = &node.st;
     let (mut uid, mut gid) = (st.st_uid, st.st_gid);
+    let mut mode = st.st_mode & 0o7777;
     let mut root_uid_map: Option<&crate::idmap::IdMap> = None;
-    if let Some(maps) = &up.ids {
+    // An owner recorded in an xattr (rootless without subordinate ids) is the real one: the
+    // file itself belongs to whoever wrote it.
+    let record =
+        crate::owners::recorded(node.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+    if let Some((u, g, m)) = record {
+        (uid, gid) = (u, g);
+        mode = m.unwrap_or(mode);
+    } else if let Some(maps) = &up.ids {
         let unmapped = |which, id| UpperError::UnmappedId {
             path: up.display(path),
             which,
@@ -35,7 +43,7 @@ pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, Up
             UpperXattr::Private => continue,
             UpperXattr::Keep(n) => n.into_owned(),
         };
-        if name == SELINUX_XATTR {
+        if name == SELINUX_XATTR || crate::owners::is_owner_record(&name) {
             // A label of the host's policy, not of the image.
             continue;
         }
@@ -57,7 +65,7 @@ pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, Up
     }
     xattrs.sort();
     Ok(Meta {
-        mode: st.st_mode & 0o7777,
+        mode,
         uid,
         gid,
         mtime: (st.st_mtime, st.st_mtime_nsec as u32),

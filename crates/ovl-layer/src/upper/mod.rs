@@ -22,7 +22,8 @@
 //!   than its names in the upper, and refused ([`UpperError::IndexedHardlink`]);
 //! - the metadata a layer carries: xattrs filtered by [`whiteout::classify_upper_xattr`] (plus
 //!   `security.selinux` dropped and `security.capability` put in its namespace-root form) and,
-//!   when asked, host ids mapped back to container ids.
+//!   when asked, host ids mapped back to container ids; an owner and mode recorded in an xattr
+//!   ([`crate::owners`]: rootless without subordinate ids) win over the file's own.
 //!
 //! Order of the stream, per directory: the directory itself (the root first, with an empty
 //! path), then its whiteouts, then its other children, each group sorted bytewise, depth first.

@@ -1,0 +1,768 @@
+//! Id shifting without copying (`--uidmap`/`--gidmap`): two containers at once over one
+//! imported Alpine lower, each in its own host id range through idmapped lower layers, each
+//! running the image's own `adduser`, `chown`, `rm` and `chmod`; the lower unchanged byte for
+//! byte; each upper exported by `ovl-diff --uidmap` equal to the layer of an unshifted run and
+//! applied by umoci onto the base equal to its merged view. Also the fallback (`ovl-import
+//! --uidmap` + `--shifted-lowers`), `ovl-squash --uidmap`, and the errors.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ovl_tests::scenario::{self, HELPER_ENV, HELPER_TEST};
+use ovl_tests::snapshot::{Snapshot, SnapshotOptions};
+use ovl_tests::{bin, is_root, output, require, run_ok};
+
+#[test]
+fn scenario_snapshot_helper() {
+    scenario::snapshot_helper();
+}
+
+/// What each container does: the image's adduser, a chown to the new user, a deletion, a
+/// chmod; then it reports what it sees and waits (the test holds both open at once).
+const SCRIPT: &str = r#"set -e
+cat /proc/self/uid_map /proc/self/gid_map
+stat -c 'shadow %u:%g %a' /etc/shadow
+adduser -D bob
+chown bob:bob /etc/hostname
+rm /etc/motd
+chmod 600 /etc/fstab
+stat -c 'hostname %u:%g' /etc/hostname
+echo ready
+read _
+"#;
+
+fn setup() -> Option<PathBuf> {
+    if !require("root", is_root()) || !require("umoci", ovl_tests::which("umoci").is_some()) {
+        return None;
+    }
+    ovl_tests::alpine_minirootfs()
+}
+
+/// A container's directories under T/NAME.
+struct Box {
+    upper: PathBuf,
+    work: PathBuf,
+    merged: PathBuf,
+}
+
+fn boxdir(t: &Path, name: &str) -> Box {
+    let d = t.join(name);
+    let b = Box {
+        upper: d.join("upper"),
+        work: d.join("work"),
+        merged: d.join("merged"),
+    };
+    std::fs::create_dir_all(&b.merged).unwrap();
+    b
+}
+
+fn map_args(map: Option<&str>) -> Vec<String> {
+    match map {
+        Some(m) => vec!["--uidmap".into(), m.into(), "--gidmap".into(), m.into()],
+        None => vec![],
+    }
+}
+
+/// Start `ovl-mount [MAP] --chroot ... -- /bin/sh -c SCRIPT` with piped stdin and stdout.
+fn start(lower: &Path, b: &Box, map: Option<&str>, extra: &[&str]) -> std::process::Child {
+    Command::new(bin("ovl-mount"))
+        .args(map_args(map))
+        .args(extra)
+        .arg("--chroot")
+        .arg("--lower")
+        .arg(lower)
+        .arg("--upper")
+        .arg(&b.upper)
+        .arg("--work")
+        .arg(&b.work)
+        .arg(&b.merged)
+        .args(["--", "/bin/sh", "-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Read a container's report up to its `ready` line.
+fn report(child: &mut std::process::Child) -> String {
+    let mut out = String::new();
+    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the container ended before it was ready:\n{out}\nstderr:\n{err}");
+        }
+        if line.trim() == "ready" {
+            return out;
+        }
+        // /proc/self/uid_map pads its columns: one space between words.
+        out.push_str(&line.split_whitespace().collect::<Vec<_>>().join(" "));
+        out.push('\n');
+    }
+}
+
+fn finish(mut child: std::process::Child) {
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ovl-mount: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    let md = std::fs::symlink_metadata(p).unwrap();
+    (md.uid(), md.gid())
+}
+
+/// `ovl-diff ARGS -o OUT UPPER`.
+fn diff(upper: &Path, out: &Path, args: &[String]) {
+    run_ok(
+        Command::new(bin("ovl-diff"))
+            .arg("-q")
+            .args(args)
+            .arg("-o")
+            .arg(out)
+            .arg(upper),
+    );
+}
+
+/// Every entry of a layer: path, type, mode, uid, gid (no times: the runs differ in them).
+fn entries(layer: &Path) -> Vec<String> {
+    let mut a = tar::Archive::new(std::fs::File::open(layer).unwrap());
+    let mut out: Vec<String> = a
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let h = e.header();
+            format!(
+                "{} {:?} {:o} {}:{}",
+                String::from_utf8_lossy(&e.path_bytes()),
+                h.entry_type(),
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap()
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The merged view of a shifted mount, snapshotted inside it (container ids) by this test
+/// binary run as the container's root.
+fn merged_view(lower: &Path, b: &Box, map: &str, scratch: &Path) -> Snapshot {
+    let out = scratch.join("merged.snapshot");
+    run_ok(
+        Command::new(bin("ovl-mount"))
+            .args(map_args(Some(map)))
+            .arg("--lower")
+            .arg(lower)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--work")
+            .arg(&b.work)
+            .arg(&b.merged)
+            .arg("--")
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                HELPER_TEST,
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(
+                HELPER_ENV,
+                format!("{}\t{}", b.merged.display(), out.display()),
+            ),
+    );
+    scenario::decode(&std::fs::read(&out).unwrap())
+}
+
+#[test]
+fn two_shifted_containers_at_once_over_one_lower() {
+    let Some(alpine) = setup() else { return };
+    let t = tempfile::Builder::new()
+        .prefix("ovl-idshift-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // Container root must reach the scratch files (the snapshot helper writes there).
+    ovl_tests::set_mode(t.path(), 0o777);
+    let lower = t.path().join("lower");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .arg(&alpine)
+            .arg(&lower),
+    );
+    let exact = SnapshotOptions::default();
+    let before = ovl_tests::snapshot::snapshot(&lower, &exact).unwrap();
+
+    let maps = [
+        ("a", "0:100000:65536", 100_000u32),
+        ("b", "0:300000:65536", 300_000),
+    ];
+    let boxes: Vec<Box> = maps.iter().map(|(n, _, _)| boxdir(t.path(), n)).collect();
+    let mut children: Vec<_> = maps
+        .iter()
+        .zip(&boxes)
+        .map(|((_, m, _), b)| start(&lower, b, Some(m), &[]))
+        .collect();
+    // Both are mounted and running now, each in its own map.
+    for ((_, _, host), child) in maps.iter().zip(children.iter_mut()) {
+        let said = report(child);
+        assert!(
+            said.contains(&format!("0 {host} 65536")),
+            "uid_map inside: {said}"
+        );
+        assert!(said.contains("shadow 0:42 640"), "{said}");
+        assert!(said.contains("hostname 1000:1000"), "{said}");
+    }
+    for c in children {
+        finish(c);
+    }
+
+    // The lower is byte for byte what the import left.
+    let after = ovl_tests::snapshot::snapshot(&lower, &exact).unwrap();
+    assert!(
+        ovl_tests::snapshot::differences(&before, &after).is_empty(),
+        "the lower changed: {:?}",
+        ovl_tests::snapshot::differences(&before, &after)
+    );
+
+    // An unshifted run of the same script, for the reference layer.
+    let plain = boxdir(t.path(), "plain");
+    let mut c = start(&lower, &plain, None, &[]);
+    let said = report(&mut c);
+    assert!(said.contains("0 0 4294967295"), "{said}");
+    finish(c);
+    let reference = t.path().join("plain.tar");
+    diff(&plain.upper, &reference, &[]);
+    let want = entries(&reference);
+    assert!(
+        want.iter()
+            .any(|e| e.starts_with("etc/hostname ") && e.ends_with(" 1000:1000")),
+        "{want:#?}"
+    );
+
+    let work = t.path().join("umoci-base");
+    std::fs::create_dir(&work).unwrap();
+    let base_tar = scenario::decompressed(&alpine, &work);
+    for (((name, map, host), b), i) in maps.iter().zip(&boxes).zip(0..) {
+        // The upper holds host ids of its map: its root is the mapped root, bob's files are
+        // host 1000 + the map's start.
+        assert_eq!(owner(&b.upper), (*host, *host));
+        assert_eq!(
+            owner(&b.upper.join("etc/hostname")),
+            (host + 1000, host + 1000)
+        );
+        assert_eq!(owner(&b.upper.join("home/bob")), (host + 1000, host + 1000));
+        assert_eq!(owner(&b.upper.join("etc/passwd")), (*host, *host));
+
+        let layer = t.path().join(format!("{name}.tar"));
+        diff(&b.upper, &layer, &map_args(Some(map)));
+        assert_eq!(
+            entries(&layer),
+            want,
+            "{name}: shifted and unshifted layers differ"
+        );
+
+        // Without the map the host ids would leak into the layer.
+        let leaked = t.path().join(format!("{name}-unmapped.tar"));
+        diff(&b.upper, &leaked, &[]);
+        assert_ne!(entries(&leaked), want);
+
+        let scratch = t.path().join(format!("{name}-scratch"));
+        std::fs::create_dir(&scratch).unwrap();
+        ovl_tests::set_mode(&scratch, 0o777);
+        let merged = merged_view(&lower, b, map, &scratch);
+        let uwork = t.path().join(format!("umoci-{i}"));
+        std::fs::create_dir(&uwork).unwrap();
+        let rootfs = scenario::umoci_apply(&uwork, &[&base_tar, &layer]);
+        let applied = ovl_tests::snapshot::snapshot(&rootfs, &scenario::compare_options()).unwrap();
+        let diffs = ovl_tests::snapshot::differences(&merged, &applied);
+        assert!(
+            diffs.is_empty(),
+            "{name}: umoci's base + layer differs from the merged view:\n{}",
+            diffs.join("\n")
+        );
+        assert!(merged.len() > 400 && merged.contains_key(&b"home/bob"[..]));
+    }
+}
+
+#[test]
+fn an_upper_written_under_another_map_is_refused() {
+    let Some(alpine) = setup() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let lower = t.path().join("lower");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .arg(&alpine)
+            .arg(&lower),
+    );
+    let b = boxdir(t.path(), "x");
+    let run = |map: &str| {
+        output(
+            Command::new(bin("ovl-mount"))
+                .args(map_args(Some(map)))
+                .arg("--lower")
+                .arg(&lower)
+                .arg("--upper")
+                .arg(&b.upper)
+                .arg("--work")
+                .arg(&b.work)
+                .arg(&b.merged)
+                .args(["--", "/bin/sh", "-c", "touch new"]),
+        )
+    };
+    let ok = run("0:100000:65536");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let again = run("0:100000:65536");
+    assert!(again.status.success());
+    let other = run("0:300000:65536");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && err.contains("written under another id map"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_maps_and_rootless_use_are_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    for (args, needle) in [
+        (vec!["--uidmap", "0:100000"], "CONTAINER:HOST:COUNT"),
+        (vec!["--uidmap", "0:100000:0"], "at least 1"),
+        (
+            vec!["--uidmap", "0:100000:65536", "--uidmap", "10:300000:5"],
+            "overlap",
+        ),
+    ] {
+        let out = output(
+            Command::new(bin("ovl-mount"))
+                .args(&args)
+                .arg("--lower")
+                .arg(t.path())
+                .arg(&m)
+                .args(["--", "true"]),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    for tool in ["ovl-diff", "ovl-import"] {
+        let out = output(Command::new(bin(tool)).args(["--uidmap", "x"]));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("CONTAINER:HOST:COUNT"),
+            "{tool}"
+        );
+    }
+}
+
+/// Where the kernel or the filesystem refuses an idmapped mount (here: a lower on ramfs,
+/// which does not support them), the error says why and points to the fallback.
+#[test]
+fn a_filesystem_without_idmapped_mounts_points_to_the_fallback() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let ram = t.path().join("ram");
+    std::fs::create_dir(&ram).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(&ram),
+    );
+    let lower = ram.join("lower");
+    std::fs::create_dir(&lower).unwrap();
+    let m = t.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    let out = output(
+        Command::new(bin("ovl-mount"))
+            .args(map_args(Some("0:100000:65536")))
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(t.path().join("u"))
+            .arg("--work")
+            .arg(t.path().join("w"))
+            .arg(&m)
+            .args(["--", "true"]),
+    );
+    run_ok(Command::new("umount").arg(&ram));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for needle in [
+        "does not support idmapped mounts",
+        "ovl-import --uidmap",
+        "--shifted-lowers",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+}
+
+/// The fallback: `ovl-import --uidmap` writes host ids (42 lands as 100042), and a mount with
+/// `--shifted-lowers` shows them as the image's owners; `ovl-squash --uidmap` folds the upper
+/// back into container ids.
+#[test]
+fn shifted_import_fallback_and_squash_back_to_container_ids() {
+    let Some(alpine) = setup() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let map = "0:100000:65536";
+    let plain = t.path().join("plain");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .arg(&alpine)
+            .arg(&plain),
+    );
+    let shifted = t.path().join("shifted");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .args(map_args(Some(map)))
+            .arg(&alpine)
+            .arg(&shifted),
+    );
+    assert_eq!(owner(&shifted.join("etc/shadow")), (100_000, 100_042));
+    assert_eq!(owner(&plain.join("etc/shadow")), (0, 42));
+    // Same tree but for the owners.
+    let strip = |s: Snapshot| -> Snapshot {
+        s.into_iter()
+            .map(|(p, mut e)| {
+                e.uid = 0;
+                e.gid = 0;
+                (p, e)
+            })
+            .collect()
+    };
+    let opts = SnapshotOptions::default();
+    assert!(
+        ovl_tests::snapshot::differences(
+            &strip(ovl_tests::snapshot::snapshot(&plain, &opts).unwrap()),
+            &strip(ovl_tests::snapshot::snapshot(&shifted, &opts).unwrap())
+        )
+        .is_empty()
+    );
+
+    let b = boxdir(t.path(), "c");
+    let mut c = start(&shifted, &b, Some(map), &["--shifted-lowers"]);
+    let said = report(&mut c);
+    assert!(
+        said.contains("0 100000 65536") && said.contains("shadow 0:42 640"),
+        "{said}"
+    );
+    finish(c);
+
+    // An image owner outside the map is an error naming the entry.
+    let out = output(
+        Command::new(bin("ovl-import"))
+            .args(map_args(Some("0:100000:10")))
+            .arg(&alpine)
+            .arg(t.path().join("narrow")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("outside the --gidmap") && err.contains("shadow"),
+        "{err}"
+    );
+    assert!(!t.path().join("narrow").exists());
+
+    // Fold the upper into the container-id lower: the result is the plain lower plus the
+    // container's changes, in container ids.
+    let squashed = t.path().join("squashed");
+    run_ok(
+        Command::new(bin("ovl-squash"))
+            .arg("-q")
+            .args(map_args(Some(map)))
+            .arg("--lower")
+            .arg(&plain)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--output")
+            .arg(&squashed),
+    );
+    assert_eq!(owner(&squashed.join("etc/hostname")), (1000, 1000));
+    assert_eq!(owner(&squashed.join("home/bob")), (1000, 1000));
+    assert_eq!(owner(&squashed.join("etc/shadow")), (0, 42));
+    assert!(!squashed.join("etc/motd").exists());
+    assert_eq!(
+        std::fs::symlink_metadata(squashed.join("etc/fstab"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o600
+    );
+    // A host id outside the map: an error naming the path.
+    rustix::fs::chown(
+        b.upper.join("etc/hostname"),
+        Some(rustix::fs::Uid::from_raw(5)),
+        None,
+    )
+    .unwrap();
+    let out = output(
+        Command::new(bin("ovl-squash"))
+            .args(map_args(Some(map)))
+            .arg("--lower")
+            .arg(&plain)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--output")
+            .arg(t.path().join("squashed2")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("etc/hostname") && err.contains("uid 5"),
+        "{err}"
+    );
+    let out = output(
+        Command::new(bin("ovl-diff"))
+            .args(map_args(Some(map)))
+            .arg("-o")
+            .arg(t.path().join("l.tar"))
+            .arg(&b.upper),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("etc/hostname") && err.contains("uid 5"),
+        "{err}"
+    );
+}
+
+/// Rootless without subordinate ids: ovl-import records owners and modes in the override
+/// xattr fuse-overlayfs 1.10 reads (`user.fuseoverlayfs.override_stat`, plus umoci's
+/// `user.rootlesscontainers`); ovl-mount presents them through fuse-overlayfs and records a
+/// chmod inside the same way; ovl-diff exports and ovl-squash folds the recorded owners, so a
+/// single-id round trip loses nothing.
+#[test]
+fn single_id_round_trip_keeps_the_recorded_owners() {
+    let Some(alpine) = ovl_tests::alpine_minirootfs() else {
+        return;
+    };
+    if !require("root (to set up the user)", is_root())
+        || !require(
+            "fuse-overlayfs",
+            ovl_tests::which("fuse-overlayfs").is_some(),
+        )
+        || !require("setfacl (acl)", ovl_tests::which("setfacl").is_some())
+    {
+        return;
+    }
+    let solo = ovl_tests::test_user_without_subids();
+    if !require("a test user without subordinate ids", solo.is_some()) {
+        return;
+    }
+    let solo = solo.unwrap();
+    // /dev/fuse is 0600 here: grant it to this user alone.
+    run_ok(Command::new("setfacl").args(["-m", &format!("u:{}:rw", solo.name), "/dev/fuse"]));
+    let t = ovl_tests::user_tempdir(&solo);
+    let lower = t.path().join("lower");
+    let as_solo = |tool: &str| ovl_tests::command_as(&solo, &bin(tool));
+    run_ok(as_solo("ovl-import").arg("-q").arg(&alpine).arg(&lower));
+    let x = |p: &Path, n: &str| xattr::get(p, n).unwrap();
+    assert_eq!(owner(&lower.join("etc/shadow")), (solo.uid, solo.gid));
+    assert_eq!(
+        x(
+            &lower.join("etc/shadow"),
+            "user.fuseoverlayfs.override_stat"
+        )
+        .as_deref(),
+        Some(&b"0:42:640"[..])
+    );
+    assert_eq!(
+        x(&lower.join("etc/shadow"), "user.rootlesscontainers").as_deref(),
+        Some(&[0x10, 42][..])
+    );
+    // fuse-overlayfs presents a layer's records only when its root has one.
+    assert!(x(&lower, "user.fuseoverlayfs.override_stat").is_some());
+
+    for d in ["upper", "work", "merged"] {
+        std::fs::create_dir(t.path().join(d)).unwrap();
+        rustix::fs::chown(
+            t.path().join(d),
+            Some(rustix::fs::Uid::from_raw(solo.uid)),
+            Some(rustix::fs::Gid::from_raw(solo.gid)),
+        )
+        .unwrap();
+    }
+    let upper = t.path().join("upper");
+    let mount = |extra: &[&str], upper: &Path, work: &Path, script: &str| {
+        let out = output(
+            as_solo("ovl-mount")
+                .arg("-v")
+                .args(extra)
+                .arg("--lower")
+                .arg(&lower)
+                .arg("--upper")
+                .arg(upper)
+                .arg("--work")
+                .arg(work)
+                .arg(t.path().join("merged"))
+                .args(["--", "/bin/sh", "-c", script]),
+        );
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{said}\n{err}");
+        (said, err)
+    };
+    // By default a kernel overlay: every file shows as the user's (root inside), all of them
+    // writable; the records travel with a copy-up, a chmod changes the file's own mode.
+    let (said, _) = mount(
+        &[],
+        &upper,
+        &t.path().join("work"),
+        "set -e; stat -c 'shadow %u:%g %a' etc/shadow; echo x >> etc/shadow; \
+         chmod 600 etc/shadow; echo new > etc/newfile; chmod 604 etc/newfile; rm etc/motd",
+    );
+    assert!(said.contains("shadow 0:0 640"), "{said}");
+    assert_eq!(
+        x(
+            &upper.join("etc/shadow"),
+            "user.fuseoverlayfs.override_stat"
+        )
+        .as_deref(),
+        Some(&b"0:42:640"[..])
+    );
+
+    // Asked, fuse-overlayfs presents the records. A namespace that maps one id has no gid 42:
+    // the kernel shows it as the overflow gid; the mode is the recorded one.
+    let (u2, w2) = (t.path().join("upper2"), t.path().join("work2"));
+    for d in [&u2, &w2] {
+        std::fs::create_dir(d).unwrap();
+        rustix::fs::chown(
+            d,
+            Some(rustix::fs::Uid::from_raw(solo.uid)),
+            Some(rustix::fs::Gid::from_raw(solo.gid)),
+        )
+        .unwrap();
+    }
+    let (said, err) = mount(
+        &["--recorded-owners"],
+        &u2,
+        &w2,
+        "stat -c 'shadow %u:%g %a' etc/shadow",
+    );
+    assert!(err.contains("fuse-overlayfs"), "{err}");
+    assert!(said.contains("shadow 0:65534 640"), "{said}");
+
+    // ovl-diff as the user: the recorded owners, not the host ids; no record xattrs.
+    let layer = t.path().join("layer.tar");
+    run_ok(
+        as_solo("ovl-diff")
+            .arg("-q")
+            .arg("-o")
+            .arg(&layer)
+            .arg(&upper),
+    );
+    let got = entries(&layer);
+    for want in [
+        "etc/shadow Regular 600 0:42",
+        "etc/newfile Regular 604 0:0",
+        "etc/.wh.motd Regular",
+    ] {
+        assert!(got.iter().any(|e| e.starts_with(want)), "{want}: {got:#?}");
+    }
+    let raw = std::fs::read(&layer).unwrap();
+    assert!(
+        !raw.windows(11).any(|w| w == b"fuseoverlay") && !raw.windows(8).any(|w| w == b"rootless"),
+        "a record xattr went into the layer"
+    );
+    // Root exporting the user's upper reads the same records.
+    let root_layer = t.path().join("root.tar");
+    diff(
+        &upper,
+        &root_layer,
+        &["--uidmap".into(), format!("0:{}:1", solo.uid)],
+    );
+    assert_eq!(entries(&root_layer), got);
+
+    // ovl-squash as the user folds the records: the new lower records 0:42:600.
+    let squashed = t.path().join("squashed");
+    run_ok(
+        as_solo("ovl-squash")
+            .arg("-q")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper)
+            .arg("--output")
+            .arg(&squashed),
+    );
+    assert_eq!(
+        x(
+            &squashed.join("etc/shadow"),
+            "user.fuseoverlayfs.override_stat"
+        )
+        .as_deref(),
+        Some(&b"0:42:600"[..])
+    );
+    assert_eq!(
+        x(
+            &squashed.join("etc/passwd"),
+            "user.fuseoverlayfs.override_stat"
+        )
+        .as_deref(),
+        Some(&b"0:0:644"[..])
+    );
+    assert!(!squashed.join("etc/motd").exists());
+    assert_eq!(owner(&squashed.join("etc/shadow")), (solo.uid, solo.gid));
+}
+
+/// A box imported without subordinate ids, mounted by a user with them: a warning that says
+/// what to do.
+#[test]
+fn a_single_id_box_mounted_with_subordinate_ids_warns() {
+    let Some(user) = ovl_tests::require_test_user() else {
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let lower = t.path().join("lower");
+    let merged = t.path().join("merged");
+    for d in [&lower, &merged] {
+        std::fs::create_dir(d).unwrap();
+        rustix::fs::chown(
+            d,
+            Some(rustix::fs::Uid::from_raw(user.uid)),
+            Some(rustix::fs::Gid::from_raw(user.gid)),
+        )
+        .unwrap();
+    }
+    // What ovl-import leaves on the root of a lower it imported without subordinate ids.
+    xattr::set(&lower, "user.fuseoverlayfs.override_stat", b"0:0:755").unwrap();
+    let out = output(
+        ovl_tests::command_as(&user, &bin("ovl-mount"))
+            .args(["--idmap", "subids", "--lower"])
+            .arg(&lower)
+            .arg(&merged)
+            .args(["--", "true"]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for needle in [
+        "imported without subordinate ids",
+        "ovl-import",
+        "--idmap single",
+    ] {
+        assert!(err.contains(needle), "{needle:?}: {err}");
+    }
+}
