@@ -13,6 +13,7 @@
 mod corpus;
 mod diff;
 mod generate;
+mod idshift;
 mod import;
 mod mount;
 pub mod runner;
@@ -34,6 +35,7 @@ const CASES: &[fn(&Ctx) -> Case] = &[
     squash::case,
     diff::case,
     diff::case_gzip,
+    idshift::case,
 ];
 
 #[derive(Debug, clap::Args)]
