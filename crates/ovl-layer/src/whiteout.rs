@@ -151,11 +151,16 @@ pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
 }
 
 /// The xattrs of an entry that are content, not the overlay's own markers (names as stored:
-/// an escaped `overlay.overlay.*` is content).
+/// an escaped `overlay.overlay.*` is content). An owner record ([`crate::owners`]) is content
+/// of a layer on disk too, though named like fuse-overlayfs' private xattrs: a copy of the
+/// entry keeps it (it is never exported; [`crate::upper`] folds it into the owner).
 pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
     xattrs
         .iter()
-        .filter(|(n, _)| matches!(classify_upper_xattr(n), UpperXattr::Keep(_)))
+        .filter(|(n, _)| {
+            matches!(classify_upper_xattr(n), UpperXattr::Keep(_))
+                || crate::owners::is_owner_record(n)
+        })
         .cloned()
         .collect()
 }
