@@ -106,30 +106,40 @@ pub fn bin(name: &str) -> PathBuf {
         match not_searchable_by_others(&built) {
             // The test user could not reach the binaries (a checkout under /root, say): run a
             // world-readable copy instead, one per build, shared by every test process.
-            Some(blocked) if is_root() => world_readable_copy(&built, &blocked),
+            Some(blocked) if is_root() => {
+                let files: Vec<PathBuf> = TOOLS.iter().map(|t| built.join(t)).collect();
+                let copies = world_readable_copy(&files, &blocked);
+                copies[0].parent().unwrap().to_path_buf()
+            }
             _ => built,
         }
     });
     dir.join(name)
 }
 
-/// A copy of the built binaries under the temporary directory, named by their sizes and
-/// mtimes, for a test user who cannot search the way to `built` (`blocked` is where it stops).
-fn world_readable_copy(built: &Path, blocked: &Path) -> PathBuf {
+/// Copies of `files` (the built binaries, a fixture) in one directory under the temporary
+/// directory, named by their names, sizes and mtimes and shared by every test process, for a
+/// test user who cannot search the way to them (`blocked` is where it stops).
+fn world_readable_copy(files: &[PathBuf], blocked: &Path) -> Vec<PathBuf> {
     let mut stamp = sha2::Sha256::new();
-    for tool in TOOLS {
-        let md = std::fs::metadata(built.join(tool)).unwrap_or_else(|e| panic!("{tool}: {e}"));
-        stamp.update(format!("{tool} {} {:?}\n", md.len(), md.modified().ok()).as_bytes());
+    for f in files {
+        let md = std::fs::metadata(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        stamp.update(format!("{} {} {:?}\n", f.display(), md.len(), md.modified().ok()).as_bytes());
     }
     let stamp = hex::encode(&stamp.finalize()[..8]);
-    let dir = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}"));
-    if !dir.join(TOOLS[TOOLS.len() - 1]).exists() {
+    let dir = std::env::temp_dir().join(format!("ovl-test-copy-{stamp}"));
+    let names: Vec<PathBuf> = files
+        .iter()
+        .map(|f| dir.join(f.file_name().unwrap()))
+        .collect();
+    if !names.iter().all(|n| n.exists()) {
         // Built beside it and renamed: parallel test processes race here.
-        let tmp = std::env::temp_dir().join(format!("ovl-test-bin-{stamp}.{}", std::process::id()));
+        let tmp =
+            std::env::temp_dir().join(format!("ovl-test-copy-{stamp}.{}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();
-        for tool in TOOLS {
-            std::fs::copy(built.join(tool), tmp.join(tool))
-                .unwrap_or_else(|e| panic!("copy {tool}: {e}"));
+        for f in files {
+            std::fs::copy(f, tmp.join(f.file_name().unwrap()))
+                .unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
         }
         set_mode(&tmp, 0o755);
         if std::fs::rename(&tmp, &dir).is_err() {
@@ -137,11 +147,11 @@ fn world_readable_copy(built: &Path, blocked: &Path) -> PathBuf {
         }
     }
     eprintln!(
-        "note: {} is not searchable by other users, so the test user runs copies in {}",
+        "note: {} is not searchable by other users, so the test user reads copies in {}",
         blocked.display(),
         dir.display()
     );
-    dir
+    names
 }
 
 /// The first directory on the way to `path` (or `path` itself) that users other than its owner
@@ -355,7 +365,16 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
 /// skipping. (An `Option` so the callers' `let Some(..) else` stays as it is.)
 pub fn alpine_minirootfs() -> Option<PathBuf> {
     static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let p = PATH.get_or_init(|| fixtures::alpine_minirootfs().map_err(|e| format!("{e:#}")));
+    let p = PATH.get_or_init(|| {
+        let p = fixtures::alpine_minirootfs().map_err(|e| format!("{e:#}"))?;
+        match not_searchable_by_others(&p) {
+            // The rootless tests read it as the test user: give them a copy they can reach.
+            Some(blocked) if is_root() => world_readable_copy(&[p], &blocked)
+                .pop()
+                .ok_or_else(|| "no copy".to_string()),
+            _ => Ok(p),
+        }
+    });
     match p {
         Ok(p) => Some(p.clone()),
         Err(e) => panic!("the Alpine minirootfs fixture: {e}"),
