@@ -8,6 +8,7 @@
 //!   `target/bench/generated/{corpus.tar,corpus.tar.gz,rootfs/}`.
 //!
 //! A `corpus.stamp` file, written last, marks a complete corpus and records its size.
+//! `corpus.tar.zst` (zstd -3) is made from `corpus.tar` beside it when missing.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -51,6 +52,8 @@ pub struct Corpus {
     pub tar: PathBuf,
     /// `corpus.tar` compressed with gzip -6 (or pigz -6).
     pub tar_gz: PathBuf,
+    /// `corpus.tar` compressed with zstd -3 (made by [`ensure`] when missing).
+    pub tar_zst: PathBuf,
     /// Bytes of file data (hardlinked files counted once).
     pub bytes: u64,
     /// Entries in the tree, not counting its root.
@@ -64,6 +67,7 @@ impl Corpus {
             rootfs: dir.join("rootfs"),
             tar: dir.join("corpus.tar"),
             tar_gz: dir.join("corpus.tar.gz"),
+            tar_zst: dir.join("corpus.tar.zst"),
             bytes,
             entries,
         }
@@ -73,12 +77,13 @@ impl Corpus {
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / MIB;
         format!(
             "{} corpus: {:.1} MiB of file data in {} entries; corpus.tar {:.1} MiB, \
-             corpus.tar.gz {:.1} MiB ({})",
+             corpus.tar.gz {:.1} MiB, corpus.tar.zst {:.1} MiB ({})",
             self.kind,
             self.bytes as f64 / MIB,
             self.entries,
             size(&self.tar),
             size(&self.tar_gz),
+            size(&self.tar_zst),
             self.tar_gz.display()
         )
     }
@@ -86,8 +91,25 @@ impl Corpus {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// The cached corpus of the chosen kind, built first if needed.
+/// The cached corpus of the chosen kind, built first if needed, with its zstd tar.
 pub fn ensure(bench_dir: &Path, choice: CorpusChoice) -> Result<Corpus> {
+    let corpus = ensure_tree(bench_dir, choice)?;
+    if !corpus.tar_zst.is_file() {
+        println!("bench: compressing with zstd -3: {}", corpus.tar_zst.display());
+        let tmp = corpus.tar_zst.with_extension("zst.tmp");
+        crate::run(
+            Command::new("zstd")
+                .args(["-3", "-q", "-f", "-T0", "-o"])
+                .arg(&tmp)
+                .arg(&corpus.tar),
+        )
+        .context("zstd (apt-get install zstd)")?;
+        fs::rename(&tmp, &corpus.tar_zst)?;
+    }
+    Ok(corpus)
+}
+
+fn ensure_tree(bench_dir: &Path, choice: CorpusChoice) -> Result<Corpus> {
     let deb_dir = bench_dir.to_path_buf();
     let gen_dir = bench_dir.join("generated");
     if choice != CorpusChoice::Generated {

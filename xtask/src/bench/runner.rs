@@ -1,5 +1,7 @@
-//! Runs each contender of a case N times (alternating A B A B ...), each run in a fresh directory,
-//! measuring wall time and peak RSS, and prints the results table.
+//! Runs each contender of a case N times (alternating A B A B ...), each run in a fresh directory
+//! on one filesystem (tmpfs or disk), measuring wall time and peak RSS, and prints the results
+//! table: the primary filesystem's figures (whose ratios the targets judge) with the other's
+//! beside them.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -131,11 +133,13 @@ pub enum Outcome {
     Measured(Vec<Measurement>),
 }
 
-/// One row of the results table.
+/// One contender's runs on one filesystem.
 #[derive(Debug)]
 pub struct Row {
     pub case: &'static str,
     pub tool: &'static str,
+    /// The filesystem the runs wrote to ("tmpfs", "disk").
+    pub fs: &'static str,
     pub baseline: bool,
     pub max_ratio: Option<f64>,
     pub max_rss_mib: Option<f64>,
@@ -143,8 +147,13 @@ pub struct Row {
 }
 
 pub struct Runner {
+    /// The filesystem's name in the table ("tmpfs", "disk").
+    pub fs: &'static str,
     /// Where run directories go: `<runs_dir>/<case>/<tool>-<run>/`.
     pub runs_dir: PathBuf,
+    /// Keep each run's directory (for a look afterwards) or delete it once measured (on tmpfs
+    /// they would fill memory).
+    pub keep: bool,
     pub runs: usize,
     /// A run still going after this long is killed and reported as failed.
     pub timeout: Duration,
@@ -166,7 +175,10 @@ impl Runner {
                 let Outcome::Measured(ms) = outcome else {
                     continue;
                 };
-                let label = format!("{} / {} run {run}/{}", case.name, contender.tool, self.runs);
+                let label = format!(
+                    "{} / {} / {} run {run}/{}",
+                    self.fs, case.name, contender.tool, self.runs
+                );
                 match self.run_once(case, contender, run) {
                     Ok(m) => {
                         println!(
@@ -190,6 +202,7 @@ impl Runner {
             .map(|(c, outcome)| Row {
                 case: case.name,
                 tool: c.tool,
+                fs: self.fs,
                 baseline: c.baseline,
                 max_ratio: c.max_ratio,
                 max_rss_mib: c.max_rss_mib,
@@ -210,7 +223,11 @@ impl Runner {
         let job = (contender.job)(&dir)?;
         // Start each run with no dirty pages left over from the previous one (untimed).
         sync();
-        measure(job, &dir.join("stderr.log"), self.timeout)
+        let m = measure(job, &dir.join("stderr.log"), self.timeout);
+        if !self.keep && m.is_ok() {
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        m
     }
 }
 
@@ -439,30 +456,61 @@ pub struct Verdict {
     pub errors: usize,
 }
 
+/// The cells of one contender's runs on one filesystem: (median, min, max, RSS, ratio), and
+/// the ratio itself.
+fn cells(row: &Row, rows: &[Row]) -> ([String; 5], Option<f64>, Option<Stats>) {
+    let dash = || "-".to_string();
+    let Outcome::Measured(ms) = &row.outcome else {
+        return ([dash(), dash(), dash(), dash(), dash()], None, None);
+    };
+    let Some(s) = stats(ms) else {
+        return ([dash(), dash(), dash(), dash(), dash()], None, None);
+    };
+    let base = rows
+        .iter()
+        .find(|r| r.case == row.case && r.fs == row.fs && r.baseline)
+        .and_then(|r| match &r.outcome {
+            Outcome::Measured(ms) => stats(ms),
+            _ => None,
+        });
+    let ratio = base.as_ref().map(|b| s.median / b.median);
+    (
+        [
+            format!("{:.3}", s.median),
+            format!("{:.3}", s.min),
+            format!("{:.3}", s.max),
+            format!("{:.1}", s.rss_mib),
+            ratio.map_or_else(dash, |r| format!("{r:.2}x")),
+        ],
+        ratio,
+        Some(s),
+    )
+}
+
 /// Prints the results table (then the stderr of failed runs) and returns the verdict.
-pub fn print_table(rows: &[Row]) -> Verdict {
-    let header = [
-        "case",
-        "tool",
-        "median s",
-        "min s",
-        "max s",
-        "peak RSS MiB",
-        "ratio",
-        "target",
-        "result",
-    ];
-    let mut table: Vec<[String; 9]> = Vec::new();
+///
+/// One line per contender: the full figures on `fs[0]` (the targets judge these), the median and
+/// ratio on each further filesystem beside them.
+pub fn print_table(rows: &[Row], fs: &[&'static str]) -> Verdict {
+    let Some((&primary, others)) = fs.split_first() else {
+        return Verdict::default();
+    };
+    let mut header: Vec<String> = vec!["case".into(), "tool".into()];
+    for h in ["median s", "min s", "max s", "peak RSS MiB", "ratio"] {
+        header.push(format!("{primary} {h}"));
+    }
+    for other in others {
+        header.push(format!("{other} median s"));
+        header.push(format!("{other} ratio"));
+    }
+    header.push("target".into());
+    header.push("result".into());
+
+    let mut table: Vec<Vec<String>> = Vec::new();
     let mut verdict = Verdict::default();
     let mut errors = String::new();
-    for row in rows {
-        let base = rows
-            .iter()
-            .find(|r| r.case == row.case && r.baseline)
-            .and_then(|r| match &r.outcome {
-                Outcome::Measured(ms) => stats(ms),
-                _ => None,
-            });
+    let dash = || "-".to_string();
+    for row in rows.iter().filter(|r| r.fs == primary) {
         let mut target = Vec::new();
         if row.baseline {
             target.push("baseline".to_string());
@@ -474,112 +522,94 @@ pub fn print_table(rows: &[Row]) -> Verdict {
             target.push(format!("RSS <= {m:.0} MiB"));
         }
         let target = if target.is_empty() {
-            "-".to_string()
+            dash()
         } else {
             target.join(", ")
         };
-        let dash = || "-".to_string();
-        let cells = match &row.outcome {
-            Outcome::Skipped(why) => [
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-                target,
-                format!("skipped: {why}"),
-            ],
-            Outcome::Failed { run, error } => {
-                verdict.errors += 1;
-                let _ = writeln!(
-                    errors,
-                    "\n{} / {} failed on run {run}:\n{error}",
-                    row.case, row.tool
-                );
-                [
-                    dash(),
-                    dash(),
-                    dash(),
-                    dash(),
-                    dash(),
-                    target,
-                    "ERROR (below)".to_string(),
-                ]
-            }
-            Outcome::Measured(ms) => {
-                let s = stats(ms).expect("a measured row has runs");
-                let ratio = base.as_ref().map(|b| s.median / b.median);
-                let mut result = "-".to_string();
-                if row.max_ratio.is_some() || row.max_rss_mib.is_some() {
-                    let ratio_ok = match (row.max_ratio, ratio) {
-                        (None, _) => Some(true),
-                        (Some(max), Some(r)) => Some(r <= max),
-                        (Some(_), None) => None,
-                    };
-                    let rss_ok = row.max_rss_mib.is_none_or(|max| s.rss_mib <= max);
-                    result = match (ratio_ok, rss_ok) {
-                        (Some(true), true) => {
-                            verdict.pass += 1;
-                            "PASS".to_string()
-                        }
-                        (None, true) => "n/a (no baseline)".to_string(),
-                        _ => {
-                            verdict.fail += 1;
-                            "FAIL".to_string()
-                        }
-                    };
+        let (main, ratio, s) = cells(row, rows);
+        let mut line = vec![row.case.to_string(), row.tool.to_string()];
+        line.extend(main);
+        for other in others {
+            match rows
+                .iter()
+                .find(|r| r.case == row.case && r.tool == row.tool && r.fs == *other)
+            {
+                Some(o) => {
+                    let (c, _, _) = cells(o, rows);
+                    line.push(c[0].clone());
+                    line.push(c[4].clone());
                 }
-                [
-                    format!("{:.3}", s.median),
-                    format!("{:.3}", s.min),
-                    format!("{:.3}", s.max),
-                    format!("{:.1}", s.rss_mib),
-                    ratio.map_or_else(dash, |r| format!("{r:.2}x")),
-                    target,
-                    result,
-                ]
+                None => line.extend([dash(), dash()]),
+            }
+        }
+        let result = match &row.outcome {
+            Outcome::Skipped(why) => format!("skipped: {why}"),
+            Outcome::Failed { .. } => "ERROR (below)".to_string(),
+            Outcome::Measured(_) if row.max_ratio.is_none() && row.max_rss_mib.is_none() => dash(),
+            Outcome::Measured(_) => {
+                let ratio_ok = match (row.max_ratio, ratio) {
+                    (None, _) => Some(true),
+                    (Some(max), Some(r)) => Some(r <= max),
+                    (Some(_), None) => None,
+                };
+                let rss_ok = row
+                    .max_rss_mib
+                    .is_none_or(|max| s.as_ref().is_some_and(|s| s.rss_mib <= max));
+                match (ratio_ok, rss_ok) {
+                    (Some(true), true) => {
+                        verdict.pass += 1;
+                        "PASS".to_string()
+                    }
+                    (None, true) => "n/a (no baseline)".to_string(),
+                    _ => {
+                        verdict.fail += 1;
+                        "FAIL".to_string()
+                    }
+                }
             }
         };
-        let [a, b, c, d, e, f, g] = cells;
-        table.push([
-            row.case.to_string(),
-            row.tool.to_string(),
-            a,
-            b,
-            c,
-            d,
-            e,
-            f,
-            g,
-        ]);
+        line.push(target);
+        line.push(result);
+        table.push(line);
+    }
+    for row in rows {
+        if let Outcome::Failed { run, error } = &row.outcome {
+            verdict.errors += 1;
+            let _ = writeln!(
+                errors,
+                "\n{} / {} / {} failed on run {run}:\n{error}",
+                row.fs, row.case, row.tool
+            );
+        }
     }
 
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for line in &table {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.len());
         }
     }
-    let fmt_line = |cells: &[&str]| {
+    let last = header.len() - 1;
+    let fmt_line = |cells: &[String]| {
         let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, &w)) in cells.iter().zip(&widths).enumerate() {
             // Text columns left-aligned, numbers right-aligned; no padding after the last one.
-            match i {
-                0 | 1 | 7 => out.push_str(&format!("{cell:<w$}  ")),
-                8 => out.push_str(cell),
-                _ => out.push_str(&format!("{cell:>w$}  ")),
+            if i == last {
+                out.push_str(cell);
+            } else if i < 2 || i == last - 1 {
+                out.push_str(&format!("{cell:<w$}  "));
+            } else {
+                out.push_str(&format!("{cell:>w$}  "));
             }
         }
         out
     };
     println!();
     println!("{}", fmt_line(&header));
-    println!(
-        "{}",
-        fmt_line(&widths.map(|w| "-".repeat(w)).each_ref().map(String::as_str))
-    );
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    println!("{}", fmt_line(&rule));
     for line in &table {
-        println!("{}", fmt_line(&line.each_ref().map(String::as_str)));
+        println!("{}", fmt_line(line));
     }
     if !errors.is_empty() {
         print!("{errors}");
