@@ -95,7 +95,10 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub fn ensure(bench_dir: &Path, choice: CorpusChoice) -> Result<Corpus> {
     let corpus = ensure_tree(bench_dir, choice)?;
     if !corpus.tar_zst.is_file() {
-        println!("bench: compressing with zstd -3: {}", corpus.tar_zst.display());
+        println!(
+            "bench: compressing with zstd -3: {}",
+            corpus.tar_zst.display()
+        );
         let tmp = corpus.tar_zst.with_extension("zst.tmp");
         crate::run(
             Command::new("zstd")

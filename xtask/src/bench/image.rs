@@ -251,8 +251,7 @@ fn build(rootfs: &Path, dir: &Path) -> Result<Vec<String>> {
         }],
     });
     fs::write(tmp.join("index.json"), serde_json::to_vec(&index)?)?;
-    fs::File::create(tmp.join("oci-layout"))?
-        .write_all(br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    fs::File::create(tmp.join("oci-layout"))?.write_all(br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     fs::rename(&tmp, dir)?;
     Ok(layers.into_iter().map(|l| l.0).collect())
 }

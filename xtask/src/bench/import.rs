@@ -33,7 +33,10 @@ fn ovl_import(ctx: &Ctx, tool: &'static str, input: PathBuf) -> Contender {
     let bin = ctx.release_bin("ovl-import");
     // ovl-import creates DEST itself.
     Contender::new(tool, move |run: &Path| {
-        Ok(Job::new(cmd(&bin, &[&"--quiet", &input, &run.join("dest")])))
+        Ok(Job::new(cmd(
+            &bin,
+            &[&"--quiet", &input, &run.join("dest")],
+        )))
     })
 }
 
@@ -116,7 +119,10 @@ pub fn case_oci(ctx: &Ctx) -> Case {
         name: "import-oci",
         contenders: vec![
             Contender::new("ovl-import oci:", move |run: &Path| {
-                Ok(Job::new(cmd(&bin, &[&"--quiet", &source, &run.join("dest")])))
+                Ok(Job::new(cmd(
+                    &bin,
+                    &[&"--quiet", &source, &run.join("dest")],
+                )))
             })
             .target_ratio(MAX_RATIO_OCI)
             .target_rss_mib(MAX_RSS_MIB),
