@@ -66,11 +66,10 @@ struct Cli {
 
 fn main() {
     let cli: Cli = ovl_cli::parse();
-    if (!cli.uidmap.is_empty() || !cli.gidmap.is_empty()) && !Identity::current().is_real_root() {
-        eprintln!(
-            "ovl-diff: error: --uidmap/--gidmap need real root (the upper holds host ids of the \
-             map); as a user, ovl-diff maps your /etc/subuid and /etc/subgid ranges itself"
-        );
+    let given = !cli.uidmap.is_empty() || !cli.gidmap.is_empty();
+    let why = "the upper holds host ids of the map";
+    if let Err(e) = Identity::current().check_explicit_maps("ovl-diff", given, why) {
+        eprintln!("ovl-diff: error: {e}");
         std::process::exit(1);
     }
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user

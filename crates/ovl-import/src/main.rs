@@ -51,11 +51,10 @@ struct Cli {
 
 fn main() {
     let cli: Cli = ovl_cli::parse();
-    if (!cli.uidmap.is_empty() || !cli.gidmap.is_empty()) && !Identity::current().is_real_root() {
-        eprintln!(
-            "ovl-import: error: --uidmap/--gidmap need real root (they chown to any host id); as a \
-             user, ovl-import maps your /etc/subuid and /etc/subgid ranges itself"
-        );
+    let given = !cli.uidmap.is_empty() || !cli.gidmap.is_empty();
+    let why = "they chown to any host id";
+    if let Err(e) = Identity::current().check_explicit_maps("ovl-import", given, why) {
+        eprintln!("ovl-import: error: {e}");
         std::process::exit(1);
     }
     // Rootless: do the work as container root in a user namespace mapped to our subordinate

@@ -54,6 +54,19 @@ impl Identity {
         *self == Identity::RealRoot
     }
 
+    /// The check every tool makes before it takes `--uidmap`/`--gidmap` (`given`): those maps
+    /// name host ids, which only real root may own files as (`why` says what the tool does with
+    /// them). A user needs no map: the tools map the caller's subordinate ids themselves.
+    pub fn check_explicit_maps(&self, tool: &str, given: bool, why: &str) -> Result<(), String> {
+        if !given || self.is_real_root() {
+            return Ok(());
+        }
+        Err(format!(
+            "--uidmap/--gidmap need real root ({why}); as a user, {tool} maps your /etc/subuid \
+             and /etc/subgid ranges itself"
+        ))
+    }
+
     /// Not root of any namespace: must run again as root of a new one to do a tool's work.
     pub fn needs_reexec(&self) -> bool {
         *self == Identity::User
@@ -183,6 +196,19 @@ mod tests {
         let init = maps(IdMap::identity(), IdMap::identity());
         assert_eq!(Identity::of(0, init.clone()), Identity::RealRoot);
         assert_eq!(Identity::of(1000, init), Identity::User);
+        assert!(
+            Identity::RealRoot
+                .check_explicit_maps("t", true, "x")
+                .is_ok()
+        );
+        assert!(Identity::User.check_explicit_maps("t", false, "x").is_ok());
+        let e = Identity::User
+            .check_explicit_maps("t", true, "x")
+            .unwrap_err();
+        assert!(
+            e.starts_with("--uidmap/--gidmap need real root (x)") && e.contains(", t maps"),
+            "{e}"
+        );
         // `unshare -r`: euid 0, only the user's own id mapped.
         let unshare = maps(IdMap::single(1000), IdMap::single(1000));
         let id = Identity::of(0, unshare.clone());

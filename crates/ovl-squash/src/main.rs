@@ -67,11 +67,9 @@ fn options(cli: &Cli) -> anyhow::Result<SquashOptions> {
 fn main() {
     let cli: Cli = ovl_cli::parse();
     let opts = options(&cli).unwrap_or_else(|e| fail(&e));
-    if opts.ids.is_some() && !Identity::current().is_real_root() {
-        fail(&anyhow::anyhow!(
-            "--uidmap/--gidmap need real root (the upper holds host ids of the map); as a user, \
-             ovl-squash maps your /etc/subuid and /etc/subgid ranges itself"
-        ));
+    let why = "the upper holds host ids of the map";
+    if let Err(e) = Identity::current().check_explicit_maps("ovl-squash", opts.ids.is_some(), why) {
+        fail(&anyhow::anyhow!(e));
     }
     if Identity::current().needs_reexec() {
         // Rootless: look at the mount tables first, from outside: our own user namespaces'
