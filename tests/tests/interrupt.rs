@@ -367,3 +367,75 @@ fn diff_output_file_interrupted_removes_its_sibling() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(siblings(t.path(), "layer.tar", "ovl-diff").is_empty());
 }
+
+/// The names in `blobs/sha256` of `layout` that are not a digest: ovl's temporary files.
+fn layout_temp_files(layout: &Path) -> Vec<String> {
+    std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !(n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())))
+        .collect()
+}
+
+/// `ovl-diff --oci-layout` writes its layer blob into an exclusive temporary file in the
+/// layout's `blobs/sha256`: SIGINT, SIGTERM or SIGHUP while it is written (here: complete and
+/// waiting to be renamed to its digest) removes it, says so, and exits 128+N; the layout's
+/// index is unchanged.
+#[test]
+fn diff_oci_layout_interrupted_removes_its_temporary_blob() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let upper = tree(&t.path().join("upper"), 4);
+    let layout = t.path().join("layout");
+    let spec = format!("{}:v1", layout.display());
+    // The layout made first: a held run then waits at the layer blob's commit, its first.
+    let made = output(
+        Command::new(bin("ovl-diff"))
+            .args(["--quiet", "--oci-layout"])
+            .arg(&spec)
+            .arg(t.path().join("upper/sub")),
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let index = std::fs::read(layout.join("index.json")).unwrap();
+    let hold = Hold::new(t.path());
+    for (sig, code) in SIGNALS {
+        let mut child = spawn_held(
+            Command::new(bin("ovl-diff"))
+                .args(["--quiet", "--oci-layout"])
+                .arg(&spec)
+                .arg(&upper),
+            &hold,
+        );
+        let w = hold.reached(&mut child);
+        let tmp = layout_temp_files(&layout);
+        assert_eq!(tmp.len(), 1, "the blob being written: {tmp:?}");
+        kill(child.id() as i32, sig);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "signal {sig}: {} (signal {:?}); stderr:\n{err}",
+            out.status,
+            out.status.signal()
+        );
+        assert!(
+            err.lines().count() == 1 && err.contains("interrupted") && err.contains(&tmp[0]),
+            "signal {sig}: one line naming {}:\n{err}",
+            tmp[0]
+        );
+        assert_eq!(
+            layout_temp_files(&layout),
+            Vec::<String>::new(),
+            "signal {sig}"
+        );
+        assert_eq!(std::fs::read(layout.join("index.json")).unwrap(), index);
+        drop(w);
+    }
+}

@@ -641,6 +641,96 @@ fn in_place_renames_into_new_parents_and_nested_renames_survive_kills() {
     }
 }
 
+/// `s` squashed in place and interrupted by SIGINT after each step in turn (the crash hook's
+/// `OVL_SQUASH_INTERRUPT_AFTER`): every time the run stops at that step's end, exits 130 with
+/// one line per sibling it removed, leaves no work or swap sibling, lower + upper still mount
+/// to the merged view, and a re-run completes.
+fn interrupted_after_every_step(what: &str, s: &Scenario, extra: &str) {
+    let mut k = 1u64;
+    loop {
+        let (dir, lower, upper) = fresh_copy(s, 500 + k);
+        let out = output(in_place_args(
+            Command::new(bin("ovl-squash")).env("OVL_SQUASH_INTERRUPT_AFTER", k.to_string()),
+            &lower,
+            &upper,
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("ovl-squash"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{what}: after step {k}: {left:?} left; {err}"
+        );
+        if out.status.success() {
+            assert!(k > 3, "only {k} steps: the hook is not counting");
+            eprintln!("{what}: interrupted after each of {} steps", k - 1);
+            break;
+        }
+        assert_eq!(out.status.code(), Some(130), "{what}: step {k}: {err}");
+        assert!(
+            err.lines()
+                .all(|l| l.contains("interrupted by SIGINT: removed")),
+            "{what}: step {k}: {err}"
+        );
+        let now = merged(&[&upper, &lower], extra, &dir);
+        assert_same(
+            &format!("{what}: interrupted after step {k}"),
+            &s.merged,
+            &now,
+        );
+        rerun_completes(
+            &format!("{what}: re-run after step {k}"),
+            &s.merged,
+            &lower,
+            &upper,
+            &dir,
+        );
+        assert_empty(&upper);
+        std::fs::remove_dir_all(&dir).unwrap();
+        k += 1;
+    }
+}
+
+/// SIGINT, SIGTERM or SIGHUP during --in-place: the run stops between two steps (never while
+/// an entry is built in the work sibling or renamed out of it), removes its work and swap
+/// siblings (made through ovl-layer's staging) and exits 128+N. The scenario has a
+/// redirected directory, so the work sibling is used.
+#[test]
+fn in_place_interrupted_after_every_step_leaves_no_sibling() {
+    let Some(_serial) = serial_root() else {
+        return;
+    };
+    const OPTS: &str = "redirect_dir=on,metacopy=on";
+    let t = tempfile::tempdir().unwrap();
+    let lower = mkdir(&t.path().join("lower"));
+    let upper = mkdir(&t.path().join("upper"));
+    let work = mkdir(&t.path().join("work"));
+    let mnt = mkdir(&t.path().join("mnt"));
+    sh(
+        "mkdir -p a/d1/pop/deep a/e1; echo 1 > a/d1/pop/f; echo 2 > a/d1/pop/deep/g; \
+         echo 3 > a/d1/top; echo 4 > a/e1/o",
+        &lower,
+    );
+    let m = Mount::overlay(&rw_opts(&lower, &upper, &work), OPTS, &mnt);
+    sh(
+        "mv a/d1/pop a/d1/popx && mv a/d1 a/e1/d1 && echo 5 > a/new",
+        &m.0,
+    );
+    drop(m);
+    std::fs::remove_dir_all(&work).unwrap();
+    let merged = merged(&[&upper, &lower], OPTS, t.path());
+    let s = Scenario {
+        t,
+        lower,
+        upper,
+        merged,
+    };
+    interrupted_after_every_step("nested rename", &s, OPTS);
+}
+
 #[test]
 fn in_place_survives_sigkill_at_random_times() {
     let Some(_serial) = serial_root() else {

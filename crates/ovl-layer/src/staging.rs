@@ -2,7 +2,8 @@
 //! place, and nothing is left behind by a failed or interrupted run.
 //!
 //! Owns, for every tool that creates an output (ovl-import's DEST, ovl-squash's `--output`,
-//! ovl-diff's `-o FILE`):
+//! ovl-diff's `-o FILE`) or needs a scratch directory beside a path ([`Scratch`]: ovl-squash
+//! `--in-place`'s work and swap siblings):
 //! - the sibling: a directory `.NAME.<tool>-TOKEN` in DEST's parent (TOKEN: 16 random hex
 //!   digits, so nobody can plant it in advance). It holds `lock`, the marker, and `new`, the
 //!   output under construction, which the commit renames to DEST. Everything in it is created
@@ -18,7 +19,10 @@
 //!   reports a death by that signal. The handler only writes the signal number to a pipe; a
 //!   watcher thread does the work. A supervisor (the rootless re-exec) instead forwards those
 //!   signals to its child ([`forward_interrupts`]), which then cleans up itself. Signals that
-//!   were ignored when the process started (`nohup`) stay ignored.
+//!   were ignored when the process started (`nohup`) stay ignored. Other temporary names are
+//!   registered for the same clean-up ([`Registry`]: the OCI layout writer's temporary files),
+//!   and work made of steps that a signal must not cut in two ([`Steps`]) is stopped at a step
+//!   boundary first.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
@@ -76,7 +80,7 @@ pub struct Staging {
 impl Staging {
     /// Refuse an existing `dest`, sweep dead siblings of `tool` for it, make the sibling.
     pub fn new(dest: &Path, tool: &str) -> Result<Staging, StagingError> {
-        let sib = Sibling::make(dest, tool, true)?;
+        let sib = Sibling::make(dest, tool, SiblingKind::Dir)?;
         Ok(Staging {
             dest: dest.to_path_buf(),
             tmp: sib.path.join(OsStr::from_bytes(NEW.to_bytes())),
@@ -124,7 +128,7 @@ pub struct StagedFile {
 impl StagedFile {
     /// Sweep dead siblings of `tool` for `dest`, make the sibling and the file in it.
     pub fn create(dest: &Path, tool: &str) -> Result<StagedFile, StagingError> {
-        let mut sib = Sibling::make(dest, tool, false)?;
+        let mut sib = Sibling::make(dest, tool, SiblingKind::File)?;
         let tmp = sib.path.join(OsStr::from_bytes(NEW.to_bytes()));
         let file = sib.new_file.take().map(File::from);
         Ok(StagedFile {
@@ -166,26 +170,43 @@ struct Sibling {
     _lock: OwnedFd,
     /// `new`, when it is a file.
     new_file: Option<OwnedFd>,
-    /// The key in [`REGISTRY`]; 0 once the sibling is gone.
-    id: u64,
+    registration: Registration,
+}
+
+/// What a sibling holds and when it may be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SiblingKind {
+    /// A new directory for a DEST that must not exist.
+    Dir,
+    /// A new file, to replace DEST.
+    File,
+    /// A scratch directory beside an existing path, never renamed.
+    Scratch,
+}
+
+/// DEST's parent (opened) and DEST's final name.
+fn open_beside(dest: &Path) -> Result<(OwnedFd, CString), StagingError> {
+    let name = dest.file_name().ok_or_else(|| {
+        io_err(
+            io::Error::other("the output needs a final name component"),
+            dest,
+        )
+    })?;
+    let name = fsops::cstr(name.as_bytes()).map_err(|e| io_err(e, dest))?;
+    let parent_path = parent_of(dest);
+    let parent = open_parent(&parent_path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => StagingError::NoParent(parent_path.clone()),
+        _ => io_err(e, &parent_path),
+    })?;
+    Ok((parent, name))
 }
 
 impl Sibling {
-    fn make(dest: &Path, tool: &str, dir: bool) -> Result<Sibling, StagingError> {
-        install_handler().map_err(|e| io_err(e, Path::new("signal handler")))?;
-        let name = dest.file_name().ok_or_else(|| {
-            io_err(
-                io::Error::other("the output needs a final name component"),
-                dest,
-            )
-        })?;
-        let name = fsops::cstr(name.as_bytes()).map_err(|e| io_err(e, dest))?;
+    fn make(dest: &Path, tool: &str, kind: SiblingKind) -> Result<Sibling, StagingError> {
+        let (parent, name) = open_beside(dest)?;
         let parent_path = parent_of(dest);
-        let parent = open_parent(&parent_path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => StagingError::NoParent(parent_path.clone()),
-            _ => io_err(e, &parent_path),
-        })?;
-        if dir
+        let dir = kind != SiblingKind::File;
+        if kind == SiblingKind::Dir
             && fsops::stat_at(&parent, &name)
                 .map_err(|e| io_err(e, dest))?
                 .is_some()
@@ -196,7 +217,7 @@ impl Sibling {
 
         // Registered under the same lock that the watcher takes: a signal from here on waits
         // until the sibling is either registered or not made at all.
-        let mut reg = registry();
+        let mut reg = Registry::lock().map_err(|e| io_err(e, Path::new("signal handler")))?;
         let mut attempt = 0;
         let (wrapper_name, token, path) = loop {
             let token = token().map_err(|e| io_err(e, Path::new("getrandom")))?;
@@ -240,27 +261,15 @@ impl Sibling {
             };
             Ok((wrapper, lock, new_file))
         })();
-        let (wrapper, lock, new_file) = match made {
+        let (wrapper, lock, new_file, registration) = match made
+            .and_then(|(w, l, n)| Ok((w, l, n, reg.add(tool, &parent, &wrapper_name, &path)?)))
+        {
             Ok(m) => m,
             Err(e) => {
                 let _ = fsops::remove_at(&parent, &wrapper_name);
                 return Err(io_err(e, &path));
             }
         };
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        match rustix::io::fcntl_dupfd_cloexec(&parent, 0) {
-            Ok(p) => reg.push(Registered {
-                id,
-                tool: tool.to_string(),
-                parent: p,
-                name: wrapper_name.clone(),
-                path: path.clone(),
-            }),
-            Err(e) => {
-                let _ = fsops::remove_at(&parent, &wrapper_name);
-                return Err(io_err(e, &path));
-            }
-        }
         drop(reg);
         Ok(Sibling {
             parent,
@@ -270,22 +279,19 @@ impl Sibling {
             path,
             _lock: lock,
             new_file,
-            id,
+            registration,
         })
     }
 
     /// Rename `new` to DEST, then remove the rest of the sibling (the marker).
     fn rename_into_place(&mut self, flags: RenameFlags) -> io::Result<()> {
-        let mut reg = registry();
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            drop(reg);
-            wait_for_exit();
-        }
-        rustix::fs::renameat_with(&self.wrapper, NEW, &self.parent, &self.name, flags)?;
-        let _ = fsops::remove_at(&self.parent, &self.wrapper_name);
-        reg.retain(|r| r.id != self.id);
-        self.id = 0;
-        drop(reg);
+        let (wrapper, parent, name) = (&self.wrapper, &self.parent, &self.name);
+        let wrapper_name = &self.wrapper_name;
+        self.registration.end(|| {
+            rustix::fs::renameat_with(wrapper, NEW, parent, name, flags)?;
+            let _ = fsops::remove_at(parent, wrapper_name);
+            Ok(())
+        })?;
         let _ = rustix::fs::fsync(&self.parent);
         Ok(())
     }
@@ -293,19 +299,49 @@ impl Sibling {
 
 impl Drop for Sibling {
     fn drop(&mut self) {
-        if self.id == 0 {
-            return;
-        }
-        let mut reg = registry();
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            // The watcher removes it and ends the process; removing it here too would race.
-            drop(reg);
-            wait_for_exit();
-        }
-        drop(self.new_file.take());
-        let _ = remove_racing_writers(&self.parent, &self.wrapper_name);
-        reg.retain(|r| r.id != self.id);
+        let (parent, wrapper_name, new_file) =
+            (&self.parent, &self.wrapper_name, &mut self.new_file);
+        let _ = self.registration.end(|| {
+            drop(new_file.take());
+            remove_racing_writers(parent, wrapper_name)
+        });
     }
+}
+
+/// A scratch directory beside a path: a sibling like [`Staging`]'s (same name pattern, marker,
+/// lock, sweep and signal clean-up) that is never renamed into place, only removed when
+/// dropped. For work that must be on the same filesystem as the path but never inside it
+/// (ovl-squash `--in-place`: entries built there are renamed into the lower, and its upper is
+/// exchanged with an empty directory made there).
+#[derive(Debug)]
+pub struct Scratch {
+    /// The directory to use (`new` in the sibling).
+    pub dir: PathBuf,
+    sib: Sibling,
+}
+
+impl Scratch {
+    /// Sweep dead scratch siblings of `tool` beside `beside`, make a new one.
+    pub fn new(beside: &Path, tool: &str) -> Result<Scratch, StagingError> {
+        let sib = Sibling::make(beside, tool, SiblingKind::Scratch)?;
+        Ok(Scratch {
+            dir: sib.path.join(OsStr::from_bytes(NEW.to_bytes())),
+            sib,
+        })
+    }
+
+    /// The sibling's directory (`dir`'s parent) and `dir`'s name in it, for `*at` calls.
+    pub fn at(&self) -> (&OwnedFd, &CStr) {
+        (&self.sib.wrapper, NEW)
+    }
+}
+
+/// Remove the dead siblings of `tool` beside `beside` (see the module doc) without making one:
+/// for a run that makes its [`Scratch`] only when it needs one, so leftovers of a killed run
+/// go in any case. Returns how many were removed.
+pub fn sweep_beside(beside: &Path, tool: &str) -> Result<usize, StagingError> {
+    let (parent, name) = open_beside(beside)?;
+    Ok(sweep(&parent, name.as_bytes(), tool))
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -441,7 +477,7 @@ fn remove_racing_writers(dir: &impl AsFd, name: &CStr) -> io::Result<()> {
 }
 
 /// Debug builds: wait until the test that set [`HOLD_ENV`] closes the FIFO.
-fn hold_for_tests() {
+pub(crate) fn hold_for_tests() {
     #[cfg(debug_assertions)]
     if let Some(p) = std::env::var_os(HOLD_ENV) {
         if let Ok(mut f) = File::open(p) {
@@ -477,8 +513,140 @@ fn registry() -> MutexGuard<'static, Vec<Registered>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The registry, locked: what is made while it is held and then [`Registry::add`]ed is either
+/// removed by a signal's clean-up or not made at all.
+pub(crate) struct Registry(MutexGuard<'static, Vec<Registered>>);
+
+impl Registry {
+    /// Install the signal handlers (once per process) and lock the registry.
+    pub(crate) fn lock() -> io::Result<Registry> {
+        install_handler()?;
+        Ok(Registry(registry()))
+    }
+
+    /// Register `name` in `dir` (`path`: how a message names it) for the signal clean-up of
+    /// `tool`'s process.
+    pub(crate) fn add(
+        &mut self,
+        tool: &str,
+        dir: &impl AsFd,
+        name: &CStr,
+        path: &Path,
+    ) -> io::Result<Registration> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        self.0.push(Registered {
+            id,
+            tool: tool.to_string(),
+            parent: rustix::io::fcntl_dupfd_cloexec(dir, 0)?,
+            name: name.to_owned(),
+            path: path.to_path_buf(),
+        });
+        Ok(Registration { id })
+    }
+}
+
+/// One name that a signal's clean-up removes, until [`Registration::end`] ends it.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    /// The key in [`REGISTRY`]; 0 once ended.
+    id: u64,
+}
+
+impl Registration {
+    /// Do `f`, the step that ends the name's life (its rename into place or its removal),
+    /// then forget the name, unless `f` fails. A signal's clean-up never runs during `f`: once
+    /// it has begun, this waits for the process to end instead.
+    pub(crate) fn end<T>(&mut self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        if self.id == 0 {
+            return Err(io::Error::other("already ended"));
+        }
+        let mut reg = registry();
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            drop(reg);
+            wait_for_exit();
+        }
+        let t = f()?;
+        let id = self.id;
+        reg.retain(|r| r.id != id);
+        self.id = 0;
+        Ok(t)
+    }
+}
+
+/// The program's name (argv\[0\]'s last component), for messages of what has no tool name.
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "ovl".into())
+}
+
+// ---- steps a signal must not cut in two ----
+
+/// Threads in [`Steps`] that have not yet reached a step boundary since a signal.
+static STEPPING: Mutex<u32> = Mutex::new(0);
+static STEPPED: std::sync::Condvar = std::sync::Condvar::new();
+
+std::thread_local! {
+    static IN_STEPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Work made of steps, each of which leaves things consistent but none of which may be cut
+/// in two by a signal's clean-up (ovl-squash `--in-place`: its crash argument holds after
+/// every step; a [`Scratch`] removed in the middle of one, while entries are built in it or
+/// renamed out of it, would not be a state any step leaves). While a `Steps` lives, the
+/// clean-up waits until its thread calls [`step_boundary`] (or drops it), and the thread then
+/// stops there for good.
+#[derive(Debug)]
+pub struct Steps {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Steps {
+    pub fn begin() -> Steps {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            wait_for_exit();
+        }
+        *STEPPING.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        IN_STEPS.with(|c| c.set(true));
+        Steps {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        IN_STEPS.with(|c| c.set(false));
+        left_steps();
+    }
+}
+
+fn left_steps() {
+    let mut n = STEPPING.lock().unwrap_or_else(|e| e.into_inner());
+    *n = n.saturating_sub(1);
+    STEPPED.notify_all();
+}
+
+/// A point between two steps of [`Steps`]: if a signal's clean-up is waiting, let it run (this
+/// thread stops here for good). Elsewhere, nothing.
+pub fn step_boundary() {
+    if INTERRUPTED.load(Ordering::SeqCst) && IN_STEPS.with(|c| c.get()) {
+        wait_for_exit();
+    }
+}
+
+/// A signal's clean-up has begun (the process is about to end).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Park this thread for good: the watcher is removing our siblings and will end the process.
 fn wait_for_exit() -> ! {
+    if IN_STEPS.with(|c| c.replace(false)) {
+        left_steps();
+    }
     loop {
         std::thread::park();
     }
@@ -581,6 +749,12 @@ fn signal_name(sig: libc::c_int) -> &'static str {
 
 fn clean_up_and_exit(sig: libc::c_int) -> ! {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    // Let every thread in the middle of a step finish it.
+    let mut n = STEPPING.lock().unwrap_or_else(|e| e.into_inner());
+    while *n > 0 {
+        n = STEPPED.wait(n).unwrap_or_else(|e| e.into_inner());
+    }
+    drop(n);
     let reg = registry();
     for r in reg.iter() {
         let what = match remove_racing_writers(&r.parent, &r.name) {

@@ -205,7 +205,6 @@ pub struct UpperFacts<'a> {
     pub name: &'a [u8],
     pub is_char_device: bool,
     pub is_regular: bool,
-    pub is_dir: bool,
     pub rdev: u64,
     pub size: u64,
     /// The parent directory is marked `overlay.opaque=x` ([`dir_has_xwhiteouts`]): only there
@@ -343,7 +342,6 @@ mod tests {
             name,
             is_char_device: chr,
             is_regular: reg,
-            is_dir: false,
             rdev: 0,
             size: 0,
             parent_xwhiteouts: false,
@@ -422,7 +420,6 @@ mod tests {
             name: b"gone",
             is_char_device: FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice,
             is_regular: false,
-            is_dir: false,
             rdev: st.st_rdev,
             size: 0,
             parent_xwhiteouts: false,

@@ -14,8 +14,13 @@
 //! attributes and xattrs from the upper); a metacopy file's metadata (only its data comes from
 //! below). The steps, in this order:
 //!
-//! 0. Leftovers of a killed run are removed: the `.LOWER.ovl-squash-work` sibling (half-made
-//!    entries, never part of any layer) and the `.UPPER.ovl-squash-swap` sibling (see 4).
+//! 0. Leftovers of a killed run are removed: the work sibling beside the lower (half-made
+//!    entries, never part of any layer) and the swap sibling beside the upper (see 4). Both are
+//!    ovl-layer staging siblings (`.LOWER.ovl-squash-TOKEN`, `.UPPER.ovl-squash-TOKEN`, with a
+//!    locked marker), so the sweep removes only dead ones of ours. A SIGINT, SIGTERM or SIGHUP
+//!    stops the run at the end of the step it is in (see [`ovl_layer::staging::Steps`]),
+//!    removes both siblings and exits 128+N: the state a kill after that step leaves, less the
+//!    leftovers.
 //! 1. Redirects (redirect_dir, metacopy with a redirect) are made local first, because they are
 //!    the only upper entries that need lower content at *another* path, which later steps may
 //!    delete. For each: the full content is built in the work sibling (hardlinks to the lower
@@ -46,7 +51,7 @@
 //!    Now the lower alone is M, and the upper still covers every path it touched.
 //! 3. syncfs of the lower's filesystem, so the lower is durable before the upper lets go.
 //! 4. The upper is emptied in one atomic step: an empty directory with the upper root's owner,
-//!    mode, xattrs and times is made as the sibling `.UPPER.ovl-squash-swap`, then exchanged with
+//!    mode, xattrs and times is made in the swap sibling beside the upper, then exchanged with
 //!    the upper (`renameat2(RENAME_EXCHANGE)`); before, upper + lower = M; after, the empty
 //!    upper + the lower = M. The old upper, now the swap sibling, is deleted; so is the work
 //!    sibling. Emptying the upper entry by entry instead would bump the upper root's mtime,
@@ -76,6 +81,7 @@ use ovl_layer::fsops::{
 };
 use ovl_layer::path::LayerPath;
 use ovl_layer::root::Root;
+use ovl_layer::staging::{self, Scratch, Steps};
 use ovl_layer::upper::{Change, Entry, Kind, Layer, Upper, UpperOptions, special_kind};
 use ovl_layer::whiteout::{self, XattrNs};
 
@@ -84,21 +90,9 @@ use crate::crash;
 use crate::error::{SquashError, io_at};
 use crate::fsops::{self, Sharing};
 
-/// `.NAME.ovl-squash-SUFFIX` beside `dir`: its parent, and the sibling's name.
-fn sibling(dir: &Path, suffix: &str) -> Result<(PathBuf, CString), SquashError> {
-    let name = dir.file_name().ok_or_else(|| SquashError::Unsupported {
-        path: dir.display().to_string(),
-        why: "needs a final name component".into(),
-    })?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut s = b".".to_vec();
-    s.extend_from_slice(name.as_bytes());
-    s.extend_from_slice(format!(".ovl-squash-{suffix}").as_bytes());
-    Ok((parent, CString::new(s).expect("no NUL in a path")))
-}
+/// The tool named in the work and swap siblings, `.LOWER.ovl-squash-TOKEN` and
+/// `.UPPER.ovl-squash-TOKEN` (made, swept and removed on a signal by ovl-layer's staging).
+const SIBLING_TOOL: &str = "ovl-squash";
 
 fn open_path_dir(p: &Path) -> Result<OwnedFd, SquashError> {
     rustix::fs::open(
@@ -114,9 +108,9 @@ struct InPlace<'a> {
     upper: Root,
     up: Upper,
     sharing: &'a Sharing,
-    work_parent: OwnedFd,
-    work_name: CString,
-    work: Option<OwnedFd>,
+    lower_path: PathBuf,
+    /// The work sibling and its directory, once made.
+    work: Option<(Scratch, OwnedFd)>,
     work_seq: u64,
     sum: &'a mut Summary,
 }
@@ -134,13 +128,12 @@ pub fn squash_in_place(
         Err(rustix::io::Errno::WOULDBLOCK) => return Err(SquashError::Busy(lower.to_path_buf())),
         Err(e) => return Err(io_at(lower.display())(e.into())),
     }
-    // 0. Leftovers of a killed run.
-    let (work_parent, work_name) = sibling(lower, "work")?;
-    let (swap_parent, swap_name) = sibling(upper, "swap")?;
-    let work_parent = open_path_dir(&work_parent)?;
-    let swap_parent_fd = open_path_dir(&swap_parent)?;
-    remove_at(&work_parent, &work_name).map_err(io_at(lower.display()))?;
-    remove_at(&swap_parent_fd, &swap_name).map_err(io_at(upper.display()))?;
+    // A signal stops the run only between two steps (see crate::crash), then removes the
+    // work and swap siblings: the state a kill leaves, less the leftovers.
+    let _steps = Steps::begin();
+    // 0. Leftovers of a killed run: the dead siblings of ours beside the lower and the upper.
+    staging::sweep_beside(lower, SIBLING_TOOL)?;
+    staging::sweep_beside(upper, SIBLING_TOOL)?;
 
     let mut ip = InPlace {
         lower: Root::open(lower).map_err(io_at(lower.display()))?,
@@ -153,8 +146,7 @@ pub fn squash_in_place(
             },
         )?,
         sharing,
-        work_parent,
-        work_name,
+        lower_path: lower.to_path_buf(),
         work: None,
         work_seq: 0,
         sum,
@@ -166,8 +158,12 @@ pub fn squash_in_place(
     let lower_fd = open_path_dir(lower)?;
     rustix::fs::syncfs(&lower_fd).map_err(|e| io_at(lower.display())(e.into()))?;
     // 4.
-    ip.empty_upper(upper, &swap_parent_fd, &swap_name)?;
-    remove_at(&ip.work_parent, &ip.work_name).map_err(io_at(lower.display()))?;
+    ip.empty_upper(upper)?;
+    if let Some((work, fd)) = ip.work.take() {
+        drop(fd);
+        let (dir, name) = work.at();
+        remove_at(dir, name).map_err(io_at(work.dir.display()))?;
+    }
     Ok(())
 }
 
@@ -202,19 +198,12 @@ impl InPlace<'_> {
     /// atomic; outside the lower: nothing in it ever shows in a mount).
     fn work(&mut self) -> Result<&OwnedFd, SquashError> {
         if self.work.is_none() {
-            match rustix::fs::mkdirat(
-                &self.work_parent,
-                self.work_name.as_c_str(),
-                Mode::from_raw_mode(0o700),
-            ) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(io_at("the work directory beside the lower")(e.into())),
-            }
-            let fd = open_dir_at(&self.work_parent, &self.work_name)
-                .map_err(io_at("the work directory beside the lower"))?;
-            self.work = Some(fd);
+            let scratch = Scratch::new(&self.lower_path, SIBLING_TOOL)?;
+            let (dir, name) = scratch.at();
+            let fd = open_dir_at(dir, name).map_err(io_at(scratch.dir.display()))?;
+            self.work = Some((scratch, fd));
         }
-        Ok(self.work.as_ref().expect("just made"))
+        Ok(&self.work.as_ref().expect("just made").1)
     }
 
     fn next_work_name(&mut self) -> CString {
@@ -748,12 +737,7 @@ impl InPlace<'_> {
 
     // ---- 4. the upper ----
 
-    fn empty_upper(
-        &mut self,
-        upper: &Path,
-        parent: &OwnedFd,
-        swap: &CStr,
-    ) -> Result<(), SquashError> {
+    fn empty_upper(&mut self, upper: &Path) -> Result<(), SquashError> {
         let at = upper.display().to_string();
         let ufd = open_path_dir(upper)?;
         let st = rustix::fs::fstat(&ufd).map_err(|e| io_at(&at)(e.into()))?;
@@ -763,27 +747,34 @@ impl InPlace<'_> {
         if upper_is_empty(&ufd).map_err(io_at(&at))? {
             return Ok(());
         }
-        rustix::fs::mkdirat(parent, swap, Mode::from_raw_mode(0o700))
-            .map_err(|e| io_at(&at)(e.into()))?;
-        fsops::apply_meta(parent, swap, &meta).map_err(io_at(&at))?;
+        let parent = open_path_dir(
+            upper
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
+        // The swap sibling beside the upper: its directory gets the upper root's metadata.
+        let swap = Scratch::new(upper, SIBLING_TOOL)?;
+        let (sdir, sname) = swap.at();
+        fsops::apply_meta(sdir, sname, &meta).map_err(io_at(&at))?;
         crash::step();
         match rustix::fs::renameat_with(
-            parent,
-            swap,
-            parent,
+            sdir,
+            sname,
+            &parent,
             name.as_c_str(),
             RenameFlags::EXCHANGE,
         ) {
             Ok(()) => {
                 crash::step();
-                let _ = rustix::fs::fsync(parent);
+                let _ = rustix::fs::fsync(&parent);
                 // The old upper, now garbage.
-                remove_at(parent, swap).map_err(io_at(&at))?;
+                remove_at(sdir, sname).map_err(io_at(swap.dir.display()))?;
                 crash::step();
                 Ok(())
             }
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::XDEV | rustix::io::Errno::BUSY) => {
-                remove_at(parent, swap).map_err(io_at(&at))?;
+                drop(swap);
                 // No exchange here: entry by entry, the root's times put back after each.
                 let times = times_of(&st);
                 for n in names(&ufd).map_err(io_at(&at))? {

@@ -31,6 +31,8 @@ pub const MAX_INDEX_DEPTH: usize = 8;
 #[derive(Debug)]
 pub struct Layout {
     fd: OwnedFd,
+    /// Where it was opened, for messages.
+    pub(super) path: std::path::PathBuf,
 }
 
 /// A blob opened for streaming: a regular file of the size its descriptor says.
@@ -80,7 +82,10 @@ impl Layout {
             name: ".".into(),
             source: e.into(),
         })?;
-        Ok(Layout { fd })
+        Ok(Layout {
+            fd,
+            path: path.to_path_buf(),
+        })
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {

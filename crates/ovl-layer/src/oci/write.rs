@@ -13,12 +13,14 @@ use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 
 use super::spec::{LAYOUT_FILE, to_json};
 use super::{Algorithm, Digest, Index, Layout, OciError, io_err};
+use crate::staging::{self, Registration, Registry, program_name};
 
 /// An exclusive flock of a layout, released when dropped.
 #[derive(Debug)]
@@ -32,12 +34,15 @@ impl Drop for LayoutLock<'_> {
     }
 }
 
-/// A file being written in a directory under a temporary name, removed unless committed.
+/// A file being written in a directory under a temporary name, removed unless committed, and
+/// removed by the signal clean-up of [`crate::staging`] when SIGINT, SIGTERM or SIGHUP ends
+/// the process first.
 #[derive(Debug)]
 pub struct TempFile {
     dir: OwnedFd,
     name: CString,
     file: Option<File>,
+    registration: Registration,
 }
 
 /// `.ovl-<128 random bits>.tmp`. The bits come from std's `RandomState`, whose keys are drawn
@@ -55,8 +60,12 @@ fn unguessable_name() -> CString {
 }
 
 impl TempFile {
-    /// A new, empty file in `dir` (mode 0666 less the umask, like any file ovl makes).
-    pub fn create_in(dir: OwnedFd) -> std::io::Result<TempFile> {
+    /// A new, empty file in `dir` (mode 0666 less the umask, like any file ovl makes); `shown`:
+    /// the directory's path, for messages.
+    pub fn create_in(dir: OwnedFd, shown: &Path) -> std::io::Result<TempFile> {
+        // Made and registered under the registry's lock: a signal's clean-up either sees it
+        // or runs before it exists.
+        let mut reg = Registry::lock()?;
         let mut tries = 0;
         loop {
             let name = unguessable_name();
@@ -67,10 +76,19 @@ impl TempFile {
                 Mode::from_raw_mode(0o666),
             ) {
                 Ok(fd) => {
+                    let path = shown.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+                    let registration = match reg.add(&program_name(), &dir, &name, &path) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = rustix::fs::unlinkat(&dir, &name, AtFlags::empty());
+                            return Err(e);
+                        }
+                    };
                     return Ok(TempFile {
                         dir,
                         name,
                         file: Some(File::from(fd)),
+                        registration,
                     });
                 }
                 Err(rustix::io::Errno::EXIST) if tries < 16 => tries += 1,
@@ -87,7 +105,10 @@ impl TempFile {
     pub fn commit(mut self, name: &CStr) -> std::io::Result<()> {
         let file = self.file.take().expect("open until committed");
         let res = file.sync_all().and_then(|()| {
-            rustix::fs::renameat(&self.dir, &self.name, &self.dir, name).map_err(Into::into)
+            staging::hold_for_tests();
+            let (dir, tmp) = (&self.dir, &self.name);
+            self.registration
+                .end(|| rustix::fs::renameat(dir, tmp, dir, name).map_err(Into::into))
         });
         if res.is_err() {
             self.file = Some(file);
@@ -99,7 +120,10 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if self.file.is_some() {
-            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
+            let (dir, name) = (&self.dir, &self.name);
+            let _ = self
+                .registration
+                .end(|| rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into));
         }
     }
 }
@@ -166,7 +190,7 @@ impl Layout {
     /// [`Layout::commit_blob`].
     pub fn new_blob(&self) -> Result<TempFile, OciError> {
         let dir = self.blobs_dir(Algorithm::Sha256)?;
-        TempFile::create_in(dir).map_err(io_err("blobs/sha256"))
+        TempFile::create_in(dir, &self.path.join("blobs/sha256")).map_err(io_err("blobs/sha256"))
     }
 
     /// Sync the blob written to `tmp` and give it its name, `digest` (which the writer
@@ -200,7 +224,7 @@ impl Layout {
     /// Write a file at the layout's top through a temporary file, synced and renamed.
     fn write_file(&self, name: &CStr, label: &str, bytes: &[u8]) -> Result<(), OciError> {
         let dir = rustix::io::dup(self.fd()).map_err(|e| io_err(label)(e.into()))?;
-        let mut tmp = TempFile::create_in(dir).map_err(io_err(label))?;
+        let mut tmp = TempFile::create_in(dir, &self.path).map_err(io_err(label))?;
         tmp.file().write_all(bytes).map_err(io_err(label))?;
         tmp.commit(name).map_err(io_err(label))?;
         rustix::fs::fsync(self.fd()).map_err(|e| io_err(label)(e.into()))
@@ -243,7 +267,7 @@ mod tests {
         };
         let (a, b) = (unguessable_name(), unguessable_name());
         assert_ne!(a, b);
-        let mut tmp = TempFile::create_in(open()).unwrap();
+        let mut tmp = TempFile::create_in(open(), t.path()).unwrap();
         tmp.file().write_all(b"x").unwrap();
         drop(tmp);
         assert!(names().is_empty());
@@ -251,7 +275,7 @@ mod tests {
         let victim = t.path().join("victim");
         std::fs::write(&victim, b"v").unwrap();
         std::os::unix::fs::symlink(&victim, t.path().join("out")).unwrap();
-        let mut tmp = TempFile::create_in(open()).unwrap();
+        let mut tmp = TempFile::create_in(open(), t.path()).unwrap();
         tmp.file().write_all(b"new").unwrap();
         tmp.commit(c"out").unwrap();
         assert_eq!(names(), ["out", "victim"]);

@@ -42,7 +42,6 @@ impl Node {
             name: &self.name,
             is_char_device: ft == FileType::CharacterDevice,
             is_regular: ft == FileType::RegularFile,
-            is_dir: ft == FileType::Directory,
             rdev: self.st.st_rdev,
             size: self.st.st_size as u64,
             parent_xwhiteouts,
