@@ -50,7 +50,7 @@ pub fn is_root() -> bool {
 
 /// A program in PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
-    ovl_layer::userns::which(program)
+    ovl_layer::which(program)
 }
 
 /// The workspace root (the directory holding the root `Cargo.toml`).
@@ -222,8 +222,8 @@ fn remove_subids(file: &str, name: &str) {
 }
 
 /// The user's rootless id maps as ovl computes them from /etc/subuid and /etc/subgid.
-pub fn rootless_maps(user: &TestUser) -> ovl_layer::idmap::RootlessMaps {
-    ovl_layer::idmap::RootlessMaps::for_user(
+pub fn rootless_maps(user: &TestUser) -> ovl_layer::RootlessMaps {
+    ovl_layer::RootlessMaps::for_user(
         &user.name,
         user.uid,
         user.gid,

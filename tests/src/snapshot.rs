@@ -13,7 +13,7 @@ use std::path::Path;
 
 use sha2::Digest;
 
-use ovl_layer::path::display_bytes;
+use ovl_layer::display_bytes;
 
 /// One entry of a tree.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,11 +52,11 @@ impl SnapshotOptions {
     /// xattr namespaces, fuse-overlayfs's) and SELinux labels (the host's policy, not the
     /// image's), which are not content.
     pub fn merged_view() -> Self {
-        let mut ignore: Vec<String> = ovl_layer::whiteout::XattrNs::ALL
+        let mut ignore: Vec<String> = ovl_layer::XattrNs::ALL
             .iter()
             .map(|ns| ns.prefix().to_string())
             .collect();
-        ignore.push(ovl_layer::whiteout::FUSE_PRIVATE_PREFIX.to_string());
+        ignore.push(ovl_layer::FUSE_PRIVATE_PREFIX.to_string());
         ignore.push("security.selinux".to_string());
         SnapshotOptions {
             ignore_xattr_prefixes: ignore,
@@ -119,7 +119,7 @@ pub fn snapshot(root: &Path, opts: &SnapshotOptions) -> std::io::Result<Snapshot
         } else {
             None
         };
-        let mut xattrs = ovl_layer::xattrs::list_path(ent.path())?;
+        let mut xattrs = ovl_layer::list_xattrs(ent.path())?;
         xattrs.retain(|(n, _)| {
             !opts
                 .ignore_xattr_prefixes

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::snapshot::{Snapshot, SnapshotOptions, snapshot};
-use ovl_layer::path::display_bytes;
+use ovl_layer::display_bytes;
 
 /// One extraction: did the tool succeed, what it said, and the tree it left.
 #[derive(Debug)]
@@ -108,7 +108,7 @@ fn snapshot_with_big_files(root: &Path) -> Snapshot {
     for (p, to) in moved {
         let md = to.symlink_metadata().unwrap();
         let rel = p.strip_prefix(root).unwrap();
-        let mut xattrs = ovl_layer::xattrs::list_path(&to).unwrap_or_default();
+        let mut xattrs = ovl_layer::list_xattrs(&to).unwrap_or_default();
         let prefixes = tree_opts().ignore_xattr_prefixes;
         xattrs.retain(|(n, _)| !prefixes.iter().any(|pre| n.starts_with(pre.as_str())));
         tree.insert(

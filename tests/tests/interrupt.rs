@@ -264,7 +264,7 @@ impl Hold {
 }
 
 fn spawn_held(cmd: &mut Command, hold: &Hold) -> Child {
-    cmd.env(ovl_layer::staging::HOLD_ENV, &hold.fifo)
+    cmd.env(ovl_layer::STAGING_HOLD_ENV, &hold.fifo)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -98,7 +98,7 @@ fn an_escaped_colon_names_the_dir_a_colon_b_to_ovl_diff() {
     let (mu, mw, mm) = (mkdir(t, "mu"), mkdir(t, "mw"), mkdir(t, "mm"));
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},metacopy=on,redirect_dir=on",
-        ovl_layer::lowers::join(&[t.join("a:b")]).to_str().unwrap(),
+        ovl_layer::join_lowers(&[t.join("a:b")]).to_str().unwrap(),
         mu.display(),
         mw.display()
     );
@@ -158,7 +158,7 @@ fn lowers_with_odd_bytes_mount_with_every_mechanism() {
     }
     let merged = t.path().join("m");
     std::fs::create_dir(&merged).unwrap();
-    let list = ovl_layer::lowers::join(&[&odd, &plain]);
+    let list = ovl_layer::join_lowers(&[&odd, &plain]);
     for extra in [&[][..], &["--legacy-mount-api"][..]] {
         let out = run_ok(
             Command::new(bin("ovl-mount"))
@@ -184,7 +184,7 @@ fn lowers_with_odd_bytes_mount_with_every_mechanism() {
     let out = run_ok(
         Command::new(bin("ovl-mount"))
             .args(["--driver", "fuse", "--lower"])
-            .arg(ovl_layer::lowers::join(&[&fuse_odd, &plain]))
+            .arg(ovl_layer::join_lowers(&[&fuse_odd, &plain]))
             .arg("--upper")
             .arg(&u)
             .arg("--work")
@@ -286,7 +286,7 @@ fn the_lowerdir_string_ovl_import_prints_parses_back_and_mounts() {
     );
     let printed = OsString::from_vec(printed.strip_suffix(b"\n").unwrap().to_vec());
     assert_eq!(
-        ovl_layer::lowers::parse(&printed).unwrap(),
+        ovl_layer::parse_lowers(&printed).unwrap(),
         [dest.join("1"), dest.join("0")]
     );
     // The kernel reads it as the same two layers (mount(2), the string as printed).

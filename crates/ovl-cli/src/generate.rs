@@ -33,7 +33,11 @@ pub(crate) fn add_arg(cmd: clap::Command) -> clap::Command {
 }
 
 /// Write `kind` for the tool `cmd` (the whole command, as [`crate::command`] builds it).
-pub fn write(mut cmd: clap::Command, kind: Generate, out: &mut dyn Write) -> std::io::Result<()> {
+pub(crate) fn write(
+    mut cmd: clap::Command,
+    kind: Generate,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     use clap_complete::Shell;
     let shell = match kind {
         Generate::Man => return clap_mangen::Man::new(cmd).render(out),

@@ -2,17 +2,21 @@
 //!
 //! Owns [`parse`] (clap parsing plus what every tool takes: `--generate
 //! man|complete-bash|complete-zsh|complete-fish`, ripgrep's convention, and `--version` with
-//! the git commit the binary was built from), and [`progress`] (bars on stderr, only on a
+//! the git commit the binary was built from), and `progress` (bars on stderr, only on a
 //! terminal). The libraries never draw: they count, and the tools show the counts here.
 
-pub mod generate;
-pub mod progress;
+#![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
+
+mod generate;
+mod progress;
 
 use std::ffi::OsString;
 
 use clap::{CommandFactory, Parser};
 
 pub use generate::Generate;
+pub use progress::{Bar, CountingWriter, Unit, wanted as progress_wanted};
 
 /// `0.1.0 (git 0123456789ab)`: the version every tool's `--version` prints.
 pub const VERSION: &str = concat!(
@@ -22,7 +26,7 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
-pub use ovl_layer::message::error_chain;
+pub use ovl_layer::error_chain;
 
 /// The clap command of a tool as its users see it: its own definition plus the shared
 /// `--generate` option and version.

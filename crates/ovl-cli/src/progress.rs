@@ -1,6 +1,6 @@
 //! Progress bars: on stderr, and only when stderr is a terminal (never in a pipe, a log or a
 //! layer). A bar is drawn by a ticker thread from a count the library keeps (an
-//! `ovl_layer::progress::Progress`, a step counter, bytes written), so the work itself never
+//! `ovl_layer::Progress`, a step counter, bytes written), so the work itself never
 //! waits on the terminal.
 
 use std::io::{IsTerminal, Write};

@@ -4,7 +4,7 @@
 //! entry followed by `DIR/.wh..wh..opq` (right after it, before anything in it, so an applier
 //! that acts on markers in stream order cannot hide this layer's own entries), a redirected
 //! directory is already a whiteout of its old path (the upper holds one) plus an opaque
-//! directory with its full content ([`ovl_layer::upper`] expands it), and a file's data comes
+//! directory with its full content (ovl-layer's `upper` expands it), and a file's data comes
 //! from wherever the upper says (the upper, or a lower for metacopy). The layer root itself is
 //! an entry (`./`) only when its mode, owner or xattrs differ from the lowers' root (someone ran
 //! `chmod 700 /` in the container): otherwise its metadata is the mount's, not the image's (as
@@ -13,10 +13,9 @@
 
 use std::io::Write;
 
-use ovl_layer::path::LayerPath;
-use ovl_layer::tarout::{Data, TarEntry, TarKind, TarWriter};
-use ovl_layer::upper::{Change, Entry, Kind, Upper};
-use ovl_layer::whiteout::{self, OciName};
+use ovl_layer::{
+    Change, Entry, Kind, LayerPath, OciName, TarData, TarEntry, TarKind, TarWriter, Upper,
+};
 
 use crate::DiffError;
 
@@ -39,7 +38,7 @@ pub struct Stats {
 /// Write every change of `upper` to `tw`, refusing entries owned by `refuse_ids` (see
 /// [`crate::unmapped_id_markers`]) and writing an owner read as `id_alias.0` as `id_alias.1`
 /// (see [`crate::alias_overflow`]).
-pub fn emit<W: Write>(
+pub(crate) fn emit<W: Write>(
     upper: &Upper,
     tw: &mut TarWriter<W>,
     refuse_ids: Option<(u32, u32)>,
@@ -100,7 +99,7 @@ fn change<W: Write>(
         Change::Whiteout(p) => {
             let (parent, name) = p.split_last().expect("a whiteout is never the root");
             st.whiteouts += 1;
-            marker(upper, tw, &parent.join(&whiteout::whiteout_name(name)))
+            marker(upper, tw, &parent.join(&ovl_layer::whiteout_name(name)))
         }
         // The root is exported (as `./`) only when its mode, owner or xattrs differ from the
         // lowers' root: the merged root takes the upper's attributes, but an upperdir made by
@@ -115,7 +114,7 @@ fn change<W: Write>(
                     marker(
                         upper,
                         tw,
-                        &LayerPath::parse(whiteout::OPAQUE_MARKER).expect("a name"),
+                        &LayerPath::parse(ovl_layer::OPAQUE_MARKER).expect("a name"),
                     )
                 }
                 _ => Ok(()),
@@ -142,7 +141,7 @@ fn root_entry<W: Write>(
         xattrs: &e.meta.xattrs,
     };
     st.entries += 1;
-    tw.append(&t, Data::None)
+    tw.append(&t, TarData::None)
         .map_err(|err| write_err(upper, &e.path, err))
 }
 
@@ -157,7 +156,7 @@ fn marker<W: Write>(upper: &Upper, tw: &mut TarWriter<W>, p: &LayerPath) -> Resu
         mtime: (0, 0),
         xattrs: &[],
     };
-    tw.append(&e, Data::None)
+    tw.append(&e, TarData::None)
         .map_err(|err| write_err(upper, p, err))
 }
 
@@ -184,7 +183,7 @@ fn entry<W: Write>(
 ) -> Result<(), DiffError> {
     let name = e.path.file_name();
     // A name that means something else in a layer cannot be written as content.
-    if whiteout::classify_oci_name(name) != Ok(OciName::Plain) {
+    if ovl_layer::classify_oci_name(name) != Ok(OciName::Plain) {
         return Err(DiffError::Entry {
             path: upper.display(&e.path),
             reason: "this name is reserved for whiteouts in OCI layers and cannot be exported"
@@ -204,33 +203,33 @@ fn entry<W: Write>(
     let err = |err| write_err(upper, &e.path, err);
     match &e.kind {
         Kind::Dir { opaque } => {
-            tw.append(&t, Data::None).map_err(err)?;
+            tw.append(&t, TarData::None).map_err(err)?;
             if *opaque {
                 st.opaque_dirs += 1;
-                marker(upper, tw, &e.path.join(whiteout::OPAQUE_MARKER))?;
+                marker(upper, tw, &e.path.join(ovl_layer::OPAQUE_MARKER))?;
             }
             Ok(())
         }
         Kind::File { source, sparse } => {
             st.files += 1;
             st.bytes += e.meta.size;
-            if source.layer != ovl_layer::upper::Layer::Upper {
+            if source.layer != ovl_layer::Layer::Upper {
                 st.from_lowers += 1;
             }
             let size = e.meta.size;
             t.kind = TarKind::File { size };
             let mut f = upper.open_source(source)?;
             let chunks = if *sparse && size > 0 {
-                ovl_layer::copy::data_chunks(&f, size).map_err(err)?
+                ovl_layer::data_chunks(&f, size).map_err(err)?
             } else {
                 None
             };
             match chunks {
                 Some(chunks) => {
                     st.sparse += 1;
-                    tw.append(&t, Data::Sparse { chunks, file: &f })
+                    tw.append(&t, TarData::Sparse { chunks, file: &f })
                 }
-                None => tw.append(&t, Data::Stream(&mut f)),
+                None => tw.append(&t, TarData::Stream(&mut f)),
             }
             .map_err(err)
         }
@@ -239,29 +238,29 @@ fn entry<W: Write>(
             t.kind = TarKind::Hardlink {
                 target: target.as_bytes(),
             };
-            tw.append(&t, Data::None).map_err(err)
+            tw.append(&t, TarData::None).map_err(err)
         }
         Kind::Symlink { target } => {
             t.kind = TarKind::Symlink { target };
-            tw.append(&t, Data::None).map_err(err)
+            tw.append(&t, TarData::None).map_err(err)
         }
         Kind::CharDevice { major, minor } => {
             t.kind = TarKind::Char {
                 major: *major,
                 minor: *minor,
             };
-            tw.append(&t, Data::None).map_err(err)
+            tw.append(&t, TarData::None).map_err(err)
         }
         Kind::BlockDevice { major, minor } => {
             t.kind = TarKind::Block {
                 major: *major,
                 minor: *minor,
             };
-            tw.append(&t, Data::None).map_err(err)
+            tw.append(&t, TarData::None).map_err(err)
         }
         Kind::Fifo => {
             t.kind = TarKind::Fifo;
-            tw.append(&t, Data::None).map_err(err)
+            tw.append(&t, TarData::None).map_err(err)
         }
         Kind::Socket => {
             st.entries -= 1;

@@ -1,26 +1,27 @@
 //! ovl-diff: an overlay upperdir as an exact, reproducible OCI layer.
 //!
-//! What the upper means is read by [`ovl_layer::upper`] (every whiteout and opaque form,
+//! What the upper means is read by ovl-layer's `upper` (every whiteout and opaque form,
 //! redirect_dir and metacopy through the lowers, container ids); the bytes are written by
-//! [`ovl_layer::tarout`] and compressed by [`ovl_layer::pgzip`] or zstd. This crate owns the
+//! ovl-layer's `tarout` and compressed by ovl-layer's `pgzip` or zstd. This crate owns the
 //! mapping from upper changes to OCI layer entries ([`emit`]), the compression pipeline and
 //! its digests ([`output`]), and appending a layer to an OCI image layout ([`oci`]).
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod emit;
-pub mod oci;
-pub mod output;
+mod emit;
+mod oci;
+mod output;
 
 use std::path::PathBuf;
 
-use ovl_layer::identity::Identity;
-use ovl_layer::idmap::RootlessMaps;
-use ovl_layer::tarout::TarOptions;
-use ovl_layer::upper::UpperError;
+use ovl_layer::{Identity, RootlessMaps, TarOptions, UpperError};
 
 pub use emit::Stats;
-pub use output::{Compression, LayerInfo};
+pub use oci::{
+    Appended, LayoutRef, PendingBlob, begin as begin_oci_append, finish as finish_oci_append,
+};
+pub use output::{AtomicFile, Compression, LayerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
@@ -39,10 +40,10 @@ pub enum DiffError {
     Oci {
         dir: PathBuf,
         #[source]
-        source: ovl_layer::oci::OciError,
+        source: ovl_layer::OciError,
     },
     #[error(transparent)]
-    Staging(#[from] ovl_layer::staging::StagingError),
+    Staging(#[from] ovl_layer::StagingError),
 }
 
 /// What to diff and how to write it.
@@ -85,9 +86,9 @@ pub fn diff<W: std::io::Write + Send>(
     opts: &DiffOptions,
     out: W,
 ) -> Result<(W, LayerInfo, Stats), DiffError> {
-    let upper = ovl_layer::upper::Upper::open(
+    let upper = ovl_layer::Upper::open(
         &opts.upper,
-        &ovl_layer::upper::UpperOptions {
+        &ovl_layer::UpperOptions {
             lowers: opts.lowers.clone(),
             ids: opts.ids.clone(),
         },
@@ -121,12 +122,8 @@ pub fn unmapped_id_markers() -> Option<(u32, u32)> {
 /// container `overflow` to container `alias` instead (an id above the rootless range): inside,
 /// `alias` is the real nobody (written back as `overflow`), and `overflow` can only be an
 /// unmapped host id (refused). A map that does not hold `overflow` is returned as it is.
-pub fn alias_overflow(
-    map: &ovl_layer::idmap::IdMap,
-    overflow: u32,
-    alias: u32,
-) -> ovl_layer::idmap::IdMap {
-    use ovl_layer::idmap::{IdMap, IdRange};
+pub fn alias_overflow(map: &ovl_layer::IdMap, overflow: u32, alias: u32) -> ovl_layer::IdMap {
+    use ovl_layer::{IdMap, IdRange};
     let mut out = Vec::new();
     let mut found = false;
     for r in map.ranges() {
@@ -185,13 +182,13 @@ pub fn alias_overflow_of_this_host(maps: &mut RootlessMaps) {
 }
 
 /// The container id [`alias_overflow`] moves nobody to.
-pub const OVERFLOW_ALIAS: u32 = ovl_layer::idmap::ROOTLESS_RANGE + 1;
+pub const OVERFLOW_ALIAS: u32 = ovl_layer::ROOTLESS_RANGE + 1;
 
 /// `(alias, overflow)` when this process runs in a namespace made with [`alias_overflow`]
 /// (read from its own id maps): owners read as the alias are written as the overflow id.
 pub fn id_alias_in_this_namespace() -> Option<(u32, u32)> {
     let (ou, og) = unmapped_id_markers()?;
-    let RootlessMaps { uid: um, gid: gm } = ovl_layer::userns::current_maps();
+    let RootlessMaps { uid: um, gid: gm } = ovl_layer::current_maps();
     (ou == og && um.to_host(OVERFLOW_ALIAS).is_some() && gm.to_host(OVERFLOW_ALIAS).is_some())
         .then_some((OVERFLOW_ALIAS, ou))
 }
@@ -199,7 +196,7 @@ pub fn id_alias_in_this_namespace() -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ovl_layer::idmap::{IdMap, SubRange, rootless_map};
+    use ovl_layer::{IdMap, SubRange, rootless_map};
 
     #[test]
     fn overflow_is_aliased_out_of_the_map() {

@@ -8,11 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use ovl_cli::progress::{Bar, CountingWriter, Unit};
-use ovl_diff::oci::LayoutRef;
-use ovl_diff::{Compression, DiffOptions, LayerInfo, Stats};
-use ovl_layer::identity::{Identity, Reexec};
-use ovl_layer::idmap::IdRange;
+use ovl_cli::{Bar, CountingWriter, Unit};
+use ovl_diff::{Compression, DiffOptions, LayerInfo, LayoutRef, Stats};
+use ovl_layer::{IdRange, Identity, Reexec};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Compress {
@@ -87,20 +85,20 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut opts = DiffOptions::new(cli.upper.clone());
     if !cli.lower.is_empty() {
-        opts.lowers = ovl_layer::lowers::parse_all(&cli.lower).context("--lower")?;
+        opts.lowers = ovl_layer::parse_lower_args(&cli.lower).context("--lower")?;
     }
     opts.compression = match cli.compress {
         Compress::None => Compression::None,
         Compress::Gzip => Compression::Gzip,
         Compress::Zstd => Compression::Zstd,
     };
-    opts.tar = ovl_layer::tarout::TarOptions::from_env().map_err(anyhow::Error::msg)?;
+    opts.tar = ovl_layer::TarOptions::from_env().map_err(anyhow::Error::msg)?;
     // Digests cost a core's worth of sha256: skip them when nothing will show them.
     opts.tar.skip_digest = cli.quiet && cli.json.is_none() && cli.oci_layout.is_none();
     if let Some(t) = cli.threads {
         opts.threads = t.max(1);
     }
-    opts.ids = ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?;
+    opts.ids = ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?;
     opts.refuse_ids = ovl_diff::unmapped_id_markers();
     opts.id_alias = ovl_diff::id_alias_in_this_namespace();
     let upper = cli.upper.display().to_string();
@@ -109,7 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (info, stats, dest) = if let Some(layout) = &cli.oci_layout {
         let layout = LayoutRef::parse(layout);
-        let mut blob = ovl_diff::oci::begin(&layout)
+        let mut blob = ovl_diff::begin_oci_append(&layout)
             .with_context(|| format!("opening the OCI layout {}", layout.dir.display()))?;
         let file = blob
             .file()
@@ -122,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cli_compress_name(opts.compression)
         );
         let appended =
-            ovl_diff::oci::finish(&layout, blob, &info, &created_by, opts.tar.clamp_mtime)
+            ovl_diff::finish_oci_append(&layout, blob, &info, &created_by, opts.tar.clamp_mtime)
                 .with_context(|| format!("updating the OCI layout {}", layout.dir.display()))?;
         let tag = layout.tag.as_deref().unwrap_or("(untagged)");
         (
@@ -136,7 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         )
     } else if let Some(path) = &cli.output {
-        let mut f = ovl_diff::output::AtomicFile::create(path)
+        let mut f = ovl_diff::AtomicFile::create(path)
             .with_context(|| format!("creating {}", path.display()))?;
         let file = f.file().try_clone().context("duplicating a file handle")?;
         let (info, stats) = diff_showing_progress(&opts, file, cli.quiet).with_context(what)?;
@@ -182,7 +180,7 @@ fn diff_showing_progress(
     file: std::fs::File,
     quiet: bool,
 ) -> Result<(LayerInfo, Stats), ovl_diff::DiffError> {
-    if !ovl_cli::progress::wanted(quiet) {
+    if !ovl_cli::progress_wanted(quiet) {
         return ovl_diff::diff(opts, file).map(|(_, info, stats)| (info, stats));
     }
     let (out, count) = CountingWriter::new(file);

@@ -9,16 +9,16 @@
 //! manifest. With no such image (or no layout yet) the image starts from scratch. JSON is
 //! written with sorted keys and no timestamps unless `SOURCE_DATE_EPOCH` is set, so the same
 //! layer gives the same manifest. How the layout is reached, read and written safely (digests,
-//! bounded reads, exclusive temporary files, the lock) is [`ovl_layer::oci`]'s.
+//! bounded reads, exclusive temporary files, the lock) is ovl-layer's `oci`'s.
 
 use std::path::Path;
 
-use ovl_layer::oci::spec::{CONFIG_TYPE, MANIFEST_TYPE, REF_NAME, to_json};
-use ovl_layer::oci::{
-    Descriptor, Digest, History, ImageConfig, Index, Layout, Manifest, OciError, TempFile,
+use ovl_layer::{
+    CONFIG_TYPE, Descriptor, Digest, History, ImageConfig, ImageIndex, Layout, MANIFEST_TYPE,
+    Manifest, OciError, REF_NAME, TempFile, to_json,
 };
 
-pub use ovl_layer::oci::LayoutRef;
+pub use ovl_layer::LayoutRef;
 
 use crate::{DiffError, LayerInfo};
 
@@ -69,7 +69,7 @@ pub struct Appended {
 /// with no image of that tag, a new image with no layers.
 fn base(
     layout: &Layout,
-    index: &Index,
+    index: &ImageIndex,
     tag: Option<&str>,
 ) -> Result<(Option<usize>, Option<Manifest>, ImageConfig), OciError> {
     let Some(i) = index.find(tag)? else {
@@ -168,7 +168,7 @@ pub fn finish(
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (proleptic Gregorian, UTC).
-pub fn rfc3339(t: i64) -> String {
+pub(crate) fn rfc3339(t: i64) -> String {
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
     // Howard Hinnant's civil_from_days.

@@ -2,7 +2,7 @@
 //!
 //! Owns the pipeline and what it yields: the diffID (sha256 of the tar, computed by
 //! [`TarWriter`]), the blob's digest and size (sha256 of the bytes as stored), and the media
-//! type. gzip is [`ovl_layer::pgzip`] on every core; zstd runs its own worker threads, always
+//! type. gzip is ovl-layer's `pgzip` on every core; zstd runs its own worker threads, always
 //! at least one so its output is the same whatever the count (zstd's single-threaded mode
 //! frames differently). Also owns writing to a file: a temporary sibling, synced, renamed.
 
@@ -11,8 +11,7 @@ use std::path::Path;
 
 use sha2::Digest;
 
-use ovl_layer::staging::{Flush, StagedFile, StagingError};
-use ovl_layer::tarout::{TarSummary, TarWriter};
+use ovl_layer::{Flush, StagedFile, StagingError, TarSummary, TarWriter};
 
 use crate::{DiffError, DiffOptions, Stats};
 
@@ -24,7 +23,7 @@ pub enum Compression {
 }
 
 /// The zstd level layers are written with.
-pub const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 impl Compression {
     pub fn media_type(self) -> &'static str {
@@ -75,7 +74,7 @@ struct Hashing<W> {
     inner: W,
     hasher: sha2::Sha256,
     count: u64,
-    /// Off when nobody reads the digest (see [`ovl_layer::tarout::TarOptions::skip_digest`]).
+    /// Off when nobody reads the digest (see [`ovl_layer::TarOptions::skip_digest`]).
     enabled: bool,
 }
 
@@ -95,7 +94,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// Write a layer to `out`: `emit` writes the entries into the tar writer it is given.
-pub fn write_layer<W, F>(
+pub(crate) fn write_layer<W, F>(
     out: W,
     opts: &DiffOptions,
     emit: F,
@@ -141,11 +140,11 @@ where
                 count: 0,
                 enabled: !opts.tar.skip_digest,
             };
-            let gz = ovl_layer::pgzip::GzOptions {
+            let gz = ovl_layer::GzOptions {
                 threads: opts.threads.max(1),
                 ..Default::default()
             };
-            ovl_layer::pgzip::compress(h, &gz, run_tar)
+            ovl_layer::compress_gzip(h, &gz, run_tar)
                 .map(|(h, (sum, stats))| finish_hashing(h, Compression::Gzip, sum, stats))
         }
         Compression::Zstd => {
@@ -194,14 +193,14 @@ fn finish_hashing<W: Write>(
     (h.inner, info, stats)
 }
 
-/// `-o FILE`: the layer written in a staging sibling ([`ovl_layer::staging::StagedFile`]),
+/// `-o FILE`: the layer written in a staging sibling ([`ovl_layer::StagedFile`]),
 /// renamed over `dest` only when complete: a failed or interrupted run never leaves a partial
 /// layer under the name, nor the sibling.
 #[derive(Debug)]
 pub struct AtomicFile(StagedFile);
 
 /// The tool name in the staging sibling's name.
-pub const TOOL: &str = "ovl-diff";
+pub(crate) const TOOL: &str = "ovl-diff";
 
 fn staging_error(e: StagingError) -> DiffError {
     match e {

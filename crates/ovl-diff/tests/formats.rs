@@ -709,7 +709,7 @@ fn rootless_owner_gets_container_ids() {
     own(&u, user.uid, user.gid);
     own(&u.join("etc"), user.uid, user.gid);
     // Where container ids live on the host for this user (the same idmap code as the tools).
-    let maps = ovl_layer::idmap::RootlessMaps::for_user(
+    let maps = ovl_layer::RootlessMaps::for_user(
         &user.name,
         user.uid,
         user.gid,

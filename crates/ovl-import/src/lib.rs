@@ -1,24 +1,24 @@
 //! ovl-import: an image tarball (or an OCI image layout) into exact, safe overlay lowerdirs.
 //!
-//! The extraction itself is [`ovl_layer::extract`]; this crate owns the sources (a file or
+//! The extraction itself is ovl-layer's `extract`; this crate owns the sources (a file or
 //! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination ([`dest`]), and
 //! the choice of owner policy and opaque-xattr namespace for the privileges it runs with.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod dest;
-pub mod oci;
+mod dest;
+mod oci;
 
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ovl_layer::compress::{self, ThreadedReader};
-use ovl_layer::extract::{ExtractError, ExtractOptions, ExtractStats, OwnerPolicy};
-use ovl_layer::progress::{Progress, ProgressReader};
-use ovl_layer::root::Root;
-use ovl_layer::whiteout::XattrNs;
+use ovl_layer::{
+    ExtractError, ExtractOptions, ExtractStats, OwnerPolicy, Progress, ProgressReader, Root,
+    ThreadedReader, XattrNs,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -38,10 +38,10 @@ pub enum ImportError {
     Oci {
         dir: PathBuf,
         #[source]
-        source: ovl_layer::oci::OciError,
+        source: ovl_layer::OciError,
     },
     #[error(transparent)]
-    Staging(ovl_layer::staging::StagingError),
+    Staging(ovl_layer::StagingError),
     #[error("{source_name}")]
     Extract {
         source_name: String,
@@ -71,7 +71,7 @@ impl Source {
             return Source::Stdin;
         }
         if let Some(rest) = b.strip_prefix(b"oci:") {
-            let r = ovl_layer::oci::LayoutRef::parse(std::ffi::OsStr::from_bytes(rest));
+            let r = ovl_layer::LayoutRef::parse(std::ffi::OsStr::from_bytes(rest));
             return Source::Oci {
                 dir: r.dir,
                 tag: r.tag,
@@ -89,7 +89,7 @@ pub struct ImportOptions {
     /// Counts the archive bytes read (of the total when it is known), for a progress bar.
     pub progress: Option<std::sync::Arc<Progress>>,
     /// `--uidmap`/`--gidmap`: write owners as the host ids of this map.
-    pub shift: Option<ovl_layer::idmap::RootlessMaps>,
+    pub shift: Option<ovl_layer::RootlessMaps>,
 }
 
 /// What an import did.
@@ -98,7 +98,7 @@ pub struct Summary {
     pub stats: ExtractStats,
     pub elapsed: Duration,
     /// For an OCI image: the lowerdirs, top layer first, as `lowerdir=` wants them (escaped by
-    /// [`ovl_layer::lowers::join`]).
+    /// [`ovl_layer::join_lowers`]).
     pub lowerdirs: Option<OsString>,
 }
 
@@ -164,14 +164,14 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
                 let label = format!(
                     "{} (layer {i}, {})",
                     layer.path.display(),
-                    ovl_layer::path::display_str(&layer.media_type)
+                    ovl_layer::display_str(&layer.media_type)
                 );
                 stats.add(&extract_stream(raw, &sub, ex.clone(), &below, &label)?);
                 below.insert(0, sub);
                 names.push(dest.join(name));
             }
             names.reverse();
-            (stats, Some(ovl_layer::lowers::join(&names)))
+            (stats, Some(ovl_layer::join_lowers(&names)))
         }
         Source::Stdin => {
             let r = ProgressReader::new(std::io::stdin(), opts.progress.clone());
@@ -221,19 +221,18 @@ fn extract_stream<R: Read + Send + 'static>(
         path: label.to_string(),
         source: e,
     };
-    let (_kind, decoded) = compress::decoder(raw).map_err(src_err)?;
+    let (_kind, decoded) = ovl_layer::decoder(raw).map_err(src_err)?;
     let mut reader = ThreadedReader::new(decoded);
     let root = Root::open(into).map_err(|e| ImportError::Dest {
         path: into.to_path_buf(),
         source: e,
     })?;
-    let stats =
-        ovl_layer::extract::extract_onto(&mut reader, &root, ex, lowers).map_err(|err| {
-            ImportError::Extract {
-                source_name: label.to_string(),
-                err,
-            }
-        })?;
+    let stats = ovl_layer::extract_onto(&mut reader, &root, ex, lowers).map_err(|err| {
+        ImportError::Extract {
+            source_name: label.to_string(),
+            err,
+        }
+    })?;
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(src_err)?;
     Ok(stats)
 }

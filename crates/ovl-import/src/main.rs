@@ -9,11 +9,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use ovl_cli::progress::{Bar, Unit};
+use ovl_cli::{Bar, Unit};
 use ovl_import::{ImportOptions, Source};
-use ovl_layer::identity::{Identity, Reexec};
-use ovl_layer::idmap::IdRange;
-use ovl_layer::whiteout::XattrNs;
+use ovl_layer::{IdRange, Identity, Reexec, XattrNs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OpaqueXattr {
@@ -76,7 +74,7 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         OpaqueXattr::User => XattrNs::User,
     };
     let source = Source::parse(&cli.source);
-    let progress = ovl_cli::progress::wanted(cli.quiet).then(ovl_layer::progress::Progress::new);
+    let progress = ovl_cli::progress_wanted(cli.quiet).then(ovl_layer::Progress::new);
     let bar = progress.clone().map(|p| {
         Bar::start("import", Unit::Bytes, cli.quiet, move || {
             (p.done(), p.total())
@@ -86,7 +84,7 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         opaque_ns,
         owners,
         progress,
-        shift: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
+        shift: ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?,
     };
     let result = ovl_import::import(&source, &cli.dest, &opts);
     drop(bar);

@@ -2,20 +2,20 @@
 //!
 //! Which manifest a tag names (through nested image indexes, picking this machine's
 //! platform) and how every file of the layout is reached and checked are
-//! [`ovl_layer::oci`]'s; this module only asks. Each layer blob is opened here, before anything
+//! ovl-layer's `oci`'s; this module only asks. Each layer blob is opened here, before anything
 //! is extracted, and its digest is checked while it streams ([`LayerBlob::verify`]).
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ovl_layer::oci::{Blob, Layout, OciError, VerifyingReader, host_arch, layout::blob_name};
+use ovl_layer::{Blob, Layout, OciError, VerifyingReader, blob_name, host_arch};
 
 use crate::ImportError;
 
 /// One layer blob to import, open.
 #[derive(Debug)]
-pub struct LayerBlob {
+pub(crate) struct LayerBlob {
     /// Where the blob is, for messages.
     pub path: PathBuf,
     pub size: u64,
@@ -25,18 +25,18 @@ pub struct LayerBlob {
 
 impl LayerBlob {
     /// The blob's file (a second handle to the one opened and checked).
-    pub fn open(&self) -> std::io::Result<File> {
+    pub(crate) fn open(&self) -> std::io::Result<File> {
         self.blob.file.try_clone()
     }
 
     /// The blob's bytes as read through `inner`, checked against its descriptor.
-    pub fn verify<R: Read>(&self, inner: R) -> VerifyingReader<R> {
+    pub(crate) fn verify<R: Read>(&self, inner: R) -> VerifyingReader<R> {
         self.blob.verify(inner)
     }
 }
 
 /// The layers of the image `tag` (or the only image) in the layout at `dir`.
-pub fn layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>, ImportError> {
+pub(crate) fn layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>, ImportError> {
     let err = |source: OciError| ImportError::Oci {
         dir: dir.to_path_buf(),
         source,

@@ -877,7 +877,7 @@ fn an_inherited_reexec_marker_does_not_skip_the_user_namespace() {
     let dest = t.path().join("dest");
     // The marker set by hand (or leaked from a parent) in the initial namespace.
     let mut cmd = command_as(&user, Path::new("/usr/bin/env"));
-    cmd.arg(format!("{}=1", ovl_layer::userns::ENV_IN_USERNS))
+    cmd.arg(format!("{}=1", ovl_layer::ENV_IN_USERNS))
         .arg(bin("ovl-import"))
         .arg("--quiet")
         .arg(&archive)

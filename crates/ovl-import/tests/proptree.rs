@@ -343,7 +343,7 @@ fn check(nodes: &[Node], format: Format) -> Result<(), TestCaseError> {
                 prop_assert!(
                     md.blocks() * 512 < e.size / 2,
                     "{}: {} bytes in {} blocks: the holes were written",
-                    ovl_layer::path::display_bytes(p),
+                    ovl_layer::display_bytes(p),
                     e.size,
                     md.blocks()
                 );

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use ovl_layer::path::display_bytes;
+use ovl_layer::display_bytes;
 use ovl_tests::snapshot::{SnapshotOptions, differences, snapshot};
 
 /// The importer under test; `OVL_IMPORT_BIN` points the test at another build.

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use ovl_layer::path::display_bytes;
+use ovl_layer::display_bytes;
 use ovl_tests::tarworld::{self, Verdict};
 
 /// The importer under test; `OVL_IMPORT_BIN` points the tests at another build (to show that

@@ -74,7 +74,7 @@ pub struct ExtractStats {
 }
 
 /// The most skipped entries named in [`ExtractStats::notes`] (the count is always exact).
-pub const MAX_NOTES: usize = 100;
+pub(crate) const MAX_NOTES: usize = 100;
 
 impl ExtractStats {
     pub fn add(&mut self, o: &ExtractStats) {
@@ -152,7 +152,8 @@ struct Extractor<'a> {
 }
 
 /// Extract the tar stream `reader` into `root`.
-pub fn extract<R: Read>(
+#[cfg(test)]
+pub(crate) fn extract<R: Read>(
     reader: R,
     root: &Root,
     opts: ExtractOptions,
@@ -225,8 +226,6 @@ impl Extractor<'_> {
         Ok(self.stats)
     }
 }
-
-pub use crate::tarin::{MAX_ENTRY_HEADERS, MAX_SPARSE_CHUNKS};
 
 impl Extractor<'_> {
     /// Note something skipped, for the summary (the count is exact, the names are bounded).
@@ -1273,7 +1272,7 @@ mod tests {
                 None => err.to_string(),
             };
             assert!(
-                pos.get() <= MAX_ENTRY_HEADERS + 512,
+                pos.get() <= crate::tarin::MAX_ENTRY_HEADERS + 512,
                 "{kind:?}: read {} bytes ({err})",
                 pos.get()
             );

@@ -101,7 +101,7 @@ impl Identity {
 /// and call [`Reexec::root_or_exit`] first thing in `main`:
 ///
 /// ```no_run
-/// # use ovl_layer::identity::Reexec;
+/// # use ovl_layer::Reexec;
 /// let identity = Reexec::new("ovl-import").root_or_exit();
 /// let owners = identity.owner_policy();
 /// ```

@@ -233,7 +233,11 @@ pub struct SubRange {
 
 /// The subordinate ranges of a user (matched by name or by numeric id) in a subuid/subgid file.
 /// A missing file means no ranges.
-pub fn subordinate_ranges(file: &Path, user: &str, id: u32) -> std::io::Result<Vec<SubRange>> {
+pub(crate) fn subordinate_ranges(
+    file: &Path,
+    user: &str,
+    id: u32,
+) -> std::io::Result<Vec<SubRange>> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -243,7 +247,7 @@ pub fn subordinate_ranges(file: &Path, user: &str, id: u32) -> std::io::Result<V
 }
 
 /// Parse the `name:start:count` lines of a subuid/subgid file for one user.
-pub fn parse_subordinate(text: &str, user: &str, id: u32) -> Vec<SubRange> {
+pub(crate) fn parse_subordinate(text: &str, user: &str, id: u32) -> Vec<SubRange> {
     let id = id.to_string();
     text.lines()
         .filter(|l| !l.trim_start().starts_with('#'))

@@ -27,12 +27,12 @@
 /// fuse-overlayfs' override xattr in unprivileged mode (`xattr_permissions=2`).
 pub const FUSE_OVERRIDE_XATTR: &str = "user.fuseoverlayfs.override_stat";
 /// containers/storage's override xattr (`UID:GID:MODE:TYPE`).
-pub const CONTAINERS_OVERRIDE_XATTR: &str = "user.containers.override_stat";
+pub(crate) const CONTAINERS_OVERRIDE_XATTR: &str = "user.containers.override_stat";
 /// umoci's rootless owner record.
-pub const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+pub(crate) const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
 
 /// True for an xattr that records an owner (never exported, never taken from an archive).
-pub fn is_owner_record(name: &str) -> bool {
+pub(crate) fn is_owner_record(name: &str) -> bool {
     name == FUSE_OVERRIDE_XATTR
         || name == CONTAINERS_OVERRIDE_XATTR
         || name == ROOTLESS_XATTR
@@ -40,13 +40,13 @@ pub fn is_owner_record(name: &str) -> bool {
 }
 
 /// The value of [`FUSE_OVERRIDE_XATTR`] for an owner and permission bits.
-pub fn encode_override(uid: u32, gid: u32, mode: u32) -> Vec<u8> {
+pub(crate) fn encode_override(uid: u32, gid: u32, mode: u32) -> Vec<u8> {
     format!("{uid}:{gid}:{:o}", mode & 0o7777).into_bytes()
 }
 
 /// `(uid, gid, mode)` from an override_stat value (`UID:GID:MODE[:TYPE]`); the mode as
 /// written, which fuse-overlayfs writes with the file type bits (`100644`).
-pub fn decode_override(value: &[u8]) -> Option<(u32, u32, u32)> {
+pub(crate) fn decode_override(value: &[u8]) -> Option<(u32, u32, u32)> {
     let text = std::str::from_utf8(value).ok()?;
     let mut f = text.trim_end_matches('\0').split(':');
     let uid = f.next()?.parse().ok()?;
@@ -56,7 +56,7 @@ pub fn decode_override(value: &[u8]) -> Option<(u32, u32, u32)> {
 }
 
 /// Encode umoci's rootlesscontainers `Resource { uint32 uid = 1; uint32 gid = 2; }`.
-pub fn encode_rootless(uid: u32, gid: u32) -> Vec<u8> {
+pub(crate) fn encode_rootless(uid: u32, gid: u32) -> Vec<u8> {
     fn varint(out: &mut Vec<u8>, mut v: u32) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);
@@ -94,7 +94,7 @@ pub fn records(uid: u32, gid: u32, mode: u32, file_or_dir: bool) -> Vec<(String,
 }
 
 /// `(uid, gid)` from a rootlesscontainers value (absent fields are 0).
-pub fn decode_rootless(value: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn decode_rootless(value: &[u8]) -> Option<(u32, u32)> {
     let (mut uid, mut gid) = (0u32, 0u32);
     let mut i = 0;
     let varint = |i: &mut usize| -> Option<u64> {
@@ -127,7 +127,7 @@ pub fn decode_rootless(value: &[u8]) -> Option<(u32, u32)> {
 /// What the records among `xattrs` say: `(uid, gid, Some(mode))` when the record holds the
 /// real mode, `(uid, gid, None)` when the file's own mode is the real one (rootlesscontainers
 /// alone, or an override_stat as ovl-import writes it), `None` without a (valid) record.
-pub fn recorded<'a>(
+pub(crate) fn recorded<'a>(
     xattrs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
 ) -> Option<(u32, u32, Option<u32>)> {
     let mut fuse = None;

@@ -638,7 +638,7 @@ pub fn step_boundary() {
 }
 
 /// A signal's clean-up has begun (the process is about to end).
-pub fn interrupted() -> bool {
+pub fn cleanup_started() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 

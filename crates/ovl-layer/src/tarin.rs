@@ -21,16 +21,16 @@ use crate::path::display_bytes;
 /// The most bytes one entry's headers may take (its header blocks, PAX records, GNU long name
 /// and long link records, GNU sparse maps), all of which are held in memory. Go's archive/tar
 /// (containerd, umoci, docker) refuses a PAX header or long name over 1 MiB.
-pub const MAX_ENTRY_HEADERS: u64 = 2 << 20;
+pub(crate) const MAX_ENTRY_HEADERS: u64 = 2 << 20;
 
 /// The most chunks a sparse map may list (the map is held in memory, 16 bytes a chunk).
-pub const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
+pub(crate) const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
 
 const BLOCK: usize = 512;
 
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Regular,
     Directory,
     Symlink,
@@ -47,21 +47,19 @@ pub enum Kind {
 
 /// A sparse file: its size and the (offset, length) chunks its packed data fills, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sparse {
+pub(crate) struct Sparse {
     pub real_size: u64,
     pub chunks: Vec<(u64, u64)>,
 }
 
 /// One entry's metadata, with every extension header applied.
 #[derive(Debug, Clone)]
-pub struct Header {
+pub(crate) struct Header {
     /// The name as the archive gives it (PAX `path`, GNU long name, or the ustar name).
     pub path: Vec<u8>,
     /// Symlink or hardlink target.
     pub link: Vec<u8>,
     pub kind: Kind,
-    /// The type flag byte of the header block.
-    pub typeflag: u8,
     /// Permission bits incl. setuid, setgid and sticky.
     pub mode: u32,
     pub uid: u64,
@@ -79,7 +77,7 @@ pub struct Header {
 
 /// A malformed archive.
 #[derive(Debug, thiserror::Error)]
-pub enum TarError {
+pub(crate) enum TarError {
     /// The stream could not be read, or ended too early.
     #[error(transparent)]
     Io(io::Error),
@@ -101,7 +99,7 @@ fn truncated() -> TarError {
 /// Reads a tar stream entry by entry. After [`TarReader::next_entry`], reading from the
 /// `TarReader` gives that entry's data (ends at the entry's end); the next call skips what was
 /// not read.
-pub struct TarReader<R> {
+pub(crate) struct TarReader<R> {
     inner: R,
     /// Data bytes of the current entry not yet read, then the padding to the block boundary.
     left: u64,
@@ -115,29 +113,29 @@ pub struct TarReader<R> {
 /// Where a header's fields are.
 mod field {
     use std::ops::Range;
-    pub const NAME: Range<usize> = 0..100;
-    pub const MODE: Range<usize> = 100..108;
-    pub const UID: Range<usize> = 108..116;
-    pub const GID: Range<usize> = 116..124;
-    pub const SIZE: Range<usize> = 124..136;
-    pub const MTIME: Range<usize> = 136..148;
-    pub const CHKSUM: Range<usize> = 148..156;
-    pub const TYPEFLAG: usize = 156;
-    pub const LINKNAME: Range<usize> = 157..257;
-    pub const MAGIC: Range<usize> = 257..263;
-    pub const VERSION: Range<usize> = 263..265;
-    pub const DEVMAJOR: Range<usize> = 329..337;
-    pub const DEVMINOR: Range<usize> = 337..345;
-    pub const PREFIX: Range<usize> = 345..500;
+    pub(super) const NAME: Range<usize> = 0..100;
+    pub(super) const MODE: Range<usize> = 100..108;
+    pub(super) const UID: Range<usize> = 108..116;
+    pub(super) const GID: Range<usize> = 116..124;
+    pub(super) const SIZE: Range<usize> = 124..136;
+    pub(super) const MTIME: Range<usize> = 136..148;
+    pub(super) const CHKSUM: Range<usize> = 148..156;
+    pub(super) const TYPEFLAG: usize = 156;
+    pub(super) const LINKNAME: Range<usize> = 157..257;
+    pub(super) const MAGIC: Range<usize> = 257..263;
+    pub(super) const VERSION: Range<usize> = 263..265;
+    pub(super) const DEVMAJOR: Range<usize> = 329..337;
+    pub(super) const DEVMINOR: Range<usize> = 337..345;
+    pub(super) const PREFIX: Range<usize> = 345..500;
     /// star: a shorter prefix, then atime and ctime, and "tar\0" at the end of the block.
-    pub const STAR_PREFIX: Range<usize> = 345..476;
-    pub const STAR_ATIME: Range<usize> = 476..488;
-    pub const STAR_TRAILER: Range<usize> = 508..512;
+    pub(super) const STAR_PREFIX: Range<usize> = 345..476;
+    pub(super) const STAR_ATIME: Range<usize> = 476..488;
+    pub(super) const STAR_TRAILER: Range<usize> = 508..512;
     /// GNU: atime, then the old sparse map (4 entries), its continuation flag and the real size.
-    pub const GNU_ATIME: Range<usize> = 345..357;
-    pub const GNU_SPARSE: usize = 386;
-    pub const GNU_ISEXTENDED: usize = 482;
-    pub const GNU_REALSIZE: Range<usize> = 483..495;
+    pub(super) const GNU_ATIME: Range<usize> = 345..357;
+    pub(super) const GNU_SPARSE: usize = 386;
+    pub(super) const GNU_ISEXTENDED: usize = 482;
+    pub(super) const GNU_REALSIZE: Range<usize> = 483..495;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +156,7 @@ struct Pending {
 }
 
 impl<R: Read> TarReader<R> {
-    pub fn new(inner: R) -> Self {
+    pub(crate) fn new(inner: R) -> Self {
         TarReader {
             inner,
             left: 0,
@@ -166,17 +164,6 @@ impl<R: Read> TarReader<R> {
             offset: 0,
             done: false,
         }
-    }
-
-    /// The stream, positioned after the end-of-archive block once [`Self::next_entry`] gave
-    /// `None`.
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
-    /// Bytes of the stream read so far.
-    pub fn offset(&self) -> u64 {
-        self.offset
     }
 
     /// Skip what is left of the current entry's data and its padding.
@@ -247,7 +234,7 @@ impl<R: Read> TarReader<R> {
     /// The next entry, or `None` after the end-of-archive block. An end of stream where a
     /// header is due is an error: a stream cut on a block boundary would otherwise lose every
     /// entry after the cut in silence.
-    pub fn next_entry(&mut self) -> Result<Option<Header>, TarError> {
+    pub(crate) fn next_entry(&mut self) -> Result<Option<Header>, TarError> {
         if self.done {
             return Ok(None);
         }
@@ -357,7 +344,6 @@ impl<R: Read> TarReader<R> {
         };
         let mut h = Header {
             kind: Kind::Other(typeflag),
-            typeflag,
             mode: (nonneg(mode, "mode", &path)? & 0o7777) as u32,
             uid: nonneg(uid, "uid", &path)?,
             gid: nonneg(gid, "gid", &path)?,

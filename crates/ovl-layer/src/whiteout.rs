@@ -201,7 +201,7 @@ pub fn remove_private_xattrs(dir: &impl AsRawFd, name: &CStr) -> io::Result<bool
 
 /// The facts about one upperdir entry that decide what it means.
 #[derive(Clone, Copy)]
-pub struct UpperFacts<'a> {
+pub(crate) struct UpperFacts<'a> {
     pub name: &'a [u8],
     pub is_char_device: bool,
     pub is_regular: bool,

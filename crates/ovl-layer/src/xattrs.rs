@@ -76,6 +76,6 @@ pub(crate) fn remove_fd(fd: impl AsFd, name: &str) -> io::Result<()> {
 }
 
 /// Remove an xattr of NAME in DIR (not following NAME).
-pub fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &str) -> io::Result<()> {
+pub(crate) fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &str) -> io::Result<()> {
     rustix::fs::lremovexattr(proc_path(dir, name), key).map_err(Into::into)
 }

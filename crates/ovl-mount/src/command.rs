@@ -41,7 +41,7 @@ pub fn run(
     let (program, args) = argv.split_first().expect("a command");
     let mut cmd = Command::new(program);
     // The command is not a re-executed ovl tool, even if it runs one.
-    cmd.args(args).env_remove(ovl_layer::userns::ENV_IN_USERNS);
+    cmd.args(args).env_remove(ovl_layer::ENV_IN_USERNS);
     let root = if chroot {
         Some(crate::kernel::c_path(merged)?)
     } else {
@@ -72,7 +72,7 @@ pub fn run(
             // Last, as real root still: the command becomes root of the shifted namespace.
             // The change of uid clears the parent-death signal: set it again.
             if let Some(ns) = userns {
-                ovl_layer::idmount::join_raw(ns)?;
+                ovl_layer::join_raw(ns)?;
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
                     || libc::getppid() != parent
                 {
@@ -102,5 +102,5 @@ pub fn run(
         program: name,
         source,
     })?;
-    Ok(ovl_layer::userns::exit_code(status))
+    Ok(ovl_layer::exit_code(status))
 }

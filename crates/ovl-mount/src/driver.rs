@@ -103,7 +103,7 @@ fn fuse_mount(spec: &MountSpec, layout: &Layout) -> Result<(Active, Duration)> {
 /// their image owners, so they are recorded in xattrs (fuse-overlayfs presents them when
 /// asked).
 fn single_id_map() -> bool {
-    let maps = ovl_layer::userns::current_maps();
+    let maps = ovl_layer::current_maps();
     maps.uid.is_single() && maps.gid.is_single()
 }
 

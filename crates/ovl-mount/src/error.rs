@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use ovl_layer::userns::UsernsError;
+use ovl_layer::UsernsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -24,7 +24,7 @@ pub enum MountError {
     #[error("no lower directory given: pass --lower DIR[:DIR...]")]
     NoLower,
     #[error("--lower: {0}")]
-    BadLower(ovl_layer::lowers::LowerError),
+    BadLower(ovl_layer::LowerError),
     #[error("--upper and --work go together: pass both or neither")]
     UpperWithoutWork,
     #[error(
@@ -162,7 +162,7 @@ pub enum MountError {
         root: (u32, u32),
     },
     #[error("cannot shift ids with an idmapped mount: {0}. {SHIFT_FALLBACK}")]
-    IdmapRefused(ovl_layer::idmount::IdmapMountError),
+    IdmapRefused(ovl_layer::IdmapMountError),
     #[error(
         "the kernel refused the overlay mount on {merged} with idmapped lower layers: {detail} \
          (overlayfs takes idmapped layers since Linux 5.19). {SHIFT_FALLBACK}"

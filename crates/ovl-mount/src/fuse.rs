@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ovl_layer::lowers::{self, LowerError};
+use ovl_layer::LowerError;
 use rustix::fs::{AtFlags, CWD, StatxFlags};
 
 use crate::error::{MountError, Result};
@@ -24,10 +24,10 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// `-o xattr_permissions=2`: fuse-overlayfs presents owners and modes from
 /// `user.fuseoverlayfs.override_stat` (what ovl-import records without subordinate ids) and
-/// records every chown and chmod there (see [`ovl_layer::owners`]).
+/// records every chown and chmod there (see ovl-layer's `owners`).
 pub const XATTR_PERMISSIONS: &str = "xattr_permissions=2";
 
-/// The `-o` value for fuse-overlayfs, every path escaped by [`ovl_layer::lowers`] for it
+/// The `-o` value for fuse-overlayfs, every path escaped by ovl-layer's `lowers` for it
 /// (a path with a `:` is refused: fuse-overlayfs splits its layer lists on every colon);
 /// `recorded_owners`: present and record owners in override xattrs (a single-id map).
 pub fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
@@ -40,15 +40,23 @@ pub fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
     };
     let mut o = b"lowerdir=".to_vec();
     o.extend_from_slice(
-        lowers::join_fuse(&layout.lowers)
+        ovl_layer::join_lowers_fuse(&layout.lowers)
             .map_err(unsafe_path)?
             .as_bytes(),
     );
     if let (Some(u), Some(w)) = (&layout.upper, &layout.work) {
         o.extend_from_slice(b",upperdir=");
-        o.extend_from_slice(lowers::escape_fuse(u).map_err(unsafe_path)?.as_bytes());
+        o.extend_from_slice(
+            ovl_layer::escape_lower_fuse(u)
+                .map_err(unsafe_path)?
+                .as_bytes(),
+        );
         o.extend_from_slice(b",workdir=");
-        o.extend_from_slice(lowers::escape_fuse(w).map_err(unsafe_path)?.as_bytes());
+        o.extend_from_slice(
+            ovl_layer::escape_lower_fuse(w)
+                .map_err(unsafe_path)?
+                .as_bytes(),
+        );
     }
     if recorded_owners {
         o.push(b',');

@@ -83,7 +83,7 @@ pub fn fuse_program(explicit: Option<&Path>) -> Result<PathBuf> {
             Ok(p.to_path_buf())
         }
         Some(p) => Err(MountError::NoFuseOverlayfs(p.display().to_string())),
-        None => ovl_layer::userns::which("fuse-overlayfs").ok_or_else(|| {
+        None => ovl_layer::which("fuse-overlayfs").ok_or_else(|| {
             MountError::NoFuseOverlayfs("fuse-overlayfs in PATH, /usr/sbin, /usr/bin".into())
         }),
     }

@@ -2,14 +2,14 @@
 //!
 //! Owns the two signs of use: an overlay in this mount namespace whose `upperdir=` or `workdir=`
 //! is the directory (persistent mounts, visible to everyone here; the mount table is read by
-//! [`ovl_layer::mounts`]), and an advisory lock ([`WorkLock`]) that ovl-mount holds on the work
+//! ovl-layer's `mounts`), and an advisory lock ([`WorkLock`]) that ovl-mount holds on the work
 //! directory while its command runs (rootless mounts live in private namespaces that mountinfo
 //! here never shows).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use ovl_layer::mounts::{overlay_using, own_mounts};
+use ovl_layer::{overlay_using, own_mounts};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
 use crate::error::{MountError, Result};

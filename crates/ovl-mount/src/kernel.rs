@@ -12,8 +12,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use ovl_layer::lowers;
-
 use rustix::fs::{CWD, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::mount::{
@@ -117,22 +115,26 @@ fn mount_new_api(layout: &Layout, userxattr: bool) -> Result<(), Fallback> {
         }
     }
     if let (Some(upper), Some(work)) = (&layout.upper, &layout.work) {
-        fsconfig_set_string(&fs, "upperdir", lowers::escape(upper).as_os_str()).map_err(|e| {
-            refused(
-                layout,
-                &format!("upper directory {}", upper.display()),
-                e,
-                Some(&fs),
-            )
-        })?;
-        fsconfig_set_string(&fs, "workdir", lowers::escape(work).as_os_str()).map_err(|e| {
-            refused(
-                layout,
-                &format!("work directory {}", work.display()),
-                e,
-                Some(&fs),
-            )
-        })?;
+        fsconfig_set_string(&fs, "upperdir", ovl_layer::escape_lower(upper).as_os_str()).map_err(
+            |e| {
+                refused(
+                    layout,
+                    &format!("upper directory {}", upper.display()),
+                    e,
+                    Some(&fs),
+                )
+            },
+        )?;
+        fsconfig_set_string(&fs, "workdir", ovl_layer::escape_lower(work).as_os_str()).map_err(
+            |e| {
+                refused(
+                    layout,
+                    &format!("work directory {}", work.display()),
+                    e,
+                    Some(&fs),
+                )
+            },
+        )?;
     }
     if userxattr {
         fsconfig_set_flag(&fs, "userxattr")
@@ -180,12 +182,12 @@ pub fn legacy_options<P: AsRef<Path>>(
     userxattr: bool,
 ) -> Vec<u8> {
     let mut s = b"lowerdir=".to_vec();
-    s.extend_from_slice(lowers::join(layers).as_bytes());
+    s.extend_from_slice(ovl_layer::join_lowers(layers).as_bytes());
     if let Some((u, w)) = upper {
         s.extend_from_slice(b",upperdir=");
-        s.extend_from_slice(lowers::escape(u).as_bytes());
+        s.extend_from_slice(ovl_layer::escape_lower(u).as_bytes());
         s.extend_from_slice(b",workdir=");
-        s.extend_from_slice(lowers::escape(w).as_bytes());
+        s.extend_from_slice(ovl_layer::escape_lower(w).as_bytes());
     }
     if userxattr {
         s.extend_from_slice(b",userxattr");

@@ -25,18 +25,18 @@
 //! [`session`] (the order of it all), [`shift`] (`--uidmap`: idmapped lowers, the upper's
 //! owner), [`error`] (typed errors that say what to do).
 
-pub mod chroot;
-pub mod command;
-pub mod driver;
-pub mod error;
-pub mod fuse;
-pub mod host;
-pub mod inuse;
-pub mod kernel;
-pub mod layout;
-pub mod session;
-pub mod shift;
-pub mod spec;
+mod chroot;
+mod command;
+mod driver;
+mod error;
+mod fuse;
+mod host;
+mod inuse;
+mod kernel;
+mod layout;
+mod session;
+mod shift;
+mod spec;
 
 pub use driver::Driver;
 pub use error::{MountError, Result};

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use ovl_layer::idmap::IdRange;
+use ovl_layer::IdRange;
 use ovl_mount::{DriverChoice, IdmapChoice, MountSpec};
 
 /// Mount image layers with overlayfs (kernel or fuse-overlayfs), as root or rootless.
@@ -111,7 +111,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         legacy_mount_api: cli.legacy_mount_api,
         fuse_program: cli.fuse_overlayfs,
         fuse_device: cli.fuse_device,
-        shift: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
+        shift: ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?,
         shifted_lowers: cli.shifted_lowers,
         recorded_owners: cli.recorded_owners,
     };

@@ -10,11 +10,8 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
-use ovl_layer::identity::Identity;
-use ovl_layer::idmap::{IdMap, RootlessMaps};
-use ovl_layer::idmount::UsernsFd;
-use ovl_layer::userns::{UsernsPlan, in_userns, reexec_self};
-use ovl_layer::{lowers, mounts};
+use ovl_layer::{IdMap, Identity, RootlessMaps, UsernsFd, UsernsPlan, in_userns, reexec_self};
+
 use rustix::mount::MountPropagationFlags;
 
 use crate::driver::{self, Mounted};
@@ -82,7 +79,7 @@ pub fn summary(layout: &Layout) -> String {
     let mut lowers: Vec<String> = layout
         .lowers
         .iter()
-        .map(|l| lowers::escape(l).to_string_lossy().into_owned())
+        .map(|l| ovl_layer::escape_lower(l).to_string_lossy().into_owned())
         .collect();
     if lowers.len() > 4 {
         let n = lowers.len();
@@ -237,7 +234,7 @@ fn ranges(map: &IdMap) -> String {
 fn rootless_maps(spec: &MountSpec) -> Result<RootlessMaps> {
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
-    let user = ovl_layer::idmap::user_name(uid).unwrap_or_else(|| uid.to_string());
+    let user = ovl_layer::user_name(uid).unwrap_or_else(|| uid.to_string());
     let single = RootlessMaps {
         uid: IdMap::single(uid),
         gid: IdMap::single(gid),
@@ -273,7 +270,7 @@ fn rootless_maps(spec: &MountSpec) -> Result<RootlessMaps> {
 fn warn_recorded_owners(layout: &Layout) {
     for lower in &layout.lowers {
         let mut buf = [0u8; 64];
-        if rustix::fs::getxattr(lower, ovl_layer::owners::FUSE_OVERRIDE_XATTR, &mut buf).is_ok() {
+        if rustix::fs::getxattr(lower, ovl_layer::FUSE_OVERRIDE_XATTR, &mut buf).is_ok() {
             eprintln!(
                 "ovl-mount: warning: {} was imported without subordinate ids: its files all \
                  belong to you and the image's owners are only recorded in xattrs, which this \
@@ -331,7 +328,7 @@ pub fn unmount(merged: &Path) -> Result<()> {
             source: e,
         },
     })?;
-    if mounts::mounted_at(&mounts::own_mounts(), &path).is_none() {
+    if ovl_layer::mounted_at(&ovl_layer::own_mounts(), &path).is_none() {
         return Err(MountError::NotMounted(path));
     }
     kernel::unmount(&path, false)

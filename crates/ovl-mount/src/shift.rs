@@ -12,8 +12,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use ovl_layer::idmap::RootlessMaps;
-use ovl_layer::idmount::{self, UsernsFd};
+use ovl_layer::{RootlessMaps, UsernsFd};
 
 use crate::error::{MountError, Result};
 use crate::layout::Layout;
@@ -61,13 +60,13 @@ pub fn prepare_upper(upper: &Path, maps: &RootlessMaps) -> Result<()> {
 /// top of it, so overlayfs reads the lowers through the map.
 pub fn idmap_lowers(layout: &Layout, userns: &UsernsFd) -> Result<()> {
     for lower in &layout.lowers {
-        let tree = idmount::idmapped_clone(lower, userns).map_err(MountError::IdmapRefused)?;
-        idmount::attach(&tree, lower).map_err(MountError::IdmapRefused)?;
+        let tree = ovl_layer::idmapped_clone(lower, userns).map_err(MountError::IdmapRefused)?;
+        ovl_layer::attach_idmapped(&tree, lower).map_err(MountError::IdmapRefused)?;
     }
     Ok(())
 }
 
 /// The user namespace holding `maps`.
 pub fn userns(maps: &RootlessMaps) -> Result<UsernsFd> {
-    UsernsFd::new(maps).map_err(|e| MountError::IdmapRefused(idmount::IdmapMountError::Userns(e)))
+    UsernsFd::new(maps).map_err(|e| MountError::IdmapRefused(ovl_layer::IdmapMountError::Userns(e)))
 }

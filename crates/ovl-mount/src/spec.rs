@@ -2,12 +2,12 @@
 //!
 //! Owns the plain data every other module reads, and the reading of `--lower DIR[:DIR...]`
 //! (leftmost is the top layer, escaped as in overlayfs' `lowerdir=`, by the one parser in
-//! [`ovl_layer::lowers`]); it makes no system calls.
+//! ovl-layer's `lowers`); it makes no system calls.
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use ovl_layer::idmap::RootlessMaps;
+use ovl_layer::RootlessMaps;
 
 use crate::error::{MountError, Result};
 
@@ -87,20 +87,20 @@ pub struct MountSpec {
     /// they are.
     pub shifted_lowers: bool,
     /// Under a single-id map: present the owners and modes ovl-import recorded in xattrs,
-    /// through fuse-overlayfs with `xattr_permissions=2` (see [`ovl_layer::owners`]).
+    /// through fuse-overlayfs with `xattr_permissions=2` (see ovl-layer's `owners`).
     pub recorded_owners: bool,
 }
 
 impl MountSpec {
-    /// Parse every `--lower` value as a `lowerdir=` list ([`ovl_layer::lowers::parse`]: `:`
+    /// Parse every `--lower` value as a `lowerdir=` list ([`ovl_layer::parse_lowers`]: `:`
     /// separates, `\:` is a colon in a name) and append the layers, top first.
     pub fn parse_lowers<I, S>(values: I) -> Result<Vec<PathBuf>>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        ovl_layer::lowers::parse_all(values).map_err(|e| match e {
-            ovl_layer::lowers::LowerError::None => MountError::NoLower,
+        ovl_layer::parse_lower_args(values).map_err(|e| match e {
+            ovl_layer::LowerError::None => MountError::NoLower,
             e => MountError::BadLower(e),
         })
     }

@@ -11,19 +11,19 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The environment variable that arms the hook.
-pub const ENV: &str = "OVL_SQUASH_CRASH_AFTER";
+pub(crate) const ENV: &str = "OVL_SQUASH_CRASH_AFTER";
 
 /// The environment variable that arms the SIGINT hook.
-pub const INTERRUPT_ENV: &str = "OVL_SQUASH_INTERRUPT_AFTER";
+pub(crate) const INTERRUPT_ENV: &str = "OVL_SQUASH_INTERRUPT_AFTER";
 
 static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
 static INTERRUPT_AT: OnceLock<Option<u64>> = OnceLock::new();
 static COUNT: AtomicU64 = AtomicU64::new(0);
 
 /// Count one mutation (call it right after the mutation is done).
-pub fn step() {
+pub(crate) fn step() {
     // Also where a SIGINT, SIGTERM or SIGHUP stops an --in-place run: between two steps.
-    ovl_layer::staging::step_boundary();
+    ovl_layer::step_boundary();
     let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
     let limit = LIMIT.get_or_init(|| std::env::var(ENV).ok().and_then(|v| v.parse().ok()));
     if *limit == Some(n) {
@@ -41,16 +41,16 @@ pub fn step() {
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::INT);
         // Stop at this boundary, not a later one: wait until the clean-up has begun.
         for _ in 0..10_000 {
-            if ovl_layer::staging::interrupted() {
+            if ovl_layer::cleanup_started() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        ovl_layer::staging::step_boundary();
+        ovl_layer::step_boundary();
     }
 }
 
 /// Mutations so far.
-pub fn steps() -> u64 {
+pub(crate) fn steps() -> u64 {
     COUNT.load(Ordering::SeqCst)
 }

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use ovl_layer::staging::StagingError;
-use ovl_layer::upper::UpperError;
+use ovl_layer::{StagingError, UpperError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SquashError {
@@ -34,7 +33,7 @@ pub enum SquashError {
 }
 
 /// An io error at a path, for `map_err`.
-pub fn io_at(path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SquashError {
+pub(crate) fn io_at(path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SquashError {
     move |source| SquashError::Io {
         path: path.to_string(),
         source,

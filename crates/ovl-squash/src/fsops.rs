@@ -1,9 +1,9 @@
 //! What both squash modes do to one entry: its content shared, a special file made, its
 //! metadata applied exactly.
 //!
-//! Owns the sharing policy: a reflink or a copy that keeps holes ([`ovl_layer::copy`]), or a
+//! Owns the sharing policy: a reflink or a copy that keeps holes (ovl-layer's `copy`), or a
 //! hardlink where the caller allows it, each counted. Metadata is applied exactly, by
-//! [`ovl_layer::apply`]; the `*at` calls on one name are [`ovl_layer::fsops`]'s.
+//! ovl-layer's `apply`; the `*at` calls on one name are ovl-layer's `fsops`'s.
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -14,24 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FileType, Mode, Timespec};
 
-use ovl_layer::apply::{How, Meta, Target, apply};
-use ovl_layer::copy::{Filled, Filler};
-use ovl_layer::upper::Kind;
-use ovl_layer::whiteout;
+use ovl_layer::{Filled, Filler, How, Kind, Meta, Target, apply};
 
 /// The metadata an entry of the layer `m`, of `kind`, is given on disk: xattr names escaped as
 /// stored, the atime is the mtime. Under a single-id map (no subordinate ids) the owner cannot
 /// be real: the entry stays ours and its owner and mode are recorded as ovl-import records them
-/// ([`ovl_layer::owners::records`]).
-pub fn disk_meta(m: &ovl_layer::upper::Meta, kind: &Kind) -> Meta {
+/// ([`ovl_layer::owner_records`]).
+pub(crate) fn disk_meta(m: &ovl_layer::MergedMeta, kind: &Kind) -> Meta {
     let mut xattrs: Vec<_> = m
         .xattrs
         .iter()
-        .map(|(n, v)| (whiteout::escape_xattr(n).into_owned(), v.clone()))
+        .map(|(n, v)| (ovl_layer::escape_xattr(n).into_owned(), v.clone()))
         .collect();
     let (mut uid, mut gid) = (m.uid, m.gid);
     if let Some((own_uid, own_gid)) = record_owners() {
-        xattrs.extend(ovl_layer::owners::records(
+        xattrs.extend(ovl_layer::owner_records(
             m.uid,
             m.gid,
             m.mode,
@@ -56,10 +53,10 @@ pub fn disk_meta(m: &ovl_layer::upper::Meta, kind: &Kind) -> Meta {
 
 /// Our own ids when owners are recorded rather than real: in a user namespace that maps only
 /// our own id (rootless without subordinate ids).
-pub fn record_owners() -> Option<(u32, u32)> {
+pub(crate) fn record_owners() -> Option<(u32, u32)> {
     static ONCE: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
     *ONCE.get_or_init(|| {
-        let maps = ovl_layer::userns::current_maps();
+        let maps = ovl_layer::current_maps();
         (maps.uid.is_single() && maps.gid.is_single()).then(|| {
             (
                 rustix::process::geteuid().as_raw(),
@@ -71,7 +68,7 @@ pub fn record_owners() -> Option<(u32, u32)> {
 
 /// How file content is shared with its source, and what was done.
 #[derive(Debug)]
-pub struct Sharing {
+pub(crate) struct Sharing {
     /// Hardlink lower files that are unchanged (`--link`).
     pub link: bool,
     filler: Filler,
@@ -82,7 +79,7 @@ pub struct Sharing {
 }
 
 impl Sharing {
-    pub fn new(link: bool) -> Sharing {
+    pub(crate) fn new(link: bool) -> Sharing {
         Sharing {
             link,
             filler: Filler::default(),
@@ -95,7 +92,7 @@ impl Sharing {
 
     /// Fill the new, empty file `dst` with the content of `src`: a reflink when the filesystem
     /// has them, else a copy that keeps holes.
-    pub fn fill(&self, src: &File, dst: &File) -> io::Result<()> {
+    pub(crate) fn fill(&self, src: &File, dst: &File) -> io::Result<()> {
         match self.filler.fill(src, dst)? {
             Filled::Reflinked => {
                 self.reflinked.fetch_add(1, Ordering::Relaxed);
@@ -111,7 +108,7 @@ impl Sharing {
 
 /// Make the symlink, device, fifo or socket `kind` as NAME in DIR (metadata comes after, by
 /// name).
-pub fn make_special(dir: &impl AsFd, name: &CStr, kind: &Kind) -> io::Result<()> {
+pub(crate) fn make_special(dir: &impl AsFd, name: &CStr, kind: &Kind) -> io::Result<()> {
     let (ft, dev) = match kind {
         Kind::Symlink { target } => {
             return rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name).map_err(Into::into);
@@ -134,14 +131,14 @@ pub fn make_special(dir: &impl AsFd, name: &CStr, kind: &Kind) -> io::Result<()>
 
 /// Give NAME in DIR exactly `meta` ([`How::EXACT`]: the overlay's own xattrs are left alone,
 /// a symlink's mode too).
-pub fn apply_meta(dir: &OwnedFd, name: &CStr, meta: &Meta) -> io::Result<()> {
+pub(crate) fn apply_meta(dir: &OwnedFd, name: &CStr, meta: &Meta) -> io::Result<()> {
     apply(Target::At(dir.as_fd(), name), meta, &How::EXACT)?;
     Ok(())
 }
 
 /// [`apply_meta`] on an open directory or file (the root of a tree has no name in a parent
 /// we hold).
-pub fn apply_meta_fd(fd: &OwnedFd, meta: &Meta) -> io::Result<()> {
+pub(crate) fn apply_meta_fd(fd: &OwnedFd, meta: &Meta) -> io::Result<()> {
     apply(Target::Fd(fd.as_fd()), meta, &How::EXACT)?;
     Ok(())
 }

@@ -18,7 +18,7 @@
 //!    entries, never part of any layer) and the swap sibling beside the upper (see 4). Both are
 //!    ovl-layer staging siblings (`.LOWER.ovl-squash-TOKEN`, `.UPPER.ovl-squash-TOKEN`, with a
 //!    locked marker), so the sweep removes only dead ones of ours. A SIGINT, SIGTERM or SIGHUP
-//!    stops the run at the end of the step it is in (see [`ovl_layer::staging::Steps`]),
+//!    stops the run at the end of the step it is in (see [`ovl_layer::Steps`]),
 //!    removes both siblings and exits 128+N: the state a kill after that step leaves, less the
 //!    leftovers.
 //! 1. Redirects (redirect_dir, metacopy with a redirect) are made local first, because they are
@@ -75,15 +75,11 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, RenameFlags};
 
-use ovl_layer::apply::Meta;
-use ovl_layer::fsops::{
-    create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, proc_path, remove_at, stat_at,
+use ovl_layer::{
+    Change, Entry, Kind, Layer, LayerPath, Meta, Root, Scratch, Steps, Upper, UpperOptions,
+    XattrNs, create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, proc_path,
+    remove_at, special_kind, stat_at,
 };
-use ovl_layer::path::LayerPath;
-use ovl_layer::root::Root;
-use ovl_layer::staging::{self, Scratch, Steps};
-use ovl_layer::upper::{Change, Entry, Kind, Layer, Upper, UpperOptions, special_kind};
-use ovl_layer::whiteout::{self, XattrNs};
 
 use crate::Summary;
 use crate::crash;
@@ -115,10 +111,10 @@ struct InPlace<'a> {
     sum: &'a mut Summary,
 }
 
-pub fn squash_in_place(
+pub(crate) fn squash_in_place(
     lower: &Path,
     upper: &Path,
-    ids: Option<ovl_layer::idmap::RootlessMaps>,
+    ids: Option<ovl_layer::RootlessMaps>,
     sharing: &Sharing,
     sum: &mut Summary,
 ) -> Result<(), SquashError> {
@@ -132,8 +128,8 @@ pub fn squash_in_place(
     // work and swap siblings: the state a kill leaves, less the leftovers.
     let _steps = Steps::begin();
     // 0. Leftovers of a killed run: the dead siblings of ours beside the lower and the upper.
-    staging::sweep_beside(lower, SIBLING_TOOL)?;
-    staging::sweep_beside(upper, SIBLING_TOOL)?;
+    ovl_layer::sweep_beside(lower, SIBLING_TOOL)?;
+    ovl_layer::sweep_beside(upper, SIBLING_TOOL)?;
 
     let mut ip = InPlace {
         lower: Root::open(lower).map_err(io_at(lower.display()))?,
@@ -401,9 +397,9 @@ impl InPlace<'_> {
         let path = proc_path(&u.dir, &u.name);
         let mut own = b"/".to_vec();
         own.extend_from_slice(p.as_bytes());
-        let have = ovl_layer::xattrs::list_path(&proc_path(&u.dir, &u.name)).map_err(io_at(&at))?;
+        let have = ovl_layer::list_xattrs(&proc_path(&u.dir, &u.name)).map_err(io_at(&at))?;
         for ns in XattrNs::ALL {
-            let name = ns.name(whiteout::key::REDIRECT);
+            let name = ns.name(ovl_layer::overlay_key::REDIRECT);
             match have.iter().find(|(n, _)| *n == name) {
                 Some((_, v)) if *v != own => {
                     rustix::fs::lsetxattr(
@@ -426,7 +422,7 @@ impl InPlace<'_> {
     fn place_file(
         &mut self,
         e: &Entry,
-        source: &ovl_layer::upper::Source,
+        source: &ovl_layer::Source,
         dir: &OwnedFd,
         name: &CStr,
     ) -> std::io::Result<()> {
@@ -434,7 +430,7 @@ impl InPlace<'_> {
         let leaf = match source.layer {
             Layer::Upper => {
                 let l = self.upper.leaf(&source.path, false)?;
-                whiteout::remove_private_xattrs(&l.dir, &l.name)?;
+                ovl_layer::remove_private_xattrs(&l.dir, &l.name)?;
                 l
             }
             Layer::Lower(_) => {
@@ -642,8 +638,7 @@ impl InPlace<'_> {
                     path: at.clone(),
                     why: "the data of a metacopy file is missing in the lower".into(),
                 })?;
-                let have =
-                    ovl_layer::xattrs::list_path(&proc_path(&ldir, &lname)).map_err(io_at(&at))?;
+                let have = ovl_layer::list_xattrs(&proc_path(&ldir, &lname)).map_err(io_at(&at))?;
                 if Meta::from_disk(&st, &have) == meta {
                     return Ok(());
                 }
@@ -694,7 +689,7 @@ impl InPlace<'_> {
                         });
                     }
                 };
-                if whiteout::remove_private_xattrs(&u.dir, &u.name)
+                if ovl_layer::remove_private_xattrs(&u.dir, &u.name)
                     .map_err(io_at(self.up.display(&e.path)))?
                 {
                     crash::step();
@@ -741,7 +736,7 @@ impl InPlace<'_> {
         let at = upper.display().to_string();
         let ufd = open_path_dir(upper)?;
         let st = rustix::fs::fstat(&ufd).map_err(|e| io_at(&at)(e.into()))?;
-        let xattrs = ovl_layer::xattrs::list_fd(&ufd).map_err(io_at(&at))?;
+        let xattrs = ovl_layer::list_xattrs_fd(&ufd).map_err(io_at(&at))?;
         let meta = Meta::from_disk(&st, &xattrs);
         let name = cstr(upper.file_name().unwrap_or_default().as_bytes()).map_err(io_at(&at))?;
         if upper_is_empty(&ufd).map_err(io_at(&at))? {
@@ -872,8 +867,8 @@ fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
         return rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).map_err(Into::into);
     }
     let fd = open_dir_at(dir, name)?;
-    for (n, v) in ovl_layer::xattrs::list_fd(&fd)? {
-        if whiteout::makes_opaque(&n, &v) {
+    for (n, v) in ovl_layer::list_xattrs_fd(&fd)? {
+        if ovl_layer::makes_opaque(&n, &v) {
             match rustix::fs::fremovexattr(&fd, n.as_str()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(e.into()),
@@ -885,7 +880,7 @@ fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
     let mut children = names(&fd)?;
     children.sort_by_key(|n| {
         let n = n.to_bytes();
-        n != whiteout::OPAQUE_MARKER && n != whiteout::FUSE_OPAQUE_DEVICE
+        n != ovl_layer::OPAQUE_MARKER && n != ovl_layer::FUSE_OPAQUE_DEVICE
     });
     for n in children {
         remove_upper_entry(&fd, &n)?;

@@ -1,27 +1,29 @@
 //! ovl-squash: fold an overlay's upper layer into a new lower layer, exactly, fast and
 //! crash-safe.
 //!
-//! The upper is read by [`ovl_layer::upper`] (every writer's format; redirect_dir and metacopy
-//! through the lowers), the lowers by its [`ovl_layer::upper::LowerStack`]. This crate owns the
+//! The upper is read by ovl-layer's `upper` (every writer's format; redirect_dir and metacopy
+//! through the lowers), the lowers by its [`ovl_layer::LowerStack`]. This crate owns the
 //! two ways of writing the result: [`output`] (a new directory, through a staging sibling) and
 //! [`inplace`] (the lower becomes the result, ordered so a crash never changes what the
 //! overlay shows), the content sharing and exact metadata both use ([`fsops`]), the refusal to
 //! touch a mounted overlay ([`inuse`]), and the crash-test hook ([`crash`]).
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod crash;
-pub mod error;
-pub mod fsops;
-pub mod inplace;
-pub mod inuse;
-pub mod output;
+mod crash;
+mod error;
+mod fsops;
+mod inplace;
+mod inuse;
+mod output;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use error::SquashError;
+pub use inuse::refuse_if_mounted;
 
 /// Where the result goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +44,7 @@ pub struct SquashOptions {
     pub link: bool,
     /// `--uidmap`/`--gidmap`: the map the upper was written under; its host ids are folded in
     /// as container ids (`None`: ids as seen).
-    pub ids: Option<ovl_layer::idmap::RootlessMaps>,
+    pub ids: Option<ovl_layer::RootlessMaps>,
 }
 
 /// What a squash did.

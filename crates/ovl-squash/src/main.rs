@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ovl_layer::identity::{Identity, Reexec};
-use ovl_layer::idmap::IdRange;
+use ovl_layer::{IdRange, Identity, Reexec};
 use ovl_squash::{SquashOptions, Target};
 
 /// Fold an overlay's upper layer into a new lower layer: the result is the merged view, entry
@@ -53,14 +52,14 @@ struct Cli {
 
 fn options(cli: &Cli) -> anyhow::Result<SquashOptions> {
     Ok(SquashOptions {
-        lowers: ovl_layer::lowers::parse_all(&cli.lower).context("--lower")?,
+        lowers: ovl_layer::parse_lower_args(&cli.lower).context("--lower")?,
         upper: cli.upper.clone(),
         target: match &cli.output {
             Some(p) => Target::Output(p.clone()),
             None => Target::InPlace,
         },
         link: cli.link,
-        ids: ovl_layer::idmap::shift_maps(&cli.uidmap, &cli.gidmap)?,
+        ids: ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?,
     })
 }
 
@@ -75,7 +74,7 @@ fn main() {
         // Rootless: look at the mount tables first, from outside: our own user namespaces'
         // mounts are readable from here, not from inside a new one. Then do the work as
         // container root mapped to our subordinate ids, as ovl-import did.
-        if let Err(e) = ovl_squash::inuse::refuse_if_mounted(&ovl_squash::dirs_of(&opts)) {
+        if let Err(e) = ovl_squash::refuse_if_mounted(&ovl_squash::dirs_of(&opts)) {
             fail(&e.into());
         }
     }
@@ -95,7 +94,7 @@ fn run(cli: &Cli, opts: SquashOptions) -> anyhow::Result<()> {
         Target::Output(p) => format!("into {}", p.display()),
         Target::InPlace => "in place".to_string(),
     };
-    let lowers = ovl_layer::lowers::join(&opts.lowers);
+    let lowers = ovl_layer::join_lowers(&opts.lowers);
     let summary = ovl_squash::squash(&opts).with_context(|| {
         format!(
             "squashing upper {} onto lower {} {what}",

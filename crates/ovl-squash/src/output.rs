@@ -1,7 +1,7 @@
 //! `--output NEWDIR`: the merged view written as a new lower; the old lowers and the upper are
 //! only read.
 //!
-//! Two passes into a staging sibling ([`ovl_layer::staging`]), then one rename:
+//! Two passes into a staging sibling (ovl-layer's `staging`), then one rename:
 //! 1. the merged lowers ([`LowerStack`]), except every path the upper replaces, deletes or
 //!    hides (whiteouts, opaque and redirected directories, non-directories), so nothing is
 //!    written twice; unchanged files are shared with the old lower (reflink, else a hardlink
@@ -19,15 +19,10 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode};
 
-use ovl_layer::apply::Meta;
-use ovl_layer::fsops::{create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at};
-use ovl_layer::path::LayerPath;
-use ovl_layer::root::Root;
-use ovl_layer::staging::Staging;
-use ovl_layer::upper::{
-    Change, DirStack, Kind, Layer, LowerStack, Upper, UpperOptions, special_kind,
+use ovl_layer::{
+    Change, DirStack, Kind, Layer, LayerPath, LowerStack, Meta, Root, Staging, Upper, UpperOptions,
+    create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, special_kind,
 };
-use ovl_layer::whiteout;
 
 use crate::Summary;
 use crate::crash;
@@ -35,13 +30,13 @@ use crate::error::{SquashError, io_at};
 use crate::fsops::{self, Sharing};
 
 /// The tool name in the staging sibling's name.
-pub const TOOL: &str = "ovl-squash";
+pub(crate) const TOOL: &str = "ovl-squash";
 
-pub fn squash_to(
+pub(crate) fn squash_to(
     lowers: &[PathBuf],
     upper: &Path,
     out: &Path,
-    ids: Option<ovl_layer::idmap::RootlessMaps>,
+    ids: Option<ovl_layer::RootlessMaps>,
     sharing: &Sharing,
     sum: &mut Summary,
 ) -> Result<(), SquashError> {
@@ -270,7 +265,7 @@ impl Builder<'_> {
                         let same = st.is_some_and(|st| {
                             let have = src.xattrs().unwrap_or_default();
                             Meta::from_disk(&st, &have) == meta
-                                && whiteout::public_xattrs(&have).len() == have.len()
+                                && ovl_layer::public_xattrs(&have).len() == have.len()
                         });
                         self.share_file(
                             &src.dir,

@@ -3,16 +3,15 @@
 //!
 //! Rootless boxes hold files of the user's subordinate ids (and overlayfs's mode-0 `work/work`),
 //! which the user cannot remove or change from outside. Inside this namespace the user is
-//! container root with the same map every tool uses ([`ovl_layer::userns::UsernsPlan`]:
+//! container root with the same map every tool uses ([`ovl_layer::UsernsPlan`]:
 //! container 0 is the user, 1..=65536 its subordinate ids, or the single-id map), so `rm -rf`
 //! works. This crate owns only the choice of where CMD runs and how its status comes back; the
-//! namespace itself is [`ovl_layer::userns::spawn_in_userns`].
+//! namespace itself is [`ovl_layer::spawn_in_userns`].
 
 use std::ffi::OsString;
 use std::process::Command;
 
-use ovl_layer::identity::{Identity, Reexec};
-use ovl_layer::userns::{self, UsernsError, UsernsPlan};
+use ovl_layer::{Identity, Reexec, UsernsError, UsernsPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnshareError {
@@ -96,8 +95,8 @@ pub fn run(cmd: &[OsString], place: &Where) -> Result<i32, UnshareError> {
         Where::Userns(plan) => {
             // Tools run inside (`ovl-unshare ovl-diff ...`) are then already where they would
             // re-execute themselves to: the same map.
-            c.env(userns::ENV_IN_USERNS, "1");
-            userns::spawn_in_userns(c, plan)?
+            c.env(ovl_layer::ENV_IN_USERNS, "1");
+            ovl_layer::spawn_in_userns(c, plan)?
         }
     };
     // Like a shell waiting for its foreground job: ^C and ^\ are for CMD (it is in the same
@@ -108,5 +107,5 @@ pub fn run(cmd: &[OsString], place: &Where) -> Result<i32, UnshareError> {
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
     let status = child.wait().map_err(run_err)?;
-    Ok(userns::exit_code(status))
+    Ok(ovl_layer::exit_code(status))
 }

@@ -1,5 +1,7 @@
 //! The `ovl-unshare` command line: a thin shim over [`ovl_unshare::run`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 
 use ovl_unshare::Where;

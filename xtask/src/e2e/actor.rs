@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use ovl_layer::idmap::RootlessMaps;
+use ovl_layer::RootlessMaps;
 
 use super::Ctx;
 
@@ -48,7 +48,7 @@ impl Actor {
         // SAFETY: getgid cannot fail.
         let gid = unsafe { libc::getgid() };
         Actor {
-            name: ovl_layer::idmap::user_name(uid).unwrap_or_else(|| uid.to_string()),
+            name: ovl_layer::user_name(uid).unwrap_or_else(|| uid.to_string()),
             uid,
             gid,
             switch: false,

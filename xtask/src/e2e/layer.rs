@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 
 use anyhow::{Context, Result, bail};
-use ovl_layer::idmap::ROOTLESS_RANGE;
+use ovl_layer::ROOTLESS_RANGE;
 
 use super::import::normalize;
 use super::table::Outcome;

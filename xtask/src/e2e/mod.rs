@@ -510,7 +510,7 @@ fn who_runs(driver: Driver) -> Result<Actor, String> {
         Actor::current()
     };
     for tool in ["newuidmap", "newgidmap"] {
-        if ovl_layer::userns::which(tool).is_none() {
+        if ovl_layer::which(tool).is_none() {
             return Err(format!("{tool} not found (apt-get install uidmap)"));
         }
     }

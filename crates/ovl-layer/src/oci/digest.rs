@@ -141,21 +141,21 @@ pub(crate) enum Hasher {
 }
 
 impl Hasher {
-    pub fn new(algorithm: Algorithm) -> Hasher {
+    pub(crate) fn new(algorithm: Algorithm) -> Hasher {
         match algorithm {
             Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
             Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
         }
     }
 
-    pub fn update(&mut self, bytes: &[u8]) {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
         match self {
             Hasher::Sha256(h) => h.update(bytes),
             Hasher::Sha512(h) => h.update(bytes),
         }
     }
 
-    pub fn finish(self) -> Digest {
+    pub(crate) fn finish(self) -> Digest {
         let (algorithm, hex) = match self {
             Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
             Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),

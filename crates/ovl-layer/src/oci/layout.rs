@@ -22,10 +22,10 @@ use super::{Descriptor, Digest, Index, Manifest, OciError, VerifyingReader, io_e
 
 /// The most bytes `index.json`, a manifest, a nested index or a config may have: they are read
 /// whole.
-pub const MAX_JSON: u64 = 4 << 20;
+pub(crate) const MAX_JSON: u64 = 4 << 20;
 
 /// How many image indexes may stand between `index.json` and a manifest (real images use one).
-pub const MAX_INDEX_DEPTH: usize = 8;
+pub(crate) const MAX_INDEX_DEPTH: usize = 8;
 
 /// An image layout directory, held open.
 #[derive(Debug)]

@@ -10,17 +10,16 @@
 //! layout when `index.json` changes ([`write`]). `ovl-import oci:DIR[:TAG]` reads through it,
 //! `ovl-diff --oci-layout DIR[:TAG]` appends through it.
 
-pub mod digest;
-pub mod layout;
-pub mod spec;
-pub mod write;
+pub(crate) mod digest;
+pub(crate) mod layout;
+pub(crate) mod spec;
+pub(crate) mod write;
 
 use std::path::PathBuf;
 
-pub use digest::{Algorithm, Digest, DigestError, VerifyingReader};
-pub use layout::{Blob, Layout, MAX_INDEX_DEPTH, MAX_JSON};
-pub use spec::{Descriptor, History, ImageConfig, Index, Manifest, Platform, RootFs};
-pub use write::{LayoutLock, TempFile};
+pub(crate) use digest::{Algorithm, Digest, VerifyingReader};
+pub(crate) use layout::{Layout, MAX_INDEX_DEPTH, MAX_JSON};
+pub(crate) use spec::{Descriptor, Index, Manifest};
 
 /// What is wrong with a layout (or with reaching it). Names are relative to the layout (the
 /// tools say which layout).

@@ -17,7 +17,7 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// The content of the `oci-layout` file.
-pub const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+pub(crate) const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 fn two() -> u32 {
     2

@@ -75,9 +75,9 @@ pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, Up
 }
 
 /// Dropped from layers: a label of the host's SELinux policy.
-pub const SELINUX_XATTR: &str = "security.selinux";
+pub(crate) const SELINUX_XATTR: &str = "security.selinux";
 /// File capabilities: v2, or v3 with the uid of the namespace root they apply in.
-pub const CAPABILITY_XATTR: &str = "security.capability";
+pub(crate) const CAPABILITY_XATTR: &str = "security.capability";
 
 const VFS_CAP_REVISION_MASK: u32 = 0xff00_0000;
 pub(super) const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
@@ -86,7 +86,10 @@ pub(super) const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
 /// `security.capability` as a layer carries it: a v3 value whose namespace root is container
 /// root (0) becomes the equivalent v2 (what a reader inside the namespace sees); a v3 root
 /// that is a host id is mapped through `uid_map` when given. `None`: malformed.
-pub fn layer_capability(value: &[u8], uid_map: Option<&crate::idmap::IdMap>) -> Option<Vec<u8>> {
+pub(crate) fn layer_capability(
+    value: &[u8],
+    uid_map: Option<&crate::idmap::IdMap>,
+) -> Option<Vec<u8>> {
     let magic = u32::from_le_bytes(value.get(..4)?.try_into().ok()?);
     match magic & VFS_CAP_REVISION_MASK {
         VFS_CAP_REVISION_2 if value.len() == 20 => Some(value.to_vec()),

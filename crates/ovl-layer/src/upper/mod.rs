@@ -29,8 +29,8 @@
 //! path), then its whiteouts, then its other children, each group sorted bytewise, depth first.
 
 mod index_links;
-mod lower_stack;
-mod meta;
+pub(crate) mod lower_stack;
+pub(crate) mod meta;
 mod node;
 mod walk;
 
@@ -47,8 +47,8 @@ use crate::idmap::RootlessMaps;
 use crate::path::LayerPath;
 use crate::root::Root;
 
-pub use lower_stack::{DirStack, LowerEntry, LowerStack};
-pub use meta::{CAPABILITY_XATTR, SELINUX_XATTR, layer_capability, special_kind};
+#[cfg(test)]
+use meta::layer_capability;
 
 use lower_stack::Lowers;
 use node::Node;
