@@ -552,24 +552,63 @@ fn killed(out: &Output) -> bool {
     out.status.signal() == Some(libc::SIGKILL)
 }
 
+/// How a run is stopped after a step: its crash hook's SIGKILL, or a SIGINT it sends itself
+/// there (`OVL_SQUASH_INTERRUPT_AFTER`), which the run must handle at that step's end.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    Kill,
+    Interrupt,
+}
+
 /// `s` squashed in place, stopped after each step in turn: every time, lower + upper still
-/// mount (with `extra`) to the merged view and a re-run completes.
-fn survives_a_kill_after_every_step(what: &str, s: &Scenario, extra: &str) {
+/// mount (with `extra`) to the merged view and a re-run completes. Interrupted, the run also
+/// exits 130, says what it removed, and leaves no work or swap sibling.
+fn survives_a_stop_after_every_step(what: &str, s: &Scenario, extra: &str, stop: Stop) {
+    let env = match stop {
+        Stop::Kill => "OVL_SQUASH_CRASH_AFTER",
+        Stop::Interrupt => "OVL_SQUASH_INTERRUPT_AFTER",
+    };
     let mut k = 1u64;
     loop {
         let (dir, lower, upper) = fresh_copy(s, k);
-        let out = in_place_crashing_after(k, &lower, &upper);
-        if !killed(&out) {
-            assert_succeeded(&out);
+        let out = output(in_place_args(
+            Command::new(bin("ovl-squash")).env(env, k.to_string()),
+            &lower,
+            &upper,
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if stop == Stop::Interrupt {
+            let left: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("ovl-squash"))
+                .collect();
+            assert!(
+                left.is_empty(),
+                "{what}: after step {k}: {left:?} left; {err}"
+            );
+        }
+        if out.status.success() {
             assert!(k > 3, "only {k} steps: the hook is not counting");
             eprintln!(
-                "{what}: killed after each of {} steps, all consistent",
+                "{what}: stopped after each of {} steps, all consistent",
                 k - 1
             );
             break;
         }
+        match stop {
+            Stop::Kill => assert!(killed(&out), "{what}: step {k}: {err}"),
+            Stop::Interrupt => {
+                assert_eq!(out.status.code(), Some(130), "{what}: step {k}: {err}");
+                assert!(
+                    err.lines()
+                        .all(|l| l.contains("interrupted by SIGINT: removed")),
+                    "{what}: step {k}: {err}"
+                );
+            }
+        }
         let now = merged(&[&upper, &lower], extra, &dir);
-        assert_same(&format!("{what}: killed after step {k}"), &s.merged, &now);
+        assert_same(&format!("{what}: stopped after step {k}"), &s.merged, &now);
         rerun_completes(
             &format!("{what}: re-run after step {k}"),
             &s.merged,
@@ -588,7 +627,7 @@ fn in_place_survives_a_kill_after_every_step() {
     let Some(_serial) = serial_root() else {
         return;
     };
-    survives_a_kill_after_every_step("in place", &scenario(), "");
+    survives_a_stop_after_every_step("in place", &scenario(), "", Stop::Kill);
 }
 
 /// Issue 11's in-place data losses, with redirect_dir (and metacopy) on: a directory renamed
@@ -637,60 +676,7 @@ fn in_place_renames_into_new_parents_and_nested_renames_survive_kills() {
             upper,
             merged,
         };
-        survives_a_kill_after_every_step(what, &s, OPTS);
-    }
-}
-
-/// `s` squashed in place and interrupted by SIGINT after each step in turn (the crash hook's
-/// `OVL_SQUASH_INTERRUPT_AFTER`): every time the run stops at that step's end, exits 130 with
-/// one line per sibling it removed, leaves no work or swap sibling, lower + upper still mount
-/// to the merged view, and a re-run completes.
-fn interrupted_after_every_step(what: &str, s: &Scenario, extra: &str) {
-    let mut k = 1u64;
-    loop {
-        let (dir, lower, upper) = fresh_copy(s, 500 + k);
-        let out = output(in_place_args(
-            Command::new(bin("ovl-squash")).env("OVL_SQUASH_INTERRUPT_AFTER", k.to_string()),
-            &lower,
-            &upper,
-        ));
-        let err = String::from_utf8_lossy(&out.stderr);
-        let left: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains("ovl-squash"))
-            .collect();
-        assert!(
-            left.is_empty(),
-            "{what}: after step {k}: {left:?} left; {err}"
-        );
-        if out.status.success() {
-            assert!(k > 3, "only {k} steps: the hook is not counting");
-            eprintln!("{what}: interrupted after each of {} steps", k - 1);
-            break;
-        }
-        assert_eq!(out.status.code(), Some(130), "{what}: step {k}: {err}");
-        assert!(
-            err.lines()
-                .all(|l| l.contains("interrupted by SIGINT: removed")),
-            "{what}: step {k}: {err}"
-        );
-        let now = merged(&[&upper, &lower], extra, &dir);
-        assert_same(
-            &format!("{what}: interrupted after step {k}"),
-            &s.merged,
-            &now,
-        );
-        rerun_completes(
-            &format!("{what}: re-run after step {k}"),
-            &s.merged,
-            &lower,
-            &upper,
-            &dir,
-        );
-        assert_empty(&upper);
-        std::fs::remove_dir_all(&dir).unwrap();
-        k += 1;
+        survives_a_stop_after_every_step(what, &s, OPTS, Stop::Kill);
     }
 }
 
@@ -728,7 +714,7 @@ fn in_place_interrupted_after_every_step_leaves_no_sibling() {
         upper,
         merged,
     };
-    interrupted_after_every_step("nested rename", &s, OPTS);
+    survives_a_stop_after_every_step("nested rename", &s, OPTS, Stop::Interrupt);
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! What the upper means is read by ovl-layer's `upper` (every whiteout and opaque form,
 //! redirect_dir and metacopy through the lowers, container ids); the bytes are written by
 //! ovl-layer's `tarout` and compressed by ovl-layer's `pgzip` or zstd. This crate owns the
-//! mapping from upper changes to OCI layer entries ([`emit`]), the compression pipeline and
-//! its digests ([`output`]), and appending a layer to an OCI image layout ([`oci`]).
+//! mapping from upper changes to OCI layer entries (`emit`), the compression pipeline and
+//! its digests (`output`), and appending a layer to an OCI image layout (`oci`).
 
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]

@@ -1,7 +1,7 @@
 //! ovl-import: an image tarball (or an OCI image layout) into exact, safe overlay lowerdirs.
 //!
 //! The extraction itself is ovl-layer's `extract`; this crate owns the sources (a file or
-//! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination ([`dest`]), and
+//! stdin, any compression, or `oci:DIR[:TAG]`), the all-or-nothing destination (`dest`), and
 //! the choice of owner policy and opaque-xattr namespace for the privileges it runs with.
 
 #![forbid(unsafe_code)]

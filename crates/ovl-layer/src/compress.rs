@@ -129,8 +129,8 @@ pub fn decoder<R: Read + Send + 'static>(
 const CHUNK: usize = 256 * 1024;
 const DEPTH: usize = 16;
 
-/// A reader whose source is read on another thread, [`CHUNK`]-sized pieces at a time, at most
-/// [`DEPTH`] pieces ahead: constant memory, and decompression overlaps with the consumer.
+/// A reader whose source is read on another thread, `CHUNK`-sized pieces at a time, at most
+/// `DEPTH` pieces ahead: constant memory, and decompression overlaps with the consumer.
 pub struct ThreadedReader {
     rx: Receiver<io::Result<Vec<u8>>>,
     cur: Vec<u8>,

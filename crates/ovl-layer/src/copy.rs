@@ -110,7 +110,7 @@ pub enum Filled {
 }
 
 /// Fills new files with the content of others: a reflink (FICLONE) while the filesystem takes
-/// them, else [`copy_sparse`]. The first refusal is remembered (ext4 has no reflinks: asking
+/// them, else `copy_sparse`. The first refusal is remembered (ext4 has no reflinks: asking
 /// again would cost a failed call per file).
 #[derive(Debug)]
 pub struct Filler {

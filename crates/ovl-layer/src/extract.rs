@@ -37,7 +37,7 @@ pub enum OwnerPolicy {
     Preserve,
     /// Leave files to the caller and record the archive's owner (and, for files and
     /// directories, the mode) in xattrs: fuse-overlayfs' override_stat, which it presents, and
-    /// umoci's `user.rootlesscontainers` (no subordinate ids; see [`crate::owners`]).
+    /// umoci's `user.rootlesscontainers` (no subordinate ids; see `crate::owners`).
     Record,
 }
 
@@ -69,7 +69,7 @@ pub struct ExtractStats {
     pub skipped_entries: u64,
     /// Hardlinks to a file only a lower layer holds, given their own copy of it.
     pub lower_link_copies: u64,
-    /// What was skipped, one line each (the path escaped), at most [`MAX_NOTES`].
+    /// What was skipped, one line each (the path escaped), at most `MAX_NOTES`.
     pub notes: Vec<String>,
 }
 

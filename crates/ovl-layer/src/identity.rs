@@ -84,7 +84,7 @@ impl Identity {
 
     /// How extracted files get the archive's owners: chowned (real root, or a namespace that
     /// maps a range of ids), or, where only one id is mapped (`unshare -r`, a user without
-    /// subordinate ids), left to this process and recorded in xattrs ([`crate::owners`]).
+    /// subordinate ids), left to this process and recorded in xattrs (`crate::owners`).
     pub fn owner_policy(&self) -> OwnerPolicy {
         match self {
             Identity::RealRoot => OwnerPolicy::Preserve,

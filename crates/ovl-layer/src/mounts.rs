@@ -119,7 +119,7 @@ pub fn mounted_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a Mount
 }
 
 /// The overlay whose option `key` (`upperdir` or `workdir`) is exactly `dir`, if any, read as
-/// [`MountEntry::overlay_dirs`] reads every overlay.
+/// `MountEntry::overlay_dirs` reads every overlay.
 pub fn overlay_using<'a>(
     mounts: &'a [MountEntry],
     key: &str,

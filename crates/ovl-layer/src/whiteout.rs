@@ -151,9 +151,9 @@ pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
 }
 
 /// The xattrs of an entry that are content, not the overlay's own markers (names as stored:
-/// an escaped `overlay.overlay.*` is content). An owner record ([`crate::owners`]) is content
+/// an escaped `overlay.overlay.*` is content). An owner record (`crate::owners`) is content
 /// of a layer on disk too, though named like fuse-overlayfs' private xattrs: a copy of the
-/// entry keeps it (it is never exported; [`crate::upper`] folds it into the owner).
+/// entry keeps it (it is never exported; `crate::upper` folds it into the owner).
 pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
     xattrs
         .iter()
@@ -271,7 +271,7 @@ pub(crate) fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
         .any(|n| (xattr)(&n).is_some_and(|v| makes_opaque(&n, &v)))
 }
 
-/// True when the xattr NAME=VALUE makes the directory it is on opaque (see [`dir_is_opaque`]).
+/// True when the xattr NAME=VALUE makes the directory it is on opaque (see `dir_is_opaque`).
 /// `overlay.opaque=x` does not: it only says the directory holds xattr whiteouts.
 pub fn makes_opaque(name: &str, value: &[u8]) -> bool {
     if name == FUSE_OPAQUE_XATTR {

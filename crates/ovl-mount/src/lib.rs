@@ -18,12 +18,12 @@
 //! when their paths exceed the one-page option limit. A single lower without an upper becomes a
 //! read-only bind mount (overlayfs wants two lowers when there is no upper).
 //!
-//! The modules, each owning one concern: [`spec`] (the request), [`layout`] (the directories and
-//! their rules), [`inuse`] (is an upper/work already serving), [`host`] (kernel, user namespace
-//! and fuse prerequisites), [`kernel`] and [`fuse`] (the two mount mechanisms), [`driver`] (the
-//! choice and a live mount), [`chroot`] (/proc and /dev for `--chroot`), [`command`] (the child),
-//! [`session`] (the order of it all), [`shift`] (`--uidmap`: idmapped lowers, the upper's
-//! owner), [`error`] (typed errors that say what to do).
+//! The modules, each owning one concern: `spec` (the request), `layout` (the directories and
+//! their rules), `inuse` (is an upper/work already serving), `host` (kernel, user namespace
+//! and fuse prerequisites), `kernel` and `fuse` (the two mount mechanisms), `driver` (the
+//! choice and a live mount), `chroot` (/proc and /dev for `--chroot`), `command` (the child),
+//! `session` (the order of it all), `shift` (`--uidmap`: idmapped lowers, the upper's
+//! owner), `error` (typed errors that say what to do).
 
 mod chroot;
 mod command;

@@ -3,10 +3,10 @@
 //!
 //! The upper is read by ovl-layer's `upper` (every writer's format; redirect_dir and metacopy
 //! through the lowers), the lowers by its [`ovl_layer::LowerStack`]. This crate owns the
-//! two ways of writing the result: [`output`] (a new directory, through a staging sibling) and
-//! [`inplace`] (the lower becomes the result, ordered so a crash never changes what the
-//! overlay shows), the content sharing and exact metadata both use ([`fsops`]), the refusal to
-//! touch a mounted overlay ([`inuse`]), and the crash-test hook ([`crash`]).
+//! two ways of writing the result: `output` (a new directory, through a staging sibling) and
+//! `inplace` (the lower becomes the result, ordered so a crash never changes what the
+//! overlay shows), the content sharing and exact metadata both use (`fsops`), the refusal to
+//! touch a mounted overlay (`inuse`), and the crash-test hook (`crash`).
 
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]

@@ -148,7 +148,7 @@ impl Layout {
     }
 
     /// The manifest `d` names, through nested image indexes (picking `os`/`arch`, or an
-    /// index's only entry) at most [`MAX_INDEX_DEPTH`] deep.
+    /// index's only entry) at most `MAX_INDEX_DEPTH` deep.
     pub fn manifest(
         &self,
         d: &Descriptor,

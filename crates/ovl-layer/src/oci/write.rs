@@ -35,7 +35,7 @@ impl Drop for LayoutLock<'_> {
 }
 
 /// A file being written in a directory under a temporary name, removed unless committed, and
-/// removed by the signal clean-up of [`crate::staging`] when SIGINT, SIGTERM or SIGHUP ends
+/// removed by the signal clean-up of `crate::staging` when SIGINT, SIGTERM or SIGHUP ends
 /// the process first.
 #[derive(Debug)]
 pub struct TempFile {
@@ -213,7 +213,7 @@ impl Layout {
         Ok(digest)
     }
 
-    /// Replace `index.json` (the caller holds the [`LayoutLock`]): the blobs directory is
+    /// Replace `index.json` (the caller holds the `LayoutLock`): the blobs directory is
     /// synced first, so the index never points at blobs a crash could lose.
     pub fn write_index(&self, index: &Index) -> Result<(), OciError> {
         let blobs = self.blobs_dir(Algorithm::Sha256)?;
