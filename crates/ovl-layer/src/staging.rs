@@ -837,6 +837,27 @@ mod tests {
         assert!(is_token(token), "{}", String::from_utf8_lossy(n));
     }
 
+    /// A scratch sibling goes beside an existing path (which a staging sibling refuses), is
+    /// removed when dropped, and a dead one is swept by `sweep_beside`, a live one not.
+    #[test]
+    fn scratch_beside_an_existing_path() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = t.path().join("lower");
+        std::fs::create_dir(&lower).unwrap();
+        let s = Scratch::new(&lower, "t").unwrap();
+        std::fs::write(s.dir.join("f"), b"x").unwrap();
+        assert_eq!(names(t.path()).len(), 2);
+        drop(s);
+        assert_eq!(names(t.path()), ["lower"]);
+        let live = Scratch::new(&lower, "t").unwrap();
+        let dead_token = "0123456789abcdef";
+        let dead = t.path().join(format!(".lower.t-{dead_token}"));
+        std::fs::create_dir_all(dead.join("new/x")).unwrap();
+        std::fs::write(dead.join("lock"), marker_text("t", dead_token)).unwrap();
+        assert_eq!(sweep_beside(&lower, "t").unwrap(), 1);
+        assert!(!dead.exists() && live.dir.exists());
+    }
+
     /// Only a sibling with our marker whose lock is free is removed; a live one (locked), one
     /// of another tool, and anything else matching the name pattern are left alone.
     #[test]
