@@ -577,12 +577,16 @@ fn survives_a_stop_after_every_step(what: &str, s: &Scenario, extra: &str, stop:
             &upper,
         ));
         let err = String::from_utf8_lossy(&out.stderr);
-        if stop == Stop::Interrupt {
-            let left: Vec<String> = std::fs::read_dir(&dir)
+        // The work and swap siblings beside the layers.
+        let siblings = || -> Vec<String> {
+            std::fs::read_dir(&dir)
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .filter(|n| n.contains("ovl-squash"))
-                .collect();
+                .collect()
+        };
+        if stop == Stop::Interrupt {
+            let left = siblings();
             assert!(
                 left.is_empty(),
                 "{what}: after step {k}: {left:?} left; {err}"
@@ -617,6 +621,11 @@ fn survives_a_stop_after_every_step(what: &str, s: &Scenario, extra: &str, stop:
             &dir,
         );
         assert_empty(&upper);
+        let left = siblings();
+        assert!(
+            left.is_empty(),
+            "{what}: the re-run after step {k} left {left:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         k += 1;
     }
