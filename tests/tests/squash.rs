@@ -639,6 +639,28 @@ fn in_place_survives_a_kill_after_every_step() {
     survives_a_stop_after_every_step("in place", &scenario(), "", Stop::Kill);
 }
 
+/// A lower made by `make` (a shell script), changed by `change` through a read-write kernel
+/// overlay mounted with `opts`.
+fn opts_scenario(make: &str, change: &str, opts: &str) -> Scenario {
+    let t = tempfile::tempdir().unwrap();
+    let lower = mkdir(&t.path().join("lower"));
+    let upper = mkdir(&t.path().join("upper"));
+    let work = mkdir(&t.path().join("work"));
+    let mnt = mkdir(&t.path().join("mnt"));
+    sh(make, &lower);
+    let m = Mount::overlay(&rw_opts(&lower, &upper, &work), opts, &mnt);
+    sh(change, &m.0);
+    drop(m);
+    std::fs::remove_dir_all(&work).unwrap();
+    let merged = merged(&[&upper, &lower], opts, t.path());
+    Scenario {
+        t,
+        lower,
+        upper,
+        merged,
+    }
+}
+
 /// Issue 11's in-place data losses, with redirect_dir (and metacopy) on: a directory renamed
 /// into a new (opaque) parent, a rename nested in a renamed directory, and a renamed metacopy
 /// file nested in one. Each is exact, survives a kill after every step and completes on a
@@ -664,27 +686,12 @@ fn in_place_renames_into_new_parents_and_nested_renames_survive_kills() {
             "mkdir -p a/e1/new/deeper && mv a/d1/pop a/e1/new/deeper/p && mv a/d1 a/e1/new/d1",
         ),
     ] {
-        let t = tempfile::tempdir().unwrap();
-        let lower = mkdir(&t.path().join("lower"));
-        let upper = mkdir(&t.path().join("upper"));
-        let work = mkdir(&t.path().join("work"));
-        let mnt = mkdir(&t.path().join("mnt"));
-        sh(
+        let s = opts_scenario(
             "mkdir -p a/d1/pop/deep a/e1/old; echo 1 > a/d1/pop/f; echo 2 > a/d1/pop/deep/g; \
              echo 3 > a/d1/top; ln a/d1/top a/d1/top-link; echo 4 > a/e1/old/o",
-            &lower,
+            script,
+            OPTS,
         );
-        let m = Mount::overlay(&rw_opts(&lower, &upper, &work), OPTS, &mnt);
-        sh(script, &m.0);
-        drop(m);
-        std::fs::remove_dir_all(&work).unwrap();
-        let merged = merged(&[&upper, &lower], OPTS, t.path());
-        let s = Scenario {
-            t,
-            lower,
-            upper,
-            merged,
-        };
         survives_a_stop_after_every_step(what, &s, OPTS, Stop::Kill);
     }
 }
@@ -699,30 +706,12 @@ fn in_place_interrupted_after_every_step_leaves_no_sibling() {
         return;
     };
     const OPTS: &str = "redirect_dir=on,metacopy=on";
-    let t = tempfile::tempdir().unwrap();
-    let lower = mkdir(&t.path().join("lower"));
-    let upper = mkdir(&t.path().join("upper"));
-    let work = mkdir(&t.path().join("work"));
-    let mnt = mkdir(&t.path().join("mnt"));
-    sh(
+    let s = opts_scenario(
         "mkdir -p a/d1/pop/deep a/e1; echo 1 > a/d1/pop/f; echo 2 > a/d1/pop/deep/g; \
          echo 3 > a/d1/top; echo 4 > a/e1/o",
-        &lower,
-    );
-    let m = Mount::overlay(&rw_opts(&lower, &upper, &work), OPTS, &mnt);
-    sh(
         "mv a/d1/pop a/d1/popx && mv a/d1 a/e1/d1 && echo 5 > a/new",
-        &m.0,
+        OPTS,
     );
-    drop(m);
-    std::fs::remove_dir_all(&work).unwrap();
-    let merged = merged(&[&upper, &lower], OPTS, t.path());
-    let s = Scenario {
-        t,
-        lower,
-        upper,
-        merged,
-    };
     survives_a_stop_after_every_step("nested rename", &s, OPTS, Stop::Interrupt);
 }
 
