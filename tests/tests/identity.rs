@@ -175,3 +175,49 @@ fn chown_tree(root: &Path, user: &TestUser) {
         .unwrap();
     }
 }
+
+/// `--uidmap`/`--gidmap` name host ids: every tool refuses them unless real root, as a user
+/// and as root of a namespace it did not make, before it does anything.
+#[test]
+fn explicit_maps_need_real_root() {
+    let Some(user) = setup() else {
+        return;
+    };
+    let t = user_tempdir(&user);
+    let upper = t.path().join("upper");
+    std::fs::create_dir(&upper).unwrap();
+    let dest = t.path().join("dest");
+    let lower = t.path().join("lower");
+    std::fs::create_dir(&lower).unwrap();
+    for (tool, args) in [
+        ("ovl-import", vec!["-".into(), dest.clone()]),
+        ("ovl-diff", vec![upper.clone()]),
+        (
+            "ovl-squash",
+            vec![
+                "--lower".into(),
+                lower.clone(),
+                "--upper".into(),
+                upper.clone(),
+                "--output".into(),
+                dest.clone(),
+            ],
+        ),
+    ] {
+        for how in ["user", "unshare -r"] {
+            let mut c = if how == "user" {
+                command_as(&user, &bin(tool))
+            } else {
+                unshare_r(&user, tool)
+            };
+            let out = output(c.args(["--uidmap", "0:100000:10"]).args(&args));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{tool} as {how}: {err}");
+            assert!(
+                err.starts_with(&format!("{tool}: error: --uidmap/--gidmap need real root")),
+                "{tool} as {how}: {err}"
+            );
+            assert!(!dest.exists(), "{tool} as {how} made {}", dest.display());
+        }
+    }
+}

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use ovl_cli::{Bar, CountingWriter, Unit};
 use ovl_diff::{Compression, DiffOptions, LayerInfo, LayoutRef, Stats};
-use ovl_layer::{IdRange, Identity, Reexec};
+use ovl_layer::{IdRange, Reexec};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Compress {
@@ -65,15 +65,11 @@ struct Cli {
 fn main() {
     let cli: Cli = ovl_cli::parse();
     let given = !cli.uidmap.is_empty() || !cli.gidmap.is_empty();
-    let why = "the upper holds host ids of the map";
-    if let Err(e) = Identity::current().check_explicit_maps("ovl-diff", given, why) {
-        eprintln!("ovl-diff: error: {e}");
-        std::process::exit(1);
-    }
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user
     // namespace mapped to our subordinate ids, so host ids read back as container ids and
     // every file is readable.
     Reexec::new("ovl-diff")
+        .explicit_maps(given, "the upper holds host ids of the map")
         .adjust_maps(ovl_diff::alias_overflow_of_this_host)
         .root_or_exit();
     if let Err(e) = run(cli) {

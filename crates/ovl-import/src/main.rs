@@ -50,14 +50,10 @@ struct Cli {
 fn main() {
     let cli: Cli = ovl_cli::parse();
     let given = !cli.uidmap.is_empty() || !cli.gidmap.is_empty();
-    let why = "they chown to any host id";
-    if let Err(e) = Identity::current().check_explicit_maps("ovl-import", given, why) {
-        eprintln!("ovl-import: error: {e}");
-        std::process::exit(1);
-    }
     // Rootless: do the work as container root in a user namespace mapped to our subordinate
     // ids, so image owners land as mapped host ids.
     let identity = Reexec::new("ovl-import")
+        .explicit_maps(given, "they chown to any host id")
         .warn_without_subids(!cli.quiet)
         .root_or_exit();
     if let Err(e) = run(cli, &identity) {

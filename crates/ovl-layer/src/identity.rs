@@ -110,6 +110,8 @@ pub struct Reexec {
     tool: &'static str,
     warn_single: bool,
     adjust: Option<fn(&mut RootlessMaps)>,
+    /// `--uidmap`/`--gidmap` given, and why the tool needs real root for them.
+    explicit_maps: Option<&'static str>,
 }
 
 impl Reexec {
@@ -119,7 +121,15 @@ impl Reexec {
             tool,
             warn_single: false,
             adjust: None,
+            explicit_maps: None,
         }
+    }
+
+    /// `--uidmap`/`--gidmap` were `given`: refuse them unless real root (see
+    /// [`Identity::check_explicit_maps`]), before anything else.
+    pub fn explicit_maps(mut self, given: bool, why: &'static str) -> Self {
+        self.explicit_maps = given.then_some(why);
+        self
     }
 
     /// Warn on stderr when the user has no subordinate ids (files will be the user's own, and
@@ -149,14 +159,19 @@ impl Reexec {
     /// namespace, and exit with its status: then this call does not return.
     pub fn root_or_exit(self) -> Identity {
         let identity = Identity::current();
-        if !identity.needs_reexec() {
-            return identity;
-        }
         let tool = self.tool;
         let fail = |msg: String| -> ! {
             eprintln!("{tool}: error: {msg}");
             std::process::exit(1)
         };
+        if let Some(why) = self.explicit_maps {
+            identity
+                .check_explicit_maps(tool, true, why)
+                .unwrap_or_else(|m| fail(m));
+        }
+        if !identity.needs_reexec() {
+            return identity;
+        }
         // The copy we started is root of its namespace by construction; if it is not, running
         // again would only nest namespaces without end.
         if userns::in_userns() {
