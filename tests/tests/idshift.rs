@@ -656,14 +656,94 @@ fn single_id_round_trip_keeps_the_recorded_owners() {
         )
         .unwrap();
     }
+    // No fuse-overlayfs option changes that: uidmapping/gidmapping and squash_to_* only choose
+    // which id fuse-overlayfs reports, and the kernel maps every reported id through the
+    // mount's user namespace. What the kernel then allows (seen here, Linux 6.18, fuse-overlayfs
+    // 1.10): a chown to an unmapped id is EINVAL; a file whose group is unmapped refuses a
+    // chmod or a chown of the uid alone (EOVERFLOW: the kernel changes no inode with an invalid
+    // id unless the change makes it valid) and a write or touch (EACCES); a chown to mapped ids
+    // (root) is allowed and recorded, and then so is the rest.
     let (said, err) = mount(
         &["--recorded-owners"],
         &u2,
         &w2,
-        "stat -c 'shadow %u:%g %a' etc/shadow",
+        "try() { if m=$(\"$@\" 2>&1); then echo \"$*: done\"; else echo \"$*: refused: $m\"; fi; }; \
+         stat -c 'shadow %u:%g %a' etc/shadow; \
+         try chown 0:42 etc/passwd; try chgrp 65534 etc/passwd; \
+         try chmod 600 etc/shadow; try touch etc/shadow; try chown 0 etc/shadow; \
+         try sh -c 'echo x >> etc/shadow'; stat -c 'shadow %u:%g %a' etc/shadow; \
+         try chmod 600 etc/passwd; echo n > etc/new2; try chown 0:0 etc/new2; \
+         try chown 0:0 etc/group; try chmod 640 etc/group; stat -c 'group %u:%g %a' etc/group; \
+         try chown 0:0 etc/shadow; try chmod 600 etc/shadow; stat -c 'shadow %u:%g %a' etc/shadow",
     );
     assert!(err.contains("fuse-overlayfs"), "{err}");
-    assert!(said.contains("shadow 0:65534 640"), "{said}");
+    for want in [
+        "shadow 0:65534 640\n",
+        "chown 0:42 etc/passwd: refused: chown: changing ownership of 'etc/passwd': Invalid argument",
+        "chgrp 65534 etc/passwd: refused: chgrp: changing group of 'etc/passwd': Invalid argument",
+        "chmod 600 etc/shadow: refused: chmod: changing permissions of 'etc/shadow': Value too large",
+        "touch etc/shadow: refused: touch: cannot touch 'etc/shadow': Permission denied",
+        "chown 0 etc/shadow: refused: chown: changing ownership of 'etc/shadow': Value too large",
+        "echo x >> etc/shadow: refused: sh: 1: cannot create etc/shadow: Permission denied",
+        "chmod 600 etc/passwd: done",
+        "chown 0:0 etc/group: done",
+        "chmod 640 etc/group: done",
+        "group 0:0 640",
+        "chown 0:0 etc/shadow: done",
+        "chmod 600 etc/shadow: done",
+        "shadow 0:0 600\n",
+    ] {
+        assert!(said.contains(want), "{want:?}: {said}");
+    }
+    // What fuse-overlayfs recorded, and the round trip through its upper: ovl-diff exports the
+    // recorded owners (gid 42 kept through chmod and `chown 0`), ovl-squash folds them.
+    assert_eq!(owner(&u2.join("etc/shadow")), (solo.uid, solo.gid));
+    let fuse_layer = t.path().join("fuse-layer.tar");
+    run_ok(
+        as_solo("ovl-diff")
+            .arg("-q")
+            .arg("-o")
+            .arg(&fuse_layer)
+            .arg(&u2),
+    );
+    let got = entries(&fuse_layer);
+    for want in [
+        "etc/shadow Regular 600 0:0",
+        "etc/group Regular 640 0:0",
+        "etc/passwd Regular 600 0:0",
+        "etc/new2 Regular",
+    ] {
+        assert!(got.iter().any(|e| e.starts_with(want)), "{want}: {got:#?}");
+    }
+    let fuse_squashed = t.path().join("fuse-squashed");
+    run_ok(
+        as_solo("ovl-squash")
+            .arg("-q")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&u2)
+            .arg("--output")
+            .arg(&fuse_squashed),
+    );
+    let rec = |p: &str| {
+        let path = fuse_squashed.join(p);
+        let xs: Vec<(String, Vec<u8>)> = xattr::list(&path)
+            .unwrap()
+            .filter_map(|n| {
+                let n = n.to_str()?.to_string();
+                let v = xattr::get(&path, &n).ok()??;
+                Some((n, v))
+            })
+            .collect();
+        let mode = std::fs::symlink_metadata(&path).unwrap().mode() & 0o7777;
+        ovl_layer::owners::recorded(xs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+            .map(|(u, g, m)| (u, g, m.unwrap_or(mode)))
+    };
+    assert_eq!(rec("etc/shadow"), Some((0, 0, 0o600)));
+    assert_eq!(rec("etc/group"), Some((0, 0, 0o640)));
+    assert_eq!(rec("etc/passwd"), Some((0, 0, 0o600)));
+    assert_eq!(rec("etc/hostname"), Some((0, 0, 0o644)));
 
     // ovl-diff as the user: the recorded owners, not the host ids; no record xattrs.
     let layer = t.path().join("layer.tar");
@@ -764,5 +844,409 @@ fn a_single_id_box_mounted_with_subordinate_ids_warns() {
         "--idmap single",
     ] {
         assert!(err.contains(needle), "{needle:?}: {err}");
+    }
+}
+
+/// The lines of this process's mountinfo that name `dir` (other tests mount elsewhere at the
+/// same time).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(|l| l.split(' ').skip(4).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// `--uidmap` without CMD, as a runtime uses it: the overlay stays in the caller's mount
+/// namespace and shows host ids (the lowers seen through idmapped clones), a process in a user
+/// namespace with the same map sees the image's owners and writes host ids into the upper, the
+/// in-use checks see the real lower, and `--unmount` leaves no mount behind (the idmapped
+/// clones never cover the lower outside the overlay).
+#[test]
+fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
+    let Some(alpine) = setup() else { return };
+    if !require("unshare", ovl_tests::which("unshare").is_some()) {
+        return;
+    }
+    let t = tempfile::Builder::new()
+        .prefix("ovl-idshift-persist-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let lower = t.path().join("lower");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .arg(&alpine)
+            .arg(&lower),
+    );
+    let exact = SnapshotOptions::default();
+    let before = ovl_tests::snapshot::snapshot(&lower, &exact).unwrap();
+    let b = boxdir(t.path(), "p");
+    assert!(mounts_under(t.path()).is_empty());
+    let map = "0:100000:65536";
+    let said = run_ok(
+        Command::new(bin("ovl-mount"))
+            .arg("-v")
+            .args(map_args(Some(map)))
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--work")
+            .arg(&b.work)
+            .arg(&b.merged),
+    );
+    let said = String::from_utf8_lossy(&said).into_owned();
+    let mounted = mounts_under(t.path());
+    let unmount = || {
+        output(
+            Command::new(bin("ovl-mount"))
+                .arg("--unmount")
+                .arg(&b.merged),
+        )
+    };
+    // Unmount even when an assertion fails.
+    struct Down<F: Fn() -> std::process::Output>(F);
+    impl<F: Fn() -> std::process::Output> Drop for Down<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let down = Down(unmount);
+    assert!(said.contains("mounted overlay on"), "{said}");
+    // One mount, the overlay on MERGED, naming the real lower; nothing on the lower itself.
+    assert_eq!(mounted.len(), 1, "{mounted:#?}");
+    assert!(
+        mounted[0].starts_with(&format!("{} ", b.merged.display()))
+            && mounted[0].contains(" overlay ")
+            && (mounted[0].contains(&format!("lowerdir={},", lower.display()))
+                || mounted[0].contains(&format!("lowerdir+={},", lower.display()))),
+        "{mounted:#?}"
+    );
+    assert_eq!(owner(&b.merged.join("etc/shadow")), (100_000, 100_042));
+    assert_eq!(owner(&lower.join("etc/shadow")), (0, 42));
+
+    // A runtime's container: its own user namespace with the same map.
+    let inside = run_ok(
+        Command::new("unshare")
+            .args([
+                "--map-users=100000,0,65536",
+                "--map-groups=100000,0,65536",
+                "--setuid",
+                "0",
+                "--setgid",
+                "0",
+                "/bin/sh",
+                "-ec",
+                "stat -c 'shadow %u:%g' etc/shadow; chown 1000:1000 etc/hostname; \
+                 echo x > newfile; rm etc/motd",
+            ])
+            .current_dir(&b.merged),
+    );
+    assert_eq!(String::from_utf8_lossy(&inside).trim(), "shadow 0:42");
+
+    // The in-use checks see the lower through the mount table.
+    let out = output(
+        Command::new(bin("ovl-squash"))
+            .arg("--in-place")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&b.upper),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&b.merged.display().to_string()),
+        "{err}"
+    );
+
+    drop(down);
+    assert!(
+        mounts_under(t.path()).is_empty(),
+        "left behind: {:#?}",
+        mounts_under(t.path())
+    );
+    assert_eq!(owner(&b.upper), (100_000, 100_000));
+    assert_eq!(owner(&b.upper.join("newfile")), (100_000, 100_000));
+    assert_eq!(owner(&b.upper.join("etc/hostname")), (101_000, 101_000));
+    let after = ovl_tests::snapshot::snapshot(&lower, &exact).unwrap();
+    assert!(ovl_tests::snapshot::differences(&before, &after).is_empty());
+    let layer = t.path().join("p.tar");
+    diff(&b.upper, &layer, &map_args(Some(map)));
+    let got = entries(&layer);
+    for want in [
+        "etc/hostname Regular 644 1000:1000",
+        "newfile Regular 644 0:0",
+        "etc/.wh.motd Regular",
+    ] {
+        assert!(got.iter().any(|e| e.starts_with(want)), "{want}: {got:#?}");
+    }
+}
+
+/// A read-write kernel overlay over `lower` seen through an idmapped clone of it (attached at
+/// `at`, as ovl-mount does in its private namespace), with extra mount options; unmounted
+/// (overlay, then the clone) on drop.
+struct IdmappedOverlay {
+    _overlay: ovl_tests::stack::Mount,
+    at: PathBuf,
+}
+
+impl Drop for IdmappedOverlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOverlay {
+    use ovl_layer::idmount;
+    let at = b.merged.with_file_name("idlower");
+    std::fs::create_dir_all(&at).unwrap();
+    let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
+    let maps = ovl_layer::idmap::shift_maps(&[range], &[]).unwrap().unwrap();
+    let ns = idmount::UsernsFd::new(&maps).unwrap();
+    let tree = idmount::idmapped_clone(lower, &ns).unwrap();
+    idmount::attach(&tree, &at).unwrap();
+    for d in [&b.upper, &b.work] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let root = maps.uid.to_host(0).unwrap();
+    rustix::fs::chown(
+        &b.upper,
+        Some(rustix::fs::Uid::from_raw(root)),
+        Some(rustix::fs::Gid::from_raw(root)),
+    )
+    .unwrap();
+    let overlay = ovl_tests::stack::Mount::overlay(
+        &format!(
+            "lowerdir={},upperdir={},workdir={},{opts}",
+            at.display(),
+            b.upper.display(),
+            b.work.display()
+        ),
+        &b.merged,
+    );
+    match overlay {
+        Ok(o) => IdmappedOverlay { _overlay: o, at },
+        Err(e) => {
+            let _ = Command::new("umount").arg("-l").arg(&at).status();
+            panic!("{e}");
+        }
+    }
+}
+
+/// Every entry of a layer with its content's digest: path, type, mode, uid, gid, data.
+fn entries_with_data(layer: &Path) -> Vec<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut a = tar::Archive::new(std::fs::File::open(layer).unwrap());
+    let mut out: Vec<String> = a
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            format!(
+                "{} {:?} {:o} {}:{} {} {}",
+                String::from_utf8_lossy(&e.path_bytes()),
+                h.entry_type(),
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                data.len(),
+                hex::encode(sha2::Sha256::digest(&data))
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The same changes made from the host through a container's map: ids are `base + id`.
+fn redirect_metacopy_changes(base: u32) -> String {
+    let id = |n: u32| base + n;
+    format!(
+        "set -e; mv srv/data srv/moved; echo n > srv/moved/new; chown {a}:{a} srv/moved/new; \
+         chown {u}:{u} etc/hostname; chmod 4755 bin/busybox; chgrp {g} etc/passwd; \
+         chown {u}:{g} srv/moved/sub/f7",
+        a = id(5),
+        u = id(1000),
+        g = id(42),
+    )
+}
+
+/// A lower with a directory of non-root owners (Alpine has only /etc/shadow), ids `base + id`.
+fn add_owned_dir(lower: &Path, base: u32) {
+    let d = lower.join("srv/data");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub/f7"), b"seven").unwrap();
+    std::fs::write(d.join("f9"), b"nine").unwrap();
+    for (p, id) in [("", 7), ("sub", 8), ("sub/f7", 7), ("f9", 9)] {
+        let p = if p.is_empty() { d.clone() } else { d.join(p) };
+        rustix::fs::chown(
+            &p,
+            Some(rustix::fs::Uid::from_raw(base + id)),
+            Some(rustix::fs::Gid::from_raw(base + id)),
+        )
+        .unwrap();
+    }
+}
+
+/// `cp -a` of a tree (xattrs and owners kept).
+fn copy_tree(from: &Path, to: &Path) {
+    run_ok(
+        Command::new("cp")
+            .args(["-a", "--preserve=all"])
+            .arg(from)
+            .arg(to),
+    );
+}
+
+fn squash(lower: &Path, upper: &Path, target: &[&std::ffi::OsStr], map: Option<&str>) {
+    run_ok(
+        Command::new(bin("ovl-squash"))
+            .arg("-q")
+            .args(map_args(map))
+            .arg("--lower")
+            .arg(lower)
+            .arg("--upper")
+            .arg(upper)
+            .args(target),
+    );
+}
+
+/// `--uidmap` on an upper written by a kernel overlay with redirect_dir=on,metacopy=on: over
+/// an idmapped lower (container ids on disk) and over a shifted lower (`ovl-import --uidmap`,
+/// host ids on disk). A renamed directory's lower entries and a metacopy file's metadata
+/// (its data in the lower) come out in container ids: the layer from ovl-diff and the results
+/// of ovl-squash (--output and --in-place) equal those of the same changes made unshifted.
+#[test]
+fn redirect_dir_and_metacopy_uppers_map_back() {
+    let Some(alpine) = setup() else { return };
+    let t = tempfile::Builder::new()
+        .prefix("ovl-idshift-meta-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let map = "0:100000:65536";
+    let opts = "redirect_dir=on,metacopy=on";
+    let imported = t.path().join("imported");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .arg(&alpine)
+            .arg(&imported),
+    );
+    add_owned_dir(&imported, 0);
+    let shifted_src = t.path().join("shifted-imported");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .args(map_args(Some(map)))
+            .arg(&alpine)
+            .arg(&shifted_src),
+    );
+    add_owned_dir(&shifted_src, 100_000);
+
+    // name, lower (own copy: in-place squash changes it), host id base, idmapped?
+    let runs = [
+        ("plain", &imported, 0u32, false),
+        ("idmapped", &imported, 100_000, true),
+        ("shifted", &shifted_src, 100_000, false),
+    ];
+    let mut layers = Vec::new();
+    let mut squashed = Vec::new();
+    for (name, src, base, idmapped) in runs {
+        let lower = t.path().join(format!("{name}-lower"));
+        copy_tree(src, &lower);
+        let b = boxdir(t.path(), name);
+        let script = redirect_metacopy_changes(base);
+        if idmapped {
+            let _m = idmapped_overlay(&lower, &b, map, opts);
+            run_ok(Command::new("/bin/sh").args(["-c", &script]).current_dir(&b.merged));
+        } else {
+            for d in [&b.upper, &b.work] {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            if base != 0 {
+                rustix::fs::chown(
+                    &b.upper,
+                    Some(rustix::fs::Uid::from_raw(base)),
+                    Some(rustix::fs::Gid::from_raw(base)),
+                )
+                .unwrap();
+            }
+            let _m = ovl_tests::stack::Mount::overlay(
+                &format!(
+                    "lowerdir={},upperdir={},workdir={},{opts}",
+                    lower.display(),
+                    b.upper.display(),
+                    b.work.display()
+                ),
+                &b.merged,
+            )
+            .unwrap();
+            run_ok(Command::new("/bin/sh").args(["-c", &script]).current_dir(&b.merged));
+        }
+        // The kernel wrote what this test is about.
+        assert!(
+            xattr::get(b.upper.join("srv/moved"), "trusted.overlay.redirect")
+                .unwrap()
+                .is_some(),
+            "{name}: no redirect"
+        );
+        assert!(
+            xattr::get(b.upper.join("bin/busybox"), "trusted.overlay.metacopy")
+                .unwrap()
+                .is_some(),
+            "{name}: no metacopy"
+        );
+        let m = (base != 0).then_some(map);
+        let layer = t.path().join(format!("{name}.tar"));
+        diff(
+            &b.upper,
+            &layer,
+            &[map_args(m), vec!["--lower".into(), lower.display().to_string()]].concat(),
+        );
+        layers.push((name, entries_with_data(&layer)));
+        if name == "shifted" {
+            continue;
+        }
+        let out = t.path().join(format!("{name}-squashed"));
+        squash(&lower, &b.upper, &["--output".as_ref(), out.as_os_str()], m);
+        // In place, last: it changes this run's lower copy.
+        squash(&lower, &b.upper, &["--in-place".as_ref()], m);
+        squashed.push((name, out, lower));
+    }
+    let (_, want) = &layers[0];
+    assert!(
+        want.iter()
+            .any(|e| e.starts_with("srv/moved/sub/f7 Regular 644 1000:42 5 ")),
+        "{want:#?}"
+    );
+    assert!(
+        want.iter().any(|e| e.starts_with("bin/busybox Regular 4755 0:0 8")),
+        "{want:#?}"
+    );
+    for (name, got) in &layers[1..] {
+        assert_eq!(got, want, "{name}: the layer differs from the unshifted one");
+    }
+    let opts = SnapshotOptions {
+        ignore_mtime: true,
+        ..SnapshotOptions::merged_view()
+    };
+    let snap = |p: &Path| ovl_tests::snapshot::snapshot(p, &opts).unwrap();
+    let (_, plain_out, plain_in) = &squashed[0];
+    let (_, id_out, id_in) = &squashed[1];
+    assert_eq!(owner(&plain_out.join("srv/moved/f9")), (9, 9));
+    for (how, want, got) in [("--output", plain_out, id_out), ("--in-place", plain_in, id_in)] {
+        let diffs = ovl_tests::snapshot::differences(&snap(want), &snap(got));
+        assert!(
+            diffs.is_empty(),
+            "idmapped squash {how}: {}",
+            diffs.join("\n")
+        );
     }
 }

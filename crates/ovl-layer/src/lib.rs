@@ -83,6 +83,7 @@ pub use upper::lower_stack::{DirStack, LowerStack};
 pub use upper::meta::special_kind;
 pub use upper::{
     Change, Entry, Kind, Layer, Meta as MergedMeta, Source, Upper, UpperError, UpperOptions,
+    lower_holds_host_ids,
 };
 pub use userns::{
     ENV_IN_USERNS, UsernsError, UsernsPlan, current_maps, exit_code, in_userns, reexec_self,

@@ -138,11 +138,6 @@ pub enum MountError {
     )]
     ShiftNeedsRoot,
     #[error(
-        "--uidmap/--gidmap need a command: ovl-mount --uidmap ... MERGED -- CMD (the map lives \
-         in the user namespace CMD runs in)"
-    )]
-    ShiftNeedsCmd,
-    #[error(
         "--recorded-owners is for a rootless mount under a single-id map (no subordinate ids, or \
          --idmap single) with fuse-overlayfs: that is where owners are recorded in xattrs"
     )]

@@ -35,9 +35,11 @@ struct Cli {
     /// subids (or fail), single.
     #[arg(long, default_value = "auto", value_name = "auto|subids|single")]
     idmap: IdmapChoice,
-    /// Shift user ids (real root): CMD runs in a new user namespace where container ids
-    /// CONTAINER..CONTAINER+COUNT are host ids HOST..HOST+COUNT, and every lower is an
-    /// idmapped mount (the lower on disk is unchanged). Repeatable; alone, it maps gids too.
+    /// Shift user ids (real root): every lower is seen through an idmapped mount where
+    /// container ids CONTAINER..CONTAINER+COUNT are host ids HOST..HOST+COUNT (the lower on
+    /// disk is unchanged), and CMD runs in a new user namespace with that map. Without CMD the
+    /// mount stays, showing host ids, for a runtime to enter its own user namespace over it.
+    /// Repeatable; alone, it maps gids too.
     #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
     uidmap: Vec<IdRange>,
     /// Shift group ids, as --uidmap does for user ids.

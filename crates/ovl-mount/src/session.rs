@@ -33,9 +33,6 @@ pub fn run(spec: &MountSpec) -> Result<i32> {
         if !Identity::current().is_real_root() {
             return Err(MountError::ShiftNeedsRoot);
         }
-        if spec.persistent() {
-            return Err(MountError::ShiftNeedsCmd);
-        }
         if spec.driver == DriverChoice::Fuse {
             return Err(MountError::ShiftFuse);
         }
@@ -110,7 +107,22 @@ fn persistent(spec: &MountSpec, rootless: bool) -> Result<()> {
     let layout = Layout::resolve(spec)?;
     let _lock = claim(&layout)?;
     let t = std::time::Instant::now();
-    let how = if spec.driver == DriverChoice::Fuse {
+    let how = if let Some(maps) = &spec.shift {
+        if let Some(upper) = &layout.upper {
+            shift::prepare_upper(upper, maps)?;
+        }
+        let ns = if spec.shifted_lowers {
+            None
+        } else {
+            Some(shift::userns(maps)?)
+        };
+        let method = shift::persistent(&layout, ns.as_ref(), || {
+            kernel::mount(&layout, rootless, spec.legacy_mount_api)
+        })
+        .map_err(|e| shifted_refusal(spec, e))?;
+        note(spec, &shift_note(spec, maps));
+        format!("kernel overlayfs via {method}")
+    } else if spec.driver == DriverChoice::Fuse {
         let program = host::fuse_usable(spec.fuse_program.as_deref(), spec.fuse_device.as_deref())?;
         fuse::mount_persistent(&program, &layout)?;
         "fuse-overlayfs".to_string()
@@ -132,7 +144,7 @@ fn persistent(spec: &MountSpec, rootless: bool) -> Result<()> {
 }
 
 /// Make every mount of this (new) mount namespace private, so nothing we mount leaks out.
-fn private_namespace() -> Result<()> {
+pub(crate) fn private_namespace() -> Result<()> {
     rustix::mount::mount_change(
         "/",
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
@@ -150,11 +162,9 @@ fn mount_and_run(
     rootless: bool,
     userns: Option<&UsernsFd>,
 ) -> Result<i32> {
-    let mounted: Mounted = driver::mount(spec, layout, rootless).map_err(|e| match e {
-        MountError::KernelMount { merged, detail } if userns.is_some() && !spec.shifted_lowers => {
-            MountError::ShiftedOverlayRefused { merged, detail }
-        }
-        e => e,
+    let mounted: Mounted = driver::mount(spec, layout, rootless).map_err(|e| match userns {
+        Some(_) => shifted_refusal(spec, e),
+        None => e,
     })?;
     note(spec, &mounted.describe());
     note(spec, &format!("mounted {}", summary(layout)));
@@ -201,24 +211,36 @@ fn root_command(spec: &MountSpec, rootless: bool) -> Result<i32> {
             if !spec.shifted_lowers {
                 shift::idmap_lowers(&layout, &ns)?;
             }
-            note(
-                spec,
-                &format!(
-                    "id map: uid {} gid {}; {}",
-                    ranges(&maps.uid),
-                    ranges(&maps.gid),
-                    if spec.shifted_lowers {
-                        "lowers already shifted"
-                    } else {
-                        "lowers idmapped"
-                    }
-                ),
-            );
+            note(spec, &shift_note(spec, maps));
             Some(ns)
         }
         None => None,
     };
     mount_and_run(spec, &layout, rootless, userns.as_ref())
+}
+
+/// A kernel refusal of an overlay over idmapped lowers says so, and points to the fallback.
+fn shifted_refusal(spec: &MountSpec, e: MountError) -> MountError {
+    match e {
+        MountError::KernelMount { merged, detail } if !spec.shifted_lowers => {
+            MountError::ShiftedOverlayRefused { merged, detail }
+        }
+        e => e,
+    }
+}
+
+/// The `-v` line of a shifted mount.
+fn shift_note(spec: &MountSpec, maps: &RootlessMaps) -> String {
+    format!(
+        "id map: uid {} gid {}; {}",
+        ranges(&maps.uid),
+        ranges(&maps.gid),
+        if spec.shifted_lowers {
+            "lowers already shifted"
+        } else {
+            "lowers idmapped"
+        }
+    )
 }
 
 /// `C:H:N,C:H:N` for `-v`.

@@ -8,7 +8,18 @@
 //! command later joins the user namespace that holds the map (see [`crate::command`]).
 //! `--shifted-lowers` skips the idmapped clones for lowers that `ovl-import --uidmap` already
 //! wrote in host ids (the fallback where the kernel refuses idmapped layers).
+//!
+//! A persistent shifted mount (no CMD, [`persistent`]) must end up in the caller's mount
+//! namespace, but the idmapped lower clones must not: they would cover the lowers for everyone
+//! and outlive ovl-mount if it died. So the overlay is made in a throwaway private mount
+//! namespace (where the lowers are covered by their idmapped clones, so `lowerdir=` still names
+//! the real lower paths and the mount table stays truthful for the in-use checks), cloned with
+//! `open_tree(OPEN_TREE_CLONE)`, and the clone is attached on MERGED after `setns` back into the
+//! caller's namespace. Overlayfs keeps private clones of its layers, so once the throwaway
+//! namespace dies with its last user (at the setns, or with the process if anything fails)
+//! nothing of it is left: unmounting MERGED releases everything.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -69,4 +80,64 @@ pub fn idmap_lowers(layout: &Layout, userns: &UsernsFd) -> Result<()> {
 /// The user namespace holding `maps`.
 pub fn userns(maps: &RootlessMaps) -> Result<UsernsFd> {
     UsernsFd::new(maps).map_err(|e| MountError::IdmapRefused(ovl_layer::IdmapMountError::Userns(e)))
+}
+
+/// A persistent shifted mount: `mount` (which mounts on MERGED) runs in a throwaway private
+/// mount namespace where every lower is covered by its idmapped clone (unless the lowers are
+/// already shifted), and the overlay it made is then moved into the caller's namespace (see
+/// the module doc). Needs a single-threaded caller (unshare and setns of a mount namespace).
+pub fn persistent<T>(
+    layout: &Layout,
+    userns: Option<&UsernsFd>,
+    mount: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
+    use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+
+    let home = rustix::fs::open(
+        "/proc/self/ns/mnt",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(MountError::setup("opening /proc/self/ns/mnt"))?;
+    // SAFETY: a new mount namespace only changes what this process sees of the filesystem; no
+    // other thread exists (unshare of CLONE_NEWNS fails in a multithreaded process anyway).
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+        .map_err(MountError::setup("unshare(CLONE_NEWNS)"))?;
+    let made: Result<(T, rustix::fd::OwnedFd)> = (|| {
+        crate::session::private_namespace()?;
+        if let Some(ns) = userns {
+            idmap_lowers(layout, ns)?;
+        }
+        let v = mount()?;
+        let tree = open_tree(
+            CWD,
+            layout.merged.as_path(),
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(MountError::setup(format!(
+            "cloning the overlay on {} (open_tree)",
+            layout.merged.display()
+        )))?;
+        Ok((v, tree))
+    })();
+    // Back home whatever happened: the throwaway namespace, and every idmapped clone in it,
+    // goes with it.
+    move_into_link_name_space(home.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(
+        MountError::setup("returning to the original mount namespace (setns)"),
+    )?;
+    let (v, tree) = made?;
+    move_mount(
+        tree.as_fd(),
+        "",
+        CWD,
+        layout.merged.as_path(),
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(MountError::setup(format!(
+        "attaching the overlay on {} (move_mount)",
+        layout.merged.display()
+    )))?;
+    Ok(v)
 }

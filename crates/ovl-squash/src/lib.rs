@@ -43,8 +43,42 @@ pub struct SquashOptions {
     /// `--output`: hardlink unchanged lower files when there are no reflinks.
     pub link: bool,
     /// `--uidmap`/`--gidmap`: the map the upper was written under; its host ids are folded in
-    /// as container ids (`None`: ids as seen).
+    /// as container ids (`None`: ids as seen), unless the lowers themselves hold host ids of
+    /// that map (see [`fold_ids`]).
     pub ids: Option<ovl_layer::RootlessMaps>,
+}
+
+/// The map to fold the upper's ids through: the result keeps the lowers' own ids. Lowers in
+/// container ids (seen through idmapped mounts) get the upper's host ids mapped back; lowers
+/// that hold host ids of the map themselves (imported with `ovl-import --uidmap`, or rootless;
+/// [`ovl_layer::lower_holds_host_ids`]) get them as they are, so the result is as
+/// shifted as they were. Lowers of both kinds cannot make one consistent result: refused.
+pub fn fold_ids(
+    lowers: &[PathBuf],
+    ids: Option<&ovl_layer::RootlessMaps>,
+) -> Result<Option<ovl_layer::RootlessMaps>, SquashError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(maps) = ids else {
+        return Ok(None);
+    };
+    let mut host = Vec::new();
+    for l in lowers {
+        let md = std::fs::metadata(l).map_err(error::io_at(l.display()))?;
+        host.push(ovl_layer::lower_holds_host_ids(md.uid(), maps));
+    }
+    if host.iter().all(|&h| h) {
+        return Ok(None);
+    }
+    if let Some(i) = host.iter().position(|&h| h) {
+        return Err(SquashError::Unsupported {
+            path: lowers[i].display().to_string(),
+            why: "this lower holds host ids of the --uidmap (its root belongs to the host id of \
+                  container root: imported with --uidmap, or rootless) but others hold container \
+                  ids, so no result keeps them all: squash them into one kind first"
+                .into(),
+        });
+    }
+    Ok(Some(maps.clone()))
 }
 
 /// What a squash did.
@@ -107,6 +141,7 @@ pub fn squash(opts: &SquashOptions) -> Result<Summary, SquashError> {
         });
     }
     inuse::refuse_if_mounted(&dirs_of(opts))?;
+    let ids = fold_ids(&opts.lowers, opts.ids.as_ref())?;
     let sharing = fsops::Sharing::new(opts.link);
     let mut sum = Summary::default();
     match &opts.target {
@@ -114,7 +149,7 @@ pub fn squash(opts: &SquashOptions) -> Result<Summary, SquashError> {
             &opts.lowers,
             &opts.upper,
             out,
-            opts.ids.clone(),
+            ids,
             &sharing,
             &mut sum,
         )?,
@@ -125,7 +160,7 @@ pub fn squash(opts: &SquashOptions) -> Result<Summary, SquashError> {
             inplace::squash_in_place(
                 &opts.lowers[0],
                 &opts.upper,
-                opts.ids.clone(),
+                ids,
                 &sharing,
                 &mut sum,
             )?

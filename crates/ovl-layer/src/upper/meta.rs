@@ -14,8 +14,14 @@ use super::{Kind, Meta, Upper, UpperError};
 use crate::path::LayerPath;
 use crate::whiteout::{self, UpperXattr};
 
-/// The layer metadata of a node: container ids, filtered xattrs.
-pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, UpperError> {
+/// The layer metadata of a node: container ids (host ids mapped back through `ids`, the map
+/// of the layer the node is in), filtered xattrs.
+pub(super) fn meta(
+    up: &Upper,
+    path: &LayerPath,
+    node: &Node,
+    ids: Option<&crate::idmap::RootlessMaps>,
+) -> Result<Meta, UpperError> {
     let st = &node.st;
     let (mut uid, mut gid) = (st.st_uid, st.st_gid);
     let mut mode = st.st_mode & 0o7777;
@@ -27,7 +33,7 @@ pub(super) fn meta(up: &Upper, path: &LayerPath, node: &Node) -> Result<Meta, Up
     if let Some((u, g, m)) = record {
         (uid, gid) = (u, g);
         mode = m.unwrap_or(mode);
-    } else if let Some(maps) = &up.ids {
+    } else if let Some(maps) = ids {
         let unmapped = |which, id| UpperError::UnmappedId {
             path: up.display(path),
             which,

@@ -60,9 +60,21 @@ pub struct UpperOptions {
     /// The lowerdirs the upper was mounted on, top first (as in `lowerdir=`). Needed for
     /// redirect_dir and metacopy uppers.
     pub lowers: Vec<PathBuf>,
-    /// Map host ids back to container ids (a rootless upper read outside its user namespace).
-    /// `None`: ids as this process sees them.
+    /// Map host ids back to container ids (a rootless upper read outside its user namespace,
+    /// or an upper written under `ovl-mount --uidmap`). `None`: ids as this process sees them.
+    /// The upper always holds host ids; a lower only when its root directory belongs to the
+    /// host id of container root (imported shifted, or rootless): a lower whose root is owned
+    /// otherwise holds container ids (it was mounted through an idmapped mount) and is read as
+    /// it is. See [`lower_holds_host_ids`].
     pub ids: Option<RootlessMaps>,
+}
+
+/// Whether a lower whose root directory is owned by `root_uid` holds host ids under `maps`
+/// (the ids an upper written under that map holds): its root belongs to the host id that
+/// container root maps to. A lower imported for idmapped mounts keeps container ids (its root
+/// is container root's, 0) and must not be mapped a second time.
+pub fn lower_holds_host_ids(root_uid: u32, maps: &RootlessMaps) -> bool {
+    maps.uid.to_host(0) == Some(root_uid)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +204,8 @@ pub struct Upper {
     root: Root,
     lowers: Lowers,
     ids: Option<RootlessMaps>,
+    /// Per lower: whether it holds host ids, so that `ids` maps its entries too.
+    lower_host_ids: Vec<bool>,
     /// The directory [`Upper::open_source`] opened last: files come in walk order, so most
     /// opens reuse it instead of resolving the whole path again.
     last_dir: std::sync::Mutex<Option<(Layer, LayerPath, OwnedFd)>>,
@@ -213,16 +227,38 @@ impl Upper {
             .iter()
             .map(|l| Root::open(l).map_err(|e| io_err(l, e)))
             .collect::<Result<Vec<_>, _>>()?;
+        let lower_host_ids = match &opts.ids {
+            None => vec![false; opts.lowers.len()],
+            Some(maps) => opts
+                .lowers
+                .iter()
+                .map(|l| {
+                    use std::os::unix::fs::MetadataExt;
+                    std::fs::metadata(l)
+                        .map(|md| lower_holds_host_ids(md.uid(), maps))
+                        .map_err(|e| io_err(l, e))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         Ok(Upper {
             root,
             lowers: Lowers::new(lowers),
             ids: opts.ids.clone(),
+            lower_host_ids,
             last_dir: std::sync::Mutex::new(None),
         })
     }
 
     pub fn path(&self) -> &Path {
         self.root.path()
+    }
+
+    /// The map that takes the ids on disk in `layer` to container ids, if any.
+    pub(super) fn ids_of(&self, layer: &Layer) -> Option<&RootlessMaps> {
+        match layer {
+            Layer::Upper => self.ids.as_ref(),
+            Layer::Lower(i) => self.ids.as_ref().filter(|_| self.lower_host_ids[*i]),
+        }
     }
 
     /// The host path of a layer path in the upper, for messages.
@@ -272,7 +308,12 @@ impl Upper {
         let Some(top) = self.lowers.top_root()? else {
             return Ok(false);
         };
-        let lower = meta::meta(self, &LayerPath::root(), &top.node)?;
+        let lower = meta::meta(
+            self,
+            &LayerPath::root(),
+            &top.node,
+            self.ids_of(&Layer::Lower(top.layer)),
+        )?;
         Ok((lower.mode, lower.uid, lower.gid, &lower.xattrs)
             != (root.mode, root.uid, root.gid, &root.xattrs))
     }

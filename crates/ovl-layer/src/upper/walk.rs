@@ -148,7 +148,7 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 from: from.clone(),
             })?;
         }
-        let meta = self.meta(path, &me)?;
+        let meta = self.meta(path, &me, &Layer::Upper)?;
         self.emit(Change::Entry(Entry {
             path: path.clone(),
             kind: Kind::Dir {
@@ -242,10 +242,10 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 )
             }
             FileType::RegularFile => {
-                if let Some(e) = self.hardlink(path, &node)? {
+                if let Some(e) = self.hardlink(path, &node, &Layer::Upper)? {
                     return self.emit(Change::Entry(e));
                 }
-                let mut meta = self.meta(path, &node)?;
+                let mut meta = self.meta(path, &node, &Layer::Upper)?;
                 let sparse = is_sparse(&node.st);
                 let kind = if node.overlay_xattr(key::METACOPY).is_some() {
                     let data = self.metacopy_source(path, &node, parent_lower)?;
@@ -274,12 +274,12 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
                 }))
             }
             _ => {
-                if let Some(e) = self.hardlink(path, &node)? {
+                if let Some(e) = self.hardlink(path, &node, &Layer::Upper)? {
                     return self.emit(Change::Entry(e));
                 }
                 let name = CString::new(node.name.clone()).expect("no NUL in a dirent name");
                 let kind = special_kind(dirfd, &name, &node.st).map_err(|e| up.io(path, e))?;
-                let meta = self.meta(path, &node)?;
+                let meta = self.meta(path, &node, &Layer::Upper)?;
                 self.emit(Change::Entry(Entry {
                     path: path.clone(),
                     kind,
@@ -372,14 +372,19 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
 
     /// A hardlink entry when this inode was emitted before; records it otherwise. The link
     /// carries the file's metadata (what GNU tar writes) without its xattrs.
-    fn hardlink(&mut self, path: &LayerPath, node: &Node) -> Result<Option<Entry>, E> {
+    fn hardlink(
+        &mut self,
+        path: &LayerPath,
+        node: &Node,
+        layer: &Layer,
+    ) -> Result<Option<Entry>, E> {
         let st = &node.st;
         if st.st_nlink <= 1 {
             return Ok(None);
         }
         let key = (st.st_dev, st.st_ino);
         if let Some(target) = self.links.get(&key).cloned() {
-            let mut meta = self.meta(path, node)?;
+            let mut meta = self.meta(path, node, layer)?;
             meta.xattrs.clear();
             return Ok(Some(Entry {
                 path: path.clone(),
@@ -403,11 +408,11 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
             source: e,
         };
         if ft != FileType::Directory {
-            if let Some(e) = self.hardlink(path, &top.node)? {
+            if let Some(e) = self.hardlink(path, &top.node, &Layer::Lower(top.layer))? {
                 return self.emit(Change::Entry(e));
             }
         }
-        let mut meta = self.meta(path, &top.node)?;
+        let mut meta = self.meta(path, &top.node, &Layer::Lower(top.layer))?;
         let kind = match ft {
             FileType::Directory => Kind::Dir { opaque: false },
             FileType::RegularFile => {
@@ -440,9 +445,14 @@ impl<E: From<UpperError>> Walker<'_, '_, E> {
         Ok(())
     }
 
-    /// The layer metadata of a node: container ids, filtered xattrs.
-    fn meta(&self, path: &LayerPath, node: &Node) -> Result<Meta, E> {
-        Ok(super::meta::meta(self.up, path, node)?)
+    /// The layer metadata of a node of `layer`: container ids, filtered xattrs.
+    fn meta(&self, path: &LayerPath, node: &Node, layer: &Layer) -> Result<Meta, E> {
+        Ok(super::meta::meta(
+            self.up,
+            path,
+            node,
+            self.up.ids_of(layer),
+        )?)
     }
 }
 
