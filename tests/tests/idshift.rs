@@ -1071,7 +1071,9 @@ fn redirect_metacopy_changes(base: u32) -> String {
     format!(
         "set -e; mv srv/data srv/moved; echo n > srv/moved/new; chown {a}:{a} srv/moved/new; \
          chown {u}:{u} etc/hostname; chmod 4755 bin/busybox; chgrp {g} etc/passwd; \
-         chown {u}:{g} srv/moved/sub/f7",
+         chown {u}:{g} srv/moved/sub/f7; echo n > etc/newfile; chown {u}:{a} etc/newfile; \
+         ln -s newfile etc/link; chown -h {r}:{r} etc/link; mkdir -p var/new; chown {a}:{a} var/new",
+        r = id(0),
         a = id(5),
         u = id(1000),
         g = id(42),

@@ -457,6 +457,10 @@ impl InPlace<'_> {
                 l
             }
         };
+        // Under --uidmap an upper inode holds host ids: the lower gets a copy in container ids.
+        if other_ids(leaf.stat()?.as_ref(), &meta) {
+            return copy_with_meta(self.sharing, (&leaf.dir, &leaf.name), (dir, name), &meta);
+        }
         match link_at(&leaf.dir, &leaf.name, dir, name) {
             Ok(()) => {
                 self.sum.moved += 1;
@@ -703,10 +707,19 @@ impl InPlace<'_> {
                     remove_at(&ldir, &lname).map_err(io_at(&at))?;
                     crash::step();
                 }
-                match link_at(&u.dir, &u.name, &ldir, &lname) {
+                // Under --uidmap the upper inode holds host ids and the lower takes container
+                // ids: a copy, so the upper stays as it was written (a re-run after a crash
+                // reads it again, through the map).
+                let linked = if other_ids(ust.as_ref(), &meta) {
+                    Err(std::io::Error::from_raw_os_error(libc::EXDEV))
+                } else {
+                    link_at(&u.dir, &u.name, &ldir, &lname)
+                };
+                match linked {
                     Ok(()) => self.sum.moved += 1,
                     Err(er) if er.raw_os_error() == Some(libc::EXDEV) => {
-                        // Another filesystem: a copy, made aside and renamed in whole.
+                        // Another filesystem, or other ids: a copy, made aside and renamed in
+                        // whole.
                         let work = self.work()?.try_clone().map_err(io_at("work directory"))?;
                         let tmp = self.next_work_name();
                         let st = ust.expect("the upper entry is there");
@@ -841,6 +854,13 @@ fn copy_with_meta(
 }
 
 /// The access and modification times of `st`, for futimens.
+/// Whether an inode on disk (`st`) has other owners than its entry is given (`meta`): an
+/// upper inode under `--uidmap` (host ids), which must not be moved into a lower kept in
+/// container ids.
+fn other_ids(st: Option<&rustix::fs::Stat>, meta: &Meta) -> bool {
+    st.is_some_and(|st| (st.st_uid, st.st_gid) != (meta.uid, meta.gid))
+}
+
 fn times_of(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
     rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec {
