@@ -867,9 +867,6 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 #[test]
 fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
     let Some(alpine) = setup() else { return };
-    if !require("unshare", ovl_tests::which("unshare").is_some()) {
-        return;
-    }
     let t = tempfile::Builder::new()
         .prefix("ovl-idshift-persist-")
         .tempdir_in("/tmp")
@@ -928,24 +925,31 @@ fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
     assert_eq!(owner(&b.merged.join("etc/shadow")), (100_000, 100_042));
     assert_eq!(owner(&lower.join("etc/shadow")), (0, 42));
 
-    // A runtime's container: its own user namespace with the same map.
-    let inside = run_ok(
-        Command::new("unshare")
-            .args([
-                "--map-users=100000,0,65536",
-                "--map-groups=100000,0,65536",
-                "--setuid",
-                "0",
-                "--setgid",
-                "0",
-                "/bin/sh",
-                "-ec",
-                "stat -c 'shadow %u:%g' etc/shadow; chown 1000:1000 etc/hostname; \
-                 echo x > newfile; rm etc/motd",
-            ])
-            .current_dir(&b.merged),
-    );
-    assert_eq!(String::from_utf8_lossy(&inside).trim(), "shadow 0:42");
+    // A runtime's container: its own user namespace with the same map, joined as its root.
+    let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
+    let maps = ovl_layer::idmap::shift_maps(&[range], &[]).unwrap().unwrap();
+    let ns = ovl_layer::idmount::UsernsFd::new(&maps).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&ns));
+    let mut sh = Command::new("/bin/sh");
+    sh.args([
+        "-ec",
+        "cat /proc/self/uid_map; stat -c 'shadow %u:%g' etc/shadow; \
+         chown 1000:1000 etc/hostname; echo x > newfile; rm etc/motd",
+    ])
+    .current_dir(&b.merged);
+    // SAFETY: join_raw makes only raw syscalls (setns, setgroups, setresgid, setresuid) on an
+    // fd that `ns` keeps open until the child has exec'ed.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut sh, move || {
+            ovl_layer::idmount::join_raw(fd)
+        });
+    }
+    let inside = String::from_utf8_lossy(&run_ok(&mut sh))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    drop(ns);
+    assert_eq!(inside, "0 100000 65536 shadow 0:42");
 
     // The in-use checks see the lower through the mount table.
     let out = output(
