@@ -927,7 +927,9 @@ fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
 
     // A runtime's container: its own user namespace with the same map, joined as its root.
     let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
-    let maps = ovl_layer::idmap::shift_maps(&[range], &[]).unwrap().unwrap();
+    let maps = ovl_layer::idmap::shift_maps(&[range], &[])
+        .unwrap()
+        .unwrap();
     let ns = ovl_layer::idmount::UsernsFd::new(&maps).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&ns));
     let mut sh = Command::new("/bin/sh");
@@ -1008,7 +1010,9 @@ fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOve
     let at = b.merged.with_file_name("idlower");
     std::fs::create_dir_all(&at).unwrap();
     let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
-    let maps = ovl_layer::idmap::shift_maps(&[range], &[]).unwrap().unwrap();
+    let maps = ovl_layer::idmap::shift_maps(&[range], &[])
+        .unwrap()
+        .unwrap();
     let ns = idmount::UsernsFd::new(&maps).unwrap();
     let tree = idmount::idmapped_clone(lower, &ns).unwrap();
     idmount::attach(&tree, &at).unwrap();
@@ -1171,7 +1175,11 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
         let script = redirect_metacopy_changes(base);
         if idmapped {
             let _m = idmapped_overlay(&lower, &b, map, opts);
-            run_ok(Command::new("/bin/sh").args(["-c", &script]).current_dir(&b.merged));
+            run_ok(
+                Command::new("/bin/sh")
+                    .args(["-c", &script])
+                    .current_dir(&b.merged),
+            );
         } else {
             for d in [&b.upper, &b.work] {
                 std::fs::create_dir_all(d).unwrap();
@@ -1194,7 +1202,11 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
                 &b.merged,
             )
             .unwrap();
-            run_ok(Command::new("/bin/sh").args(["-c", &script]).current_dir(&b.merged));
+            run_ok(
+                Command::new("/bin/sh")
+                    .args(["-c", &script])
+                    .current_dir(&b.merged),
+            );
         }
         // The kernel wrote what this test is about.
         assert!(
@@ -1214,7 +1226,11 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
         diff(
             &b.upper,
             &layer,
-            &[map_args(m), vec!["--lower".into(), lower.display().to_string()]].concat(),
+            &[
+                map_args(m),
+                vec!["--lower".into(), lower.display().to_string()],
+            ]
+            .concat(),
         );
         layers.push((name, entries_with_data(&layer)));
         if name == "shifted" {
@@ -1233,11 +1249,15 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
         "{want:#?}"
     );
     assert!(
-        want.iter().any(|e| e.starts_with("bin/busybox Regular 4755 0:0 8")),
+        want.iter()
+            .any(|e| e.starts_with("bin/busybox Regular 4755 0:0 8")),
         "{want:#?}"
     );
     for (name, got) in &layers[1..] {
-        assert_eq!(got, want, "{name}: the layer differs from the unshifted one");
+        assert_eq!(
+            got, want,
+            "{name}: the layer differs from the unshifted one"
+        );
     }
     let opts = SnapshotOptions {
         ignore_mtime: true,
@@ -1247,7 +1267,10 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
     let (_, plain_out, plain_in) = &squashed[0];
     let (_, id_out, id_in) = &squashed[1];
     assert_eq!(owner(&plain_out.join("srv/moved/f9")), (9, 9));
-    for (how, want, got) in [("--output", plain_out, id_out), ("--in-place", plain_in, id_in)] {
+    for (how, want, got) in [
+        ("--output", plain_out, id_out),
+        ("--in-place", plain_in, id_in),
+    ] {
         let diffs = ovl_tests::snapshot::differences(&snap(want), &snap(got));
         assert!(
             diffs.is_empty(),

@@ -145,25 +145,14 @@ pub fn squash(opts: &SquashOptions) -> Result<Summary, SquashError> {
     let sharing = fsops::Sharing::new(opts.link);
     let mut sum = Summary::default();
     match &opts.target {
-        Target::Output(out) => output::squash_to(
-            &opts.lowers,
-            &opts.upper,
-            out,
-            ids,
-            &sharing,
-            &mut sum,
-        )?,
+        Target::Output(out) => {
+            output::squash_to(&opts.lowers, &opts.upper, out, ids, &sharing, &mut sum)?
+        }
         Target::InPlace => {
             if opts.lowers.len() != 1 {
                 return Err(SquashError::InPlaceLowers(opts.lowers.len()));
             }
-            inplace::squash_in_place(
-                &opts.lowers[0],
-                &opts.upper,
-                ids,
-                &sharing,
-                &mut sum,
-            )?
+            inplace::squash_in_place(&opts.lowers[0], &opts.upper, ids, &sharing, &mut sum)?
         }
     }
     sum.reflinked = sharing.reflinked.load(Ordering::Relaxed);
