@@ -40,9 +40,10 @@ struct Cli {
     #[arg(short, long)]
     quiet: bool,
     /// The uid map the upper was written under (`ovl-mount --uidmap`): its host ids are folded
-    /// in as the container ids of the map, so the lower stays in container ids; a host id
-    /// outside the map is an error naming the path. Repeatable; alone, it maps gids too. Real
-    /// root only.
+    /// in as the container ids of the map, so the lower stays in container ids (a lower that
+    /// holds host ids itself, imported with `ovl-import --uidmap`, stays in host ids); a host
+    /// id outside the map is an error naming the path. Repeatable; alone, it maps gids too.
+    /// Real root only.
     #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
     uidmap: Vec<IdRange>,
     /// The gid map the upper was written under, as --uidmap.
