@@ -1286,3 +1286,141 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
         }
     }
 }
+
+/// "Root exporting a rootless user's upper": an upper a user with subordinate ids wrote
+/// through a rootless mount holds host ids of the user's map (container 0 = the user, 1.. =
+/// the subordinate ids). Root, which sees those host ids, exports it with that map as
+/// `--uidmap`/`--gidmap` and gets the layer the user's own ovl-diff makes (which reads it
+/// inside its user namespace); ovl-squash as root folds it into the user's lower keeping the
+/// user's host ids (the lower holds them too).
+#[test]
+fn root_exports_and_squashes_a_rootless_users_upper_with_its_map() {
+    let Some(alpine) = ovl_tests::alpine_minirootfs() else {
+        return;
+    };
+    let Some(user) = ovl_tests::require_test_user() else {
+        return;
+    };
+    let maps = ovl_tests::rootless_maps(&user);
+    assert!(maps.has_subordinate_ids());
+    let t = ovl_tests::user_tempdir(&user);
+    let as_user = |tool: &str| ovl_tests::command_as(&user, &bin(tool));
+    let lower = t.path().join("lower");
+    run_ok(as_user("ovl-import").arg("-q").arg(&alpine).arg(&lower));
+    for d in ["upper", "work", "merged"] {
+        let p = t.path().join(d);
+        std::fs::create_dir(&p).unwrap();
+        rustix::fs::chown(
+            &p,
+            Some(rustix::fs::Uid::from_raw(user.uid)),
+            Some(rustix::fs::Gid::from_raw(user.gid)),
+        )
+        .unwrap();
+    }
+    let upper = t.path().join("upper");
+    run_ok(
+        as_user("ovl-mount")
+            .arg("--idmap")
+            .arg("subids")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper)
+            .arg("--work")
+            .arg(t.path().join("work"))
+            .arg(t.path().join("merged"))
+            .args([
+                "--",
+                "/bin/sh",
+                "-ec",
+                "chown 1000:1000 etc/hostname; chgrp 42 etc/passwd; echo n > etc/new; \
+                 chown 7:8 etc/new; rm etc/motd; mkdir -p home/bob; chown 1000:1000 home/bob",
+            ]),
+    );
+    let host = |id: u32| maps.uid.to_host(id).unwrap();
+    let host_gid = |id: u32| maps.gid.to_host(id).unwrap();
+    assert_eq!(
+        owner(&upper.join("etc/hostname")),
+        (host(1000), host_gid(1000))
+    );
+    assert_eq!(owner(&upper.join("etc/passwd")).0, user.uid);
+
+    let theirs = t.path().join("user.tar");
+    run_ok(
+        as_user("ovl-diff")
+            .arg("-q")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("-o")
+            .arg(&theirs)
+            .arg(&upper),
+    );
+    let args = |flag: &str, m: &ovl_layer::idmap::IdMap| -> Vec<String> {
+        m.ranges()
+            .iter()
+            .flat_map(|r| [flag.to_string(), r.to_string()])
+            .collect()
+    };
+    let map_flags = [args("--uidmap", &maps.uid), args("--gidmap", &maps.gid)].concat();
+    let ours = t.path().join("root.tar");
+    diff(
+        &upper,
+        &ours,
+        &[
+            map_flags.clone(),
+            vec!["--lower".into(), lower.display().to_string()],
+        ]
+        .concat(),
+    );
+    let want = entries(&theirs);
+    for e in [
+        "etc/hostname Regular 644 1000:1000",
+        "etc/passwd Regular 644 0:42",
+        "etc/new Regular 644 7:8",
+        "home/bob/ Directory 755 1000:1000",
+    ] {
+        assert!(want.iter().any(|w| w.starts_with(e)), "{e}: {want:#?}");
+    }
+    assert_eq!(entries(&ours), want);
+    // Without the map, root would export the user's host ids.
+    let leaked = t.path().join("leaked.tar");
+    diff(&upper, &leaked, &[]);
+    assert_ne!(entries(&leaked), want);
+
+    // Root squashes it into the user's lower: the result keeps the user's host ids.
+    let squashed = t.path().join("squashed");
+    squash(
+        &lower,
+        &upper,
+        &["--output".as_ref(), squashed.as_os_str()],
+        None,
+    );
+    let squashed_mapped = t.path().join("squashed-mapped");
+    run_ok(
+        Command::new(bin("ovl-squash"))
+            .arg("-q")
+            .args(&map_flags)
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&upper)
+            .arg("--output")
+            .arg(&squashed_mapped),
+    );
+    assert_eq!(
+        owner(&squashed_mapped.join("etc/hostname")),
+        (host(1000), host(1000))
+    );
+    assert_eq!(
+        owner(&squashed_mapped.join("etc/shadow")),
+        (user.uid, host(42))
+    );
+    let opts = SnapshotOptions::default();
+    assert!(
+        ovl_tests::snapshot::differences(
+            &ovl_tests::snapshot::snapshot(&squashed, &opts).unwrap(),
+            &ovl_tests::snapshot::snapshot(&squashed_mapped, &opts).unwrap()
+        )
+        .is_empty()
+    );
+}
