@@ -397,28 +397,39 @@ fn a_filesystem_without_idmapped_mounts_points_to_the_fallback() {
     std::fs::create_dir(&lower).unwrap();
     let m = t.path().join("m");
     std::fs::create_dir(&m).unwrap();
-    let out = output(
-        Command::new(bin("ovl-mount"))
-            .args(map_args(Some("0:100000:65536")))
-            .arg("--lower")
-            .arg(&lower)
-            .arg("--upper")
-            .arg(t.path().join("u"))
-            .arg("--work")
-            .arg(t.path().join("w"))
-            .arg(&m)
-            .args(["--", "true"]),
-    );
+    // With a command, and as a mount that stays.
+    let outs: Vec<_> = [&["--", "true"][..], &[]]
+        .iter()
+        .map(|cmd| {
+            output(
+                Command::new(bin("ovl-mount"))
+                    .args(map_args(Some("0:100000:65536")))
+                    .arg("--lower")
+                    .arg(&lower)
+                    .arg("--upper")
+                    .arg(t.path().join("u"))
+                    .arg("--work")
+                    .arg(t.path().join("w"))
+                    .arg(&m)
+                    .args(*cmd),
+            )
+        })
+        .collect();
+    let left = mounts_under(t.path());
     run_ok(Command::new("umount").arg(&ram));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    for needle in [
-        "does not support idmapped mounts",
-        "ovl-import --uidmap",
-        "--shifted-lowers",
-    ] {
-        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    for out in outs {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        for needle in [
+            "does not support idmapped mounts",
+            "ovl-import --uidmap",
+            "--shifted-lowers",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing: {err}");
+        }
     }
+    // Only the ramfs itself: no idmapped clone, no overlay.
+    assert_eq!(left.len(), 1, "{left:#?}");
 }
 
 /// The fallback: `ovl-import --uidmap` writes host ids (42 lands as 100042), and a mount with
