@@ -748,7 +748,7 @@ fn single_id_round_trip_keeps_the_recorded_owners() {
             })
             .collect();
         let mode = std::fs::symlink_metadata(&path).unwrap().mode() & 0o7777;
-        ovl_layer::owners::recorded(xs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+        ovl_layer::recorded_owner(xs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
             .map(|(u, g, m)| (u, g, m.unwrap_or(mode)))
     };
     assert_eq!(rec("etc/shadow"), Some((0, 0, 0o600)));
@@ -937,11 +937,9 @@ fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
     assert_eq!(owner(&lower.join("etc/shadow")), (0, 42));
 
     // A runtime's container: its own user namespace with the same map, joined as its root.
-    let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
-    let maps = ovl_layer::idmap::shift_maps(&[range], &[])
-        .unwrap()
-        .unwrap();
-    let ns = ovl_layer::idmount::UsernsFd::new(&maps).unwrap();
+    let range: ovl_layer::IdRange = map.parse().unwrap();
+    let maps = ovl_layer::shift_maps(&[range], &[]).unwrap().unwrap();
+    let ns = ovl_layer::UsernsFd::new(&maps).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&ns));
     let mut sh = Command::new("/bin/sh");
     sh.args([
@@ -953,9 +951,7 @@ fn a_persistent_shifted_mount_shows_host_ids_and_leaves_nothing_behind() {
     // SAFETY: join_raw makes only raw syscalls (setns, setgroups, setresgid, setresuid) on an
     // fd that `ns` keeps open until the child has exec'ed.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut sh, move || {
-            ovl_layer::idmount::join_raw(fd)
-        });
+        std::os::unix::process::CommandExt::pre_exec(&mut sh, move || ovl_layer::join_raw(fd));
     }
     let inside = String::from_utf8_lossy(&run_ok(&mut sh))
         .split_whitespace()
@@ -1017,16 +1013,13 @@ impl Drop for IdmappedOverlay {
 }
 
 fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOverlay {
-    use ovl_layer::idmount;
     let at = b.merged.with_file_name("idlower");
     std::fs::create_dir_all(&at).unwrap();
-    let range: ovl_layer::idmap::IdRange = map.parse().unwrap();
-    let maps = ovl_layer::idmap::shift_maps(&[range], &[])
-        .unwrap()
-        .unwrap();
-    let ns = idmount::UsernsFd::new(&maps).unwrap();
-    let tree = idmount::idmapped_clone(lower, &ns).unwrap();
-    idmount::attach(&tree, &at).unwrap();
+    let range: ovl_layer::IdRange = map.parse().unwrap();
+    let maps = ovl_layer::shift_maps(&[range], &[]).unwrap().unwrap();
+    let ns = ovl_layer::UsernsFd::new(&maps).unwrap();
+    let tree = ovl_layer::idmapped_clone(lower, &ns).unwrap();
+    ovl_layer::attach_idmapped(&tree, &at).unwrap();
     for d in [&b.upper, &b.work] {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -1366,7 +1359,7 @@ fn root_exports_and_squashes_a_rootless_users_upper_with_its_map() {
             .arg(&theirs)
             .arg(&upper),
     );
-    let args = |flag: &str, m: &ovl_layer::idmap::IdMap| -> Vec<String> {
+    let args = |flag: &str, m: &ovl_layer::IdMap| -> Vec<String> {
         m.ranges()
             .iter()
             .flat_map(|r| [flag.to_string(), r.to_string()])

@@ -69,7 +69,7 @@ pub use oci::spec::{
 };
 pub use oci::write::TempFile;
 pub use oci::{LayoutRef, OciError, host_arch};
-pub use owners::{FUSE_OVERRIDE_XATTR, records as owner_records};
+pub use owners::{FUSE_OVERRIDE_XATTR, recorded as recorded_owner, records as owner_records};
 pub use path::{LayerPath, display_bytes, display_str};
 pub use pgzip::{GzOptions, compress as compress_gzip};
 pub use progress::{Progress, ProgressReader};

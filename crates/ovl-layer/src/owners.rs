@@ -127,7 +127,7 @@ pub(crate) fn decode_rootless(value: &[u8]) -> Option<(u32, u32)> {
 /// What the records among `xattrs` say: `(uid, gid, Some(mode))` when the record holds the
 /// real mode, `(uid, gid, None)` when the file's own mode is the real one (rootlesscontainers
 /// alone, or an override_stat as ovl-import writes it), `None` without a (valid) record.
-pub(crate) fn recorded<'a>(
+pub fn recorded<'a>(
     xattrs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
 ) -> Option<(u32, u32, Option<u32>)> {
     let mut fuse = None;
