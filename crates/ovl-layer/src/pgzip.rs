@@ -75,14 +75,28 @@ struct Job {
 
 struct Done {
     index: u64,
-    /// The member without its trailer, after [`SLOT`] bytes of room for the trailer of the
-    /// member before it.
-    member: Vec<u8>,
+    /// The member without its trailer in `buf[SLOT..end]`, after [`SLOT`] bytes of room for
+    /// the trailer of the member before it.
+    buf: Vec<u8>,
+    end: usize,
     /// CRC-32 and size of the input, little-endian: the member's trailer.
     trailer: [u8; 8],
     last: bool,
-    /// The input buffer, handed back for reuse.
-    data: Vec<u8>,
+}
+
+/// Buffers to reuse: fresh memory for every block costs a page fault per page (and zeroing,
+/// for the output). As many exist as blocks are in flight.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+    }
 }
 
 /// The gzip member header: no mtime, no name, no extra flags, OS unix (as gzip -n writes it).
@@ -102,25 +116,27 @@ where
     let threads = opts.threads.max(1);
     let block = opts.block.max(MIN_BLOCK);
     let level = opts.level.clamp(MIN_LEVEL, MAX_LEVEL);
+    // Input buffers go round producer -> worker -> producer, output buffers worker -> writer
+    // -> worker.
+    let (inputs, outputs) = (&Pool::default(), &Pool::default());
     std::thread::scope(|s| {
-        let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
-        let (done_tx, done_rx) = sync_channel::<io::Result<Done>>(threads * 2);
-        // Input buffers go round: producer -> worker -> writer -> producer, so the producer
-        // fills memory that is already mapped rather than fresh pages for every block.
-        let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(threads * 4 + 2);
+        // Queues of one block per thread: enough to keep every worker busy, and the memory in
+        // flight is a few blocks per thread.
+        let (job_tx, job_rx) = sync_channel::<Job>(threads);
+        let (done_tx, done_rx) = sync_channel::<io::Result<Done>>(threads);
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..threads {
             let job_rx = Arc::clone(&job_rx);
             let done_tx = done_tx.clone();
-            s.spawn(move || worker(level, &job_rx, &done_tx));
+            s.spawn(move || worker(level, &job_rx, &done_tx, inputs, outputs));
         }
         drop(job_rx);
         drop(done_tx);
-        let writer = s.spawn(move || write_in_order(out, done_rx, spare_tx));
+        let writer = s.spawn(move || write_in_order(out, done_rx, outputs));
 
         let mut blocks = BlockWriter {
             tx: job_tx,
-            spare: spare_rx,
+            spare: inputs,
             cur: Vec::with_capacity(block),
             block,
             index: 0,
@@ -144,22 +160,22 @@ fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
     compress(Vec::new(), opts, |w| w.write_all(data)).map(|(v, ())| v)
 }
 
-struct BlockWriter {
+struct BlockWriter<'a> {
     tx: SyncSender<Job>,
-    spare: Receiver<Vec<u8>>,
+    spare: &'a Pool,
     cur: Vec<u8>,
     block: usize,
     index: u64,
 }
 
-impl BlockWriter {
+impl BlockWriter<'_> {
     fn send(&mut self, last: bool) -> io::Result<()> {
-        let next = match self.spare.try_recv() {
-            Ok(mut v) => {
+        let next = match self.spare.take() {
+            Some(mut v) => {
                 v.clear();
                 v
             }
-            Err(_) => Vec::with_capacity(self.block),
+            None => Vec::with_capacity(self.block),
         };
         let data = std::mem::replace(&mut self.cur, next);
         let job = Job {
@@ -178,7 +194,7 @@ impl BlockWriter {
     }
 }
 
-impl Write for BlockWriter {
+impl Write for BlockWriter<'_> {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
         let n = buf.len();
         while !buf.is_empty() {
@@ -198,7 +214,13 @@ impl Write for BlockWriter {
     }
 }
 
-fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<io::Result<Done>>) {
+fn worker(
+    level: u32,
+    jobs: &Mutex<Receiver<Job>>,
+    done: &SyncSender<io::Result<Done>>,
+    inputs: &Pool,
+    outputs: &Pool,
+) {
     // libdeflate keeps no state from one call to the next: one compressor per worker.
     let lvl = libdeflater::CompressionLvl::new(level as i32).expect("a level within 1..=12");
     let mut c = libdeflater::Compressor::new(lvl);
@@ -207,13 +229,15 @@ fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<io::Result<
             Ok(j) => j,
             Err(_) => return,
         };
-        let res = member(&mut c, &job.data).map(|(member, trailer)| Done {
+        let buf = outputs.take().unwrap_or_default();
+        let res = member(&mut c, &job.data, buf).map(|(buf, end, trailer)| Done {
             index: job.index,
-            member,
+            buf,
+            end,
             trailer,
             last: job.last,
-            data: job.data,
         });
+        inputs.give(job.data);
         if done.send(res).is_err() {
             return;
         }
@@ -223,22 +247,28 @@ fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<io::Result<
 /// Room before a member for the trailer of the member before it: both go out in one write.
 const SLOT: usize = 8;
 
-/// One block as a gzip member: [`SLOT`] bytes of room, the header and deflate data; and the
-/// trailer apart.
-fn member(c: &mut libdeflater::Compressor, data: &[u8]) -> io::Result<(Vec<u8>, [u8; 8])> {
+/// One block as a gzip member in `buf[SLOT..end]` (the header and deflate data; [`SLOT`] bytes
+/// of room before it), and its trailer apart. `buf` is reused as it comes: only its length
+/// matters, libdeflate overwrites what it uses.
+fn member(
+    c: &mut libdeflater::Compressor,
+    data: &[u8],
+    mut buf: Vec<u8>,
+) -> io::Result<(Vec<u8>, usize, [u8; 8])> {
     let start = SLOT + HEADER.len();
-    let bound = c.deflate_compress_bound(data.len());
-    let mut out = vec![0u8; start + bound];
-    out[SLOT..start].copy_from_slice(&HEADER);
+    let need = start + c.deflate_compress_bound(data.len());
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    buf[SLOT..start].copy_from_slice(&HEADER);
     let n = c
-        .deflate_compress(data, &mut out[start..])
+        .deflate_compress(data, &mut buf[start..])
         .map_err(io::Error::other)?;
-    out.truncate(start + n);
     let mut trailer = [0u8; 8];
     trailer[..4].copy_from_slice(&libdeflater::crc32(data).to_le_bytes());
     // ISIZE is the size modulo 2^32 (a block is far smaller).
     trailer[4..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    Ok((out, trailer))
+    Ok((buf, start + n, trailer))
 }
 
 /// Write the members in order; a member's trailer only once the next member (or the end) is
@@ -246,7 +276,7 @@ fn member(c: &mut libdeflater::Compressor, data: &[u8]) -> io::Result<(Vec<u8>, 
 fn write_in_order<W: Write>(
     mut out: W,
     done: Receiver<io::Result<Done>>,
-    spare: SyncSender<Vec<u8>>,
+    outputs: &Pool,
 ) -> io::Result<W> {
     let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
     let mut next = 0u64;
@@ -257,13 +287,13 @@ fn write_in_order<W: Write>(
         while let Some(mut d) = pending.remove(&next) {
             let from = match held.take() {
                 Some(t) => {
-                    d.member[..SLOT].copy_from_slice(&t);
+                    d.buf[..SLOT].copy_from_slice(&t);
                     0
                 }
                 None => SLOT,
             };
-            out.write_all(&d.member[from..])?;
-            let _ = spare.try_send(std::mem::take(&mut d.data));
+            out.write_all(&d.buf[from..d.end])?;
+            outputs.give(std::mem::take(&mut d.buf));
             next += 1;
             if d.last {
                 out.write_all(&d.trailer)?;
