@@ -3,9 +3,8 @@
 //! - `diff`: uncompressed, `ovl-diff -o` against `tar --xattrs --numeric-owner -cf` (the
 //!   baseline) of the same tree; target at most 1.0x.
 //! - `diff-gzip`: `ovl-diff --compress gzip` (libdeflate level 4, a gzip member per MiB, on
-//!   every core) against
-//!   `tar -c | pigz -p2` (the baseline); target at most 0.50x wall, and the layer no more than
-//!   5% larger than pigz's output. The size is checked once, untimed, before the first run;
+//!   every core) against `tar -c | pigz -p2` (the baseline); target at most 0.50x wall, and
+//!   the layer no more than 5% larger than pigz's output. The size is checked once, untimed, before the first run;
 //!   a layer over the limit makes every ovl-diff run an error in the table.
 
 use std::path::{Path, PathBuf};
