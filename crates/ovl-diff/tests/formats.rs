@@ -551,7 +551,7 @@ fn json_output_file_and_terminal() {
         format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)))
     );
     let mut tar_bytes = Vec::new();
-    flate2::read::GzDecoder::new(&blob[..])
+    flate2::read::MultiGzDecoder::new(&blob[..])
         .read_to_end(&mut tar_bytes)
         .unwrap();
     assert_eq!(
