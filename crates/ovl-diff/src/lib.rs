@@ -58,6 +58,8 @@ pub struct DiffOptions {
     pub tar: TarOptions,
     /// Compression threads (the output does not depend on it).
     pub threads: usize,
+    /// Compression level (`None`: the default, gzip 4 and zstd 3).
+    pub level: Option<u32>,
     /// Ids that mean "not mapped in this user namespace" (the kernel's overflow uid and gid,
     /// when the namespace does not map them): an entry owned by one is refused, since its real
     /// owner is a host id the layer cannot carry. See [`unmapped_id_markers`].
@@ -75,6 +77,7 @@ impl DiffOptions {
             ids: None,
             tar: TarOptions::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            level: None,
             refuse_ids: None,
             id_alias: None,
         }

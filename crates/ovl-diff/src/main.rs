@@ -46,6 +46,11 @@ struct Cli {
     /// new config and manifest; the layout is created if DIR does not exist.
     #[arg(long, value_name = "DIR[:TAG]")]
     oci_layout: Option<OsString>,
+    /// Compression level: gzip 1-12 (libdeflate's levels, default 4, which compresses as
+    /// `gzip -6` does; 10-12 are slower and smaller still), zstd 1-19 (default 3). `-1` ...
+    /// `-9` are short for `--level 1` ... `--level 9`, as in gzip.
+    #[arg(long, value_name = "N")]
+    level: Option<u32>,
     /// Compression threads (default: every core; the output is the same for any count).
     #[arg(long)]
     threads: Option<usize>,
@@ -63,7 +68,7 @@ struct Cli {
 }
 
 fn main() {
-    let cli: Cli = ovl_cli::parse();
+    let cli: Cli = ovl_cli::parse_from(level_shorthands(std::env::args_os()));
     let given = !cli.uidmap.is_empty() || !cli.gidmap.is_empty();
     // Run by the unprivileged owner of a rootless upper: read it as container root in a user
     // namespace mapped to our subordinate ids, so host ids read back as container ids and
@@ -76,6 +81,24 @@ fn main() {
         eprintln!("ovl-diff: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// gzip's `-1` ... `-9` as `--level N` (clap takes no digits for short options). Not after
+/// `--`, where they would be names.
+fn level_shorthands(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut end_of_options = false;
+    args.map(|a| {
+        if a == "--" {
+            end_of_options = true;
+        }
+        match a.as_encoded_bytes() {
+            [b'-', d @ b'1'..=b'9'] if !end_of_options => {
+                OsString::from(format!("--level={}", *d as char))
+            }
+            _ => a,
+        }
+    })
+    .collect()
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -93,6 +116,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     opts.tar.skip_digest = cli.quiet && cli.json.is_none() && cli.oci_layout.is_none();
     if let Some(t) = cli.threads {
         opts.threads = t.max(1);
+    }
+    if let Some(level) = cli.level {
+        match opts.compression.levels() {
+            None => bail!("--level needs --compress gzip or zstd"),
+            Some(r) if !r.contains(&level) => bail!(
+                "--level {level}: {} takes {} to {}",
+                cli_compress_name(opts.compression),
+                r.start(),
+                r.end()
+            ),
+            Some(_) => opts.level = Some(level),
+        }
     }
     opts.ids = ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?;
     opts.refuse_ids = ovl_diff::unmapped_id_markers();
@@ -112,8 +147,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let (info, stats) = diff_showing_progress(&opts, file, cli.quiet).with_context(what)?;
         // No host paths in the image's history: it leaves the machine.
         let created_by = format!(
-            "ovl-diff --compress {}",
-            cli_compress_name(opts.compression)
+            "ovl-diff --compress {}{}",
+            cli_compress_name(opts.compression),
+            opts.level
+                .map(|l| format!(" --level {l}"))
+                .unwrap_or_default()
         );
         let appended =
             ovl_diff::finish_oci_append(&layout, blob, &info, &created_by, opts.tar.clamp_mtime)

@@ -22,8 +22,21 @@ pub enum Compression {
     Zstd,
 }
 
-/// The zstd level layers are written with.
-pub(crate) const ZSTD_LEVEL: i32 = 3;
+/// The zstd level layers are written with by default.
+pub(crate) const ZSTD_LEVEL: u32 = 3;
+/// The gzip level layers are written with by default (libdeflate's 4: the size of `gzip -6`).
+pub(crate) const GZIP_LEVEL: u32 = ovl_layer::GZIP_DEFAULT_LEVEL;
+
+impl Compression {
+    /// The levels `--level` takes for this compression.
+    pub fn levels(self) -> Option<std::ops::RangeInclusive<u32>> {
+        match self {
+            Compression::None => None,
+            Compression::Gzip => Some(ovl_layer::GZIP_LEVELS),
+            Compression::Zstd => Some(1..=19),
+        }
+    }
+}
 
 impl Compression {
     pub fn media_type(self) -> &'static str {
@@ -142,6 +155,7 @@ where
             };
             let gz = ovl_layer::GzOptions {
                 threads: opts.threads.max(1),
+                level: opts.level.unwrap_or(GZIP_LEVEL),
                 ..Default::default()
             };
             ovl_layer::compress_gzip(h, &gz, run_tar)
@@ -154,8 +168,9 @@ where
                 count: 0,
                 enabled: !opts.tar.skip_digest,
             };
+            let level = opts.level.unwrap_or(ZSTD_LEVEL) as i32;
             (|| {
-                let mut enc = zstd::stream::write::Encoder::new(h, ZSTD_LEVEL)?;
+                let mut enc = zstd::stream::write::Encoder::new(h, level)?;
                 enc.multithread(opts.threads.max(1) as u32)?;
                 let r = run_tar(&mut enc)?;
                 let h = enc.finish()?;

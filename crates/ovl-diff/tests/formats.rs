@@ -497,7 +497,8 @@ fn reproducible_and_clamped() {
     }
     let gz = layer_of(&u, &["--compress", "gzip"]);
     let mut tar_bytes = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..])
+    // Several gzip members (one per MiB of tar): `GzDecoder` would stop after the first.
+    flate2::read::MultiGzDecoder::new(&gz[..])
         .read_to_end(&mut tar_bytes)
         .unwrap();
     assert!(tar_bytes == layer_of(&u, &[]));
@@ -550,7 +551,7 @@ fn json_output_file_and_terminal() {
         format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)))
     );
     let mut tar_bytes = Vec::new();
-    flate2::read::GzDecoder::new(&blob[..])
+    flate2::read::MultiGzDecoder::new(&blob[..])
         .read_to_end(&mut tar_bytes)
         .unwrap();
     assert_eq!(
@@ -667,6 +668,170 @@ fn oci_layout_append() {
                 .arg(&rootfs),
         );
         assert_eq!(std::fs::read(rootfs.join("etc/one")).unwrap(), b"1");
+    }
+}
+
+/// A gzip layer of several members (one per MiB of tar) reads back whole, byte for byte, through
+/// the readers a layer meets: gzip (`gzip -t`, `gzip -d`: GNU tar -z), bsdtar (libarchive), and
+/// Go's pgzip in umoci and skopeo (containers/image, as podman); containerd's readers are Go's
+/// compress/gzip, multistream by default like pgzip. A reader that stopped after the first
+/// member would lose most of the big file.
+#[test]
+fn multi_member_gzip_reads_back_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let u = t.path().join("upper");
+    std::fs::create_dir_all(u.join("d")).unwrap();
+    // Compressible, not trivial: about 4 MiB of tar, so 4 or 5 members.
+    let mut x = 0x2545_f491u32;
+    let big: Vec<u8> = (0..4_000_000)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if i % 3 == 0 {
+                (x % 251) as u8
+            } else {
+                b'a' + (i % 26) as u8
+            }
+        })
+        .collect();
+    std::fs::write(u.join("d/big"), &big).unwrap();
+    std::fs::write(u.join("d/last"), b"the end").unwrap();
+    let plain = layer_of(&u, &[]);
+    let gz_path = t.path().join("layer.tar.gz");
+    let o = diff(&[
+        "-q".as_ref(),
+        "--compress".as_ref(),
+        "gzip".as_ref(),
+        "-o".as_ref(),
+        gz_path.as_os_str(),
+        u.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gz = std::fs::read(&gz_path).unwrap();
+    let members = gz
+        .windows(10)
+        .filter(|w| w == &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+        .count();
+    assert!(members >= 4, "{members} gzip member headers");
+
+    if require("gzip", ovl_tests::which("gzip").is_some()) {
+        run_ok(Command::new("gzip").arg("-t").arg(&gz_path));
+        let o = Command::new("gzip")
+            .arg("-dc")
+            .arg(&gz_path)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        assert!(o.stdout == plain, "gzip -d gives another tar");
+    }
+    if require("bsdtar", ovl_tests::which("bsdtar").is_some()) {
+        let x = t.path().join("bsdtar");
+        std::fs::create_dir(&x).unwrap();
+        run_ok(
+            Command::new("bsdtar")
+                .arg("-xzf")
+                .arg(&gz_path)
+                .arg("-C")
+                .arg(&x),
+        );
+        assert!(
+            std::fs::read(x.join("d/big")).unwrap() == big,
+            "bsdtar: d/big differs"
+        );
+        assert_eq!(std::fs::read(x.join("d/last")).unwrap(), b"the end");
+    }
+    let layout = t.path().join("img");
+    let spec = format!("{}:v1", layout.display());
+    let o = diff(&[
+        "-q".as_ref(),
+        "--compress".as_ref(),
+        "gzip".as_ref(),
+        "--oci-layout".as_ref(),
+        spec.as_ref(),
+        u.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    if require(
+        "root and umoci (to unpack the layout)",
+        is_root() && ovl_tests::which("umoci").is_some(),
+    ) {
+        let rootfs = t.path().join("umoci");
+        run_ok(
+            Command::new("umoci")
+                .args(["raw", "unpack", "--image", &spec])
+                .arg(&rootfs),
+        );
+        assert!(
+            std::fs::read(rootfs.join("d/big")).unwrap() == big,
+            "umoci: d/big differs"
+        );
+        assert_eq!(std::fs::read(rootfs.join("d/last")).unwrap(), b"the end");
+    }
+    if require("skopeo", ovl_tests::which("skopeo").is_some()) {
+        // Decompressed by containers/image into a dir: transport, which checks the diffID.
+        let out = t.path().join("skopeo");
+        run_ok(
+            Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "--dest-decompress"])
+                .arg(format!("oci:{spec}"))
+                .arg(format!("dir:{}", out.display())),
+        );
+        let found = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .any(|b| b == plain);
+        assert!(found, "skopeo: no blob is the uncompressed layer");
+    }
+}
+
+/// `--level N` and gzip's `-N` are one option; out of range, or with no compression, it is
+/// refused, naming the range.
+#[test]
+fn compression_levels() {
+    let t = tempfile::tempdir().unwrap();
+    let u = t.path().join("upper");
+    std::fs::create_dir_all(&u).unwrap();
+    // Words and numbers in a pseudo-random order: each level finds other matches.
+    let words = [
+        "overlay", "layer", "whiteout", "opaque", "tar", "gzip", "lower", "upper",
+    ];
+    let mut x = 0x9e37_79b9u32;
+    let text: Vec<u8> = (0..300_000)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            format!("{}{} ", words[(x % 8) as usize], (x >> 8) % 100).into_bytes()
+        })
+        .collect();
+    std::fs::write(u.join("text"), &text).unwrap();
+    let default = layer_of(&u, &["--compress", "gzip"]);
+    let one = layer_of(&u, &["--compress", "gzip", "-1"]);
+    assert!(one == layer_of(&u, &["--compress", "gzip", "--level", "1"]));
+    let nine = layer_of(&u, &["--compress", "gzip", "-9"]);
+    assert!(one.len() > default.len() && default.len() > nine.len());
+    assert!(layer_of(&u, &["--compress", "zstd", "-1"]) != layer_of(&u, &["--compress", "zstd"]));
+    for (args, msg) in [
+        (
+            &["--compress", "gzip", "--level", "13"][..],
+            "gzip takes 1 to 12",
+        ),
+        (
+            &["--compress", "zstd", "--level", "20"][..],
+            "zstd takes 1 to 19",
+        ),
+        (&["-6"][..], "--level needs --compress gzip or zstd"),
+    ] {
+        let o = Command::new(BIN)
+            .arg("-q")
+            .args(args)
+            .arg(&u)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
     }
 }
 

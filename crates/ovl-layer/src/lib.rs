@@ -71,7 +71,10 @@ pub use oci::write::TempFile;
 pub use oci::{LayoutRef, OciError, host_arch};
 pub use owners::{FUSE_OVERRIDE_XATTR, recorded as recorded_owner, records as owner_records};
 pub use path::{LayerPath, display_bytes, display_str};
-pub use pgzip::{GzOptions, compress as compress_gzip};
+pub use pgzip::{
+    DEFAULT_LEVEL as GZIP_DEFAULT_LEVEL, GzOptions, LEVELS as GZIP_LEVELS,
+    compress as compress_gzip,
+};
 pub use progress::{Progress, ProgressReader};
 pub use root::Root;
 pub use staging::{
