@@ -8,7 +8,10 @@
 #![warn(unreachable_pub)]
 
 mod dest;
+mod layers;
 mod oci;
+
+pub use layers::default_jobs;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -90,6 +93,8 @@ pub struct ImportOptions {
     pub progress: Option<std::sync::Arc<Progress>>,
     /// `--uidmap`/`--gidmap`: write owners as the host ids of this map.
     pub shift: Option<ovl_layer::RootlessMaps>,
+    /// How many layers of an OCI image are extracted at once (see `layers`); 1: in turn.
+    pub jobs: usize,
 }
 
 /// What an import did.
@@ -145,30 +150,32 @@ pub fn import(source: &Source, dest: &Path, opts: &ImportOptions) -> Result<Summ
             set_total(opts, Some(total));
             let mut stats = ExtractStats::default();
             let mut names = Vec::new();
-            // The layers extracted so far, top first: a layer's implicit directories and
-            // hardlinks to lower files are resolved against them.
-            let mut below: Vec<PathBuf> = Vec::new();
-            for (i, layer) in layers.iter().enumerate() {
-                let name = i.to_string();
-                let sub = staging.tmp.join(&name);
+            for i in 0..layers.len() {
+                let sub = staging.tmp.join(i.to_string());
                 std::fs::create_dir(&sub).map_err(|e| ImportError::Dest {
                     path: sub.clone(),
                     source: e,
                 })?;
-                let file = layer.open().map_err(|e| ImportError::Source {
-                    path: layer.path.display().to_string(),
-                    source: e,
-                })?;
-                let raw = layer.verify(ProgressReader::new(file, opts.progress.clone()));
-                // The media type comes from the image: escaped before it can reach a terminal.
-                let label = format!(
-                    "{} (layer {i}, {})",
-                    layer.path.display(),
-                    ovl_layer::display_str(&layer.media_type)
-                );
-                stats.add(&extract_stream(raw, &sub, ex.clone(), &below, &label)?);
-                below.insert(0, sub);
-                names.push(dest.join(name));
+                names.push(dest.join(i.to_string()));
+            }
+            if opts.jobs > 1 && layers.len() > 1 {
+                let p = opts.progress.clone();
+                stats = layers::import_layers(&layers, &staging.tmp, &ex, opts.jobs, p)?;
+            } else {
+                // The layers extracted so far, top first: a layer's implicit directories and
+                // hardlinks to lower files are resolved against them.
+                let mut below: Vec<PathBuf> = Vec::new();
+                for (i, layer) in layers.iter().enumerate() {
+                    let sub = staging.tmp.join(i.to_string());
+                    let file = layer.open().map_err(|e| ImportError::Source {
+                        path: layer.path.display().to_string(),
+                        source: e,
+                    })?;
+                    let raw = layer.verify(ProgressReader::new(file, opts.progress.clone()));
+                    let label = layers::label(layer, i);
+                    stats.add(&extract_stream(raw, &sub, ex.clone(), &below, &label)?);
+                    below.insert(0, sub);
+                }
             }
             names.reverse();
             (stats, Some(ovl_layer::join_lowers(&names)))
@@ -210,29 +217,48 @@ fn set_total(opts: &ImportOptions, total: Option<u64>) {
 
 /// Decompress (on its own thread) and extract one stream into the directory `into`, then read
 /// the stream to its end (so a blob digest is checked over every byte).
-fn extract_stream<R: Read + Send + 'static>(
+pub(crate) fn extract_stream<R: Read + Send + 'static>(
     raw: R,
     into: &Path,
     ex: ExtractOptions,
     lowers: &[PathBuf],
     label: &str,
 ) -> Result<ExtractStats, ImportError> {
-    let src_err = |e: std::io::Error| ImportError::Source {
-        path: label.to_string(),
-        source: e,
-    };
-    let (_kind, decoded) = ovl_layer::decoder(raw).map_err(src_err)?;
-    let mut reader = ThreadedReader::new(decoded);
-    let root = Root::open(into).map_err(|e| ImportError::Dest {
-        path: into.to_path_buf(),
-        source: e,
-    })?;
+    let (mut reader, root) = open_stream(raw, into, label)?;
     let stats = ovl_layer::extract_onto(&mut reader, &root, ex, lowers).map_err(|err| {
         ImportError::Extract {
             source_name: label.to_string(),
             err,
         }
     })?;
-    std::io::copy(&mut reader, &mut std::io::sink()).map_err(src_err)?;
+    drain(&mut reader, label)?;
     Ok(stats)
+}
+
+/// The decompressed stream (inflated on its own thread) and the root to extract it into.
+pub(crate) fn open_stream<R: Read + Send + 'static>(
+    raw: R,
+    into: &Path,
+    label: &str,
+) -> Result<(ThreadedReader, Root), ImportError> {
+    let (_kind, decoded) = ovl_layer::decoder(raw).map_err(|e| src_err(label, e))?;
+    let reader = ThreadedReader::new(decoded);
+    let root = Root::open(into).map_err(|e| ImportError::Dest {
+        path: into.to_path_buf(),
+        source: e,
+    })?;
+    Ok((reader, root))
+}
+
+/// Read the rest of the stream, so a blob digest is checked over every byte.
+pub(crate) fn drain(reader: &mut ThreadedReader, label: &str) -> Result<(), ImportError> {
+    std::io::copy(reader, &mut std::io::sink()).map_err(|e| src_err(label, e))?;
+    Ok(())
+}
+
+fn src_err(label: &str, e: std::io::Error) -> ImportError {
+    ImportError::Source {
+        path: label.to_string(),
+        source: e,
+    }
 }

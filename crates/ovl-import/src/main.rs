@@ -45,6 +45,10 @@ struct Cli {
     /// Shift group ids, as --uidmap does for user ids.
     #[arg(long, value_name = "CONTAINER:HOST:COUNT")]
     gidmap: Vec<IdRange>,
+    /// Layers of an `oci:` image extracted at once [default: the number of cores]. The result
+    /// is the same for any N.
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: Option<u32>,
 }
 
 fn main() {
@@ -81,6 +85,9 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         owners,
         progress,
         shift: ovl_layer::shift_maps(&cli.uidmap, &cli.gidmap)?,
+        jobs: cli
+            .jobs
+            .map_or_else(ovl_import::default_jobs, |n| n as usize),
     };
     let result = ovl_import::import(&source, &cli.dest, &opts);
     drop(bar);

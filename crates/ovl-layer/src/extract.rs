@@ -30,6 +30,9 @@ use crate::root::{Leaf, Root};
 use crate::tarin::{Header, Kind, Sparse, TarError, TarReader};
 use crate::whiteout::{self, OciName, XattrNs};
 
+mod defer;
+pub use defer::{Pending, Resolved, extract_deferred};
+
 /// What to do with the owners the archive names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnerPolicy {
@@ -149,6 +152,9 @@ struct Extractor<'a> {
     parent_cache: Option<(LayerPath, OwnedFd)>,
     /// The ids new files get without a chown (ours; the root is not setgid, see `extract`).
     creator: Option<(u32, u32)>,
+    /// Extracting before the layers below are complete: what needs them is put off
+    /// ([`extract_deferred`]).
+    defer: Option<defer::Deferrals>,
 }
 
 /// Extract the tar stream `reader` into `root`.
@@ -171,38 +177,10 @@ pub fn extract_onto<R: Read>(
     opts: ExtractOptions,
     lowers: &[std::path::PathBuf],
 ) -> Result<ExtractStats, ExtractError> {
-    let lowers = lowers
-        .iter()
-        .map(|p| Root::open(p))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(ExtractError::Read)?;
-    let mut ex = Extractor {
-        root,
-        opts,
-        lowers,
-        stats: ExtractStats::default(),
-        dirs: Vec::new(),
-        whiteouts: HashSet::new(),
-        opaque_dirs: HashSet::new(),
-        lower_copies: HashMap::new(),
-        buf: vec![0; 256 * 1024],
-        parent_cache: None,
-        creator: None,
-    };
-    // New files get our ids unless the root is setgid (then its group): only skip chowns
-    // that could not change anything.
-    let root_st = rustix::fs::fstat(root.fd()).map_err(|e| ExtractError::Read(e.into()))?;
-    if root_st.st_mode & libc::S_ISGID == 0 {
-        ex.creator = Some((
-            rustix::process::geteuid().as_raw(),
-            rustix::process::getegid().as_raw(),
-        ));
-    }
+    let ex = Extractor::new(root, opts, lowers)?;
     // Files are created with their final permission bits (no chmod per file), so no umask.
-    let old_umask = rustix::process::umask(Mode::empty());
-    let res = ex.run(reader);
-    rustix::process::umask(old_umask);
-    res
+    let _umask = crate::umask::NoUmask::enter();
+    ex.run(reader)
 }
 
 fn tar_err(e: TarError) -> ExtractError {
@@ -213,17 +191,63 @@ fn tar_err(e: TarError) -> ExtractError {
     }
 }
 
-impl Extractor<'_> {
+impl<'a> Extractor<'a> {
+    fn new(
+        root: &'a Root,
+        opts: ExtractOptions,
+        lowers: &[std::path::PathBuf],
+    ) -> Result<Extractor<'a>, ExtractError> {
+        let lowers = lowers
+            .iter()
+            .map(|p| Root::open(p))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ExtractError::Read)?;
+        let mut ex = Extractor {
+            root,
+            opts,
+            lowers,
+            stats: ExtractStats::default(),
+            dirs: Vec::new(),
+            whiteouts: HashSet::new(),
+            opaque_dirs: HashSet::new(),
+            lower_copies: HashMap::new(),
+            buf: vec![0; 256 * 1024],
+            parent_cache: None,
+            creator: None,
+            defer: None,
+        };
+        // New files get our ids unless the root is setgid (then its group): only skip chowns
+        // that could not change anything.
+        let root_st = rustix::fs::fstat(root.fd()).map_err(|e| ExtractError::Read(e.into()))?;
+        if root_st.st_mode & libc::S_ISGID == 0 {
+            ex.creator = Some((
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ));
+        }
+        Ok(ex)
+    }
+
     fn run<R: Read>(mut self, reader: R) -> Result<ExtractStats, ExtractError> {
+        self.run_entries(reader)?;
+        Ok(self.stats)
+    }
+
+    /// Every entry, then the directories' deferred metadata (and the root's owner record).
+    /// Stops early when a deferred extraction finds it must be redone.
+    fn run_entries<R: Read>(&mut self, reader: R) -> Result<(), ExtractError> {
         let mut tar = TarReader::new(reader);
         while let Some(h) = tar.next_entry().map_err(tar_err)? {
             self.entry(&h, &mut tar)?;
+            if self.defer.as_ref().is_some_and(|d| d.redo) {
+                return Ok(());
+            }
         }
         self.finish_dirs()?;
         if self.opts.owners == OwnerPolicy::Record {
             self.record_root_override()?;
         }
-        Ok(self.stats)
+        Ok(())
     }
 }
 
@@ -397,6 +421,19 @@ impl Extractor<'_> {
     /// times and xattrs (as umoci's unpack leaves them); with no such directory it is 0755,
     /// owned by root, mtime 0: the same on every import.
     fn implicit_dir(&mut self, path: &LayerPath, raw: &[u8]) -> Result<(), ExtractError> {
+        if let Some(d) = &mut self.defer {
+            return d.implicit_dir(self.root, path, raw);
+        }
+        let meta = self.implicit_meta(path, raw)?;
+        let leaf = self.root.leaf(path, false).map_err(|e| entry_err(raw, e))?;
+        let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
+        self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, raw)?;
+        self.defer_dir(path.clone(), &fd, meta, raw)
+    }
+
+    /// The metadata of the implicit directory `path`: the nearest lower directory's, or the
+    /// fixed default.
+    fn implicit_meta(&self, path: &LayerPath, raw: &[u8]) -> Result<Meta, ExtractError> {
         let mut meta = Meta {
             uid: 0,
             gid: 0,
@@ -416,10 +453,7 @@ impl Extractor<'_> {
         {
             meta = self.lower_meta(&leaf, &st, raw)?;
         }
-        let leaf = self.root.leaf(path, false).map_err(|e| entry_err(raw, e))?;
-        let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
-        self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, raw)?;
-        self.defer_dir(path.clone(), &fd, meta, raw)
+        Ok(meta)
     }
 
     /// The metadata of an entry of a lower layer, to give a copy of it in this one.
@@ -688,6 +722,9 @@ impl Extractor<'_> {
         opaque: bool,
         raw: &[u8],
     ) -> Result<(), ExtractError> {
+        if let Some(d) = &mut self.defer {
+            d.explicit_dir(&path);
+        }
         let fd = leaf.open_dir().map_err(|e| entry_err(raw, e))?;
         self.apply_meta(Target::Fd(fd.as_fd()), &meta, Perms::Leave, false, raw)?;
         if opaque {
@@ -823,6 +860,11 @@ impl Extractor<'_> {
                     && let Ok(Some(cst)) = cleaf.stat()
                 {
                     (cleaf, cst)
+                } else if self.defer.is_some() {
+                    // The layers below are not complete: a placeholder now, the copy later.
+                    self.lower_placeholder(leaf, &target, raw)?;
+                    self.lower_copies.insert(target, path.clone());
+                    return Ok(());
                 } else if let Some((lleaf, lst)) = self.lower_entry(&target) {
                     if FileType::from_raw_mode(lst.st_mode) == FileType::Directory {
                         return Err(entry_err(
