@@ -20,7 +20,7 @@
 //! extractor's copy buffer (256 KiB): about 5 MiB for a gzip layer. A layer waiting to be
 //! finished holds only its list of deferred steps.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -238,6 +238,13 @@ fn redo_layer(
     };
     std::fs::remove_dir_all(dir).map_err(dest_err)?;
     std::fs::create_dir(dir).map_err(dest_err)?;
-    let raw = layer.verify(open_blob(layer)?);
+    // The handle shares its offset with the first pass's.
+    let mut file = open_blob(layer)?;
+    file.seek(io::SeekFrom::Start(0))
+        .map_err(|e| ImportError::Source {
+            path: layer.path.display().to_string(),
+            source: e,
+        })?;
+    let raw = layer.verify(file);
     crate::extract_stream(raw, dir, ex.clone(), below, &label(layer, i))
 }
