@@ -160,8 +160,8 @@ impl Layer {
 
 /// `system.posix_acl_default` of `setfacl -d -m o::-`: files made below lose their "other" bits.
 const DEFAULT_ACL: &[u8] = &[
-    2, 0, 0, 0, 1, 0, 7, 0, 255, 255, 255, 255, 4, 0, 5, 0, 255, 255, 255, 255, 0x20, 0, 0, 0,
-    255, 255, 255, 255,
+    2, 0, 0, 0, 1, 0, 7, 0, 255, 255, 255, 255, 4, 0, 5, 0, 255, 255, 255, 255, 0x20, 0, 0, 0, 255,
+    255, 255, 255,
 ];
 
 /// Layers whose entries depend on the layers below: implicit parents taking a lower
@@ -487,7 +487,11 @@ fn layers_that_depend_on_lower_layers_import_concurrently_as_in_turn() {
         (etc.mode() & 0o7777, etc.uid(), etc.gid(), etc.mtime_nsec()),
         (0o750, 1, 2, 123_456_789)
     );
-    assert_eq!(meta("2/etc").mtime_nsec(), 123_456_789, "the implicit chain");
+    assert_eq!(
+        meta("2/etc").mtime_nsec(),
+        123_456_789,
+        "the implicit chain"
+    );
     assert_eq!(meta("1/usr/lib/extra").mtime(), 0);
     let sh = meta("1/bin/sh");
     assert_eq!((sh.mode() & 0o7777, sh.nlink()), (0o4755, 3));

@@ -177,77 +177,86 @@ fn stacked_layers_match_umoci_unpack() {
         bundle.as_os_str(),
     ]);
 
-    let dest = t.path().join("lowers");
-    let mut src = std::ffi::OsString::from("oci:");
-    src.push(img_tag.as_os_str());
-    let out = Command::new(bin()).arg(&src).arg(&dest).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ovl-import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("1 hardlinks to lower-layer files copied"),
-        "the summary does not count the copied hardlink: {stderr}"
-    );
-    let lowers = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // In turn, and the two layers at once (the top one is extracted while the lower one is
+    // still being written).
+    for jobs in ["1", "2"] {
+        let dest = t.path().join(format!("lowers-{jobs}"));
+        let mut src = std::ffi::OsString::from("oci:");
+        src.push(img_tag.as_os_str());
+        let out = Command::new(bin())
+            .args(["--jobs", jobs])
+            .arg(&src)
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ovl-import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("1 hardlinks to lower-layer files copied"),
+            "the summary does not count the copied hardlink: {stderr}"
+        );
+        let lowers = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
-    // Implicit directories are reproducible: the same bytes on every import.
-    let top_dir = dest.join("1");
-    let new = top_dir.join("new").symlink_metadata().unwrap();
-    assert_eq!((new.mode() & 0o7777, new.mtime(), new.uid()), (0o755, 0, 0));
-    let tmp = top_dir.join("tmp").symlink_metadata().unwrap();
-    assert_eq!((tmp.mode() & 0o7777, tmp.mtime()), (0o1777, 1_600_000_000));
+        // Implicit directories are reproducible: the same bytes on every import.
+        let top_dir = dest.join("1");
+        let new = top_dir.join("new").symlink_metadata().unwrap();
+        assert_eq!((new.mode() & 0o7777, new.mtime(), new.uid()), (0o755, 0, 0));
+        let tmp = top_dir.join("tmp").symlink_metadata().unwrap();
+        assert_eq!((tmp.mode() & 0o7777, tmp.mtime()), (0o1777, 1_600_000_000));
 
-    let merged = t.path().join("merged");
-    std::fs::create_dir(&merged).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!("ro,lowerdir={lowers}"))
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount the lowers");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&merged);
-    let opts = SnapshotOptions {
-        skip_root: true,
-        ..SnapshotOptions::merged_view()
-    };
-    let mut ovl = snapshot(&merged, &opts).unwrap();
-    let mut umoci_tree = snapshot(&bundle.join("rootfs"), &opts).unwrap();
-    // umoci makes a directory no layer has "now"; ovl makes it at mtime 0 (checked above).
-    for (p, e) in umoci_tree.iter_mut() {
-        if e.kind == 'd' && e.mtime.0 >= since {
-            e.mtime = (0, 0);
-            if let Some(o) = ovl.get_mut(p) {
-                o.mtime = (0, 0);
+        let merged = t.path().join(format!("merged-{jobs}"));
+        std::fs::create_dir(&merged).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!("ro,lowerdir={lowers}"))
+            .arg(&merged)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount the lowers");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(self.0).status();
             }
         }
-    }
-    // In one rootfs the link shares the lower file's inode; across overlay layers it cannot,
-    // so it is a copy (same content and metadata).
-    for tree in [&mut ovl, &mut umoci_tree] {
-        for p in [&b"bin/sh"[..], b"bin/busybox"] {
-            if let Some(e) = tree.get_mut(p) {
-                e.hardlink_group = None;
+        let _guard = Unmount(&merged);
+        let opts = SnapshotOptions {
+            skip_root: true,
+            ..SnapshotOptions::merged_view()
+        };
+        let mut ovl = snapshot(&merged, &opts).unwrap();
+        let mut umoci_tree = snapshot(&bundle.join("rootfs"), &opts).unwrap();
+        // umoci makes a directory no layer has "now"; ovl makes it at mtime 0 (checked above).
+        for (p, e) in umoci_tree.iter_mut() {
+            if e.kind == 'd' && e.mtime.0 >= since {
+                e.mtime = (0, 0);
+                if let Some(o) = ovl.get_mut(p) {
+                    o.mtime = (0, 0);
+                }
             }
         }
+        // In one rootfs the link shares the lower file's inode; across overlay layers it cannot,
+        // so it is a copy (same content and metadata).
+        for tree in [&mut ovl, &mut umoci_tree] {
+            for p in [&b"bin/sh"[..], b"bin/busybox"] {
+                if let Some(e) = tree.get_mut(p) {
+                    e.hardlink_group = None;
+                }
+            }
+        }
+        let diff = differences(&umoci_tree, &ovl);
+        assert!(
+            diff.is_empty(),
+            "--jobs {jobs}: the merged view differs from umoci's rootfs (umoci first):\n{}\nmerged: {:?}",
+            diff.join("\n"),
+            ovl.keys().map(|k| display_bytes(k)).collect::<Vec<_>>()
+        );
+        assert!(ovl.contains_key(&b"var/sparse"[..]) && ovl.contains_key(&b"tmp/x"[..]));
     }
-    let diff = differences(&umoci_tree, &ovl);
-    assert!(
-        diff.is_empty(),
-        "the merged view differs from umoci's rootfs (umoci first):\n{}\nmerged: {:?}",
-        diff.join("\n"),
-        ovl.keys().map(|k| display_bytes(k)).collect::<Vec<_>>()
-    );
-    assert!(ovl.contains_key(&b"var/sparse"[..]) && ovl.contains_key(&b"tmp/x"[..]));
 }
 
 fn tarworld_now() -> i64 {
