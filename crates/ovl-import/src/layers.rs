@@ -211,6 +211,9 @@ fn extract_one(
                 err,
             }
         })?;
+        if pending.needs_redo() {
+            return Ok(Outcome::Redo);
+        }
         match crate::drain(&mut reader, &label) {
             Ok(()) => Ok(Outcome::Pending(pending)),
             // Extracting with the lowers might have failed earlier, on another entry.

@@ -191,6 +191,12 @@ pub fn extract_deferred<R: Read>(
 }
 
 impl Pending {
+    /// Whether the layer must be extracted again whatever the layers below hold (the rest of
+    /// its stream is not worth reading).
+    pub fn needs_redo(&self) -> bool {
+        self.deferrals.redo
+    }
+
     /// Whether an error after the extraction (the blob's digest) is this layer's for sure:
     /// with a placeholder standing in, extracting with the lowers might have failed earlier.
     pub fn failure_is_final(&self) -> bool {
