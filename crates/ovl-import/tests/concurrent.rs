@@ -254,7 +254,7 @@ fn dependent_layers() -> Vec<(Vec<u8>, &'static str)> {
             ..M
         },
     )
-    .filler("fill", 3000);
+    .filler("fill", 1500);
 
     let mut l1 = Layer::new();
     l1.file("etc/new", M, b"new\n")
@@ -396,9 +396,22 @@ fn is_whiteout(p: &Path) -> bool {
 
 /// ovl-import with a umask that would change the layers' modes if it leaked into extraction.
 fn import(source: &str, dest: &Path, jobs: usize) -> std::process::Output {
+    import_as(None, source, dest, jobs)
+}
+
+/// [`import`], as `user` when given.
+fn import_as(
+    user: Option<&ovl_tests::TestUser>,
+    source: &str,
+    dest: &Path,
+    jobs: usize,
+) -> std::process::Output {
+    let mut sh = match user {
+        Some(u) => ovl_tests::command_as(u, Path::new("/bin/sh")),
+        None => Command::new("sh"),
+    };
     output(
-        Command::new("sh")
-            .arg("-c")
+        sh.arg("-c")
             .arg("umask 022; exec \"$0\" \"$@\"")
             .arg(bin("ovl-import"))
             .args(["--jobs", &jobs.to_string(), source])
@@ -427,11 +440,21 @@ fn zero_import_times(dest: &Path) {
 /// Import `layers` with each of `jobs` and with `--jobs 1`: the same stdout (the lowerdirs),
 /// the same summary and the same trees. The `--jobs 1` DEST.
 fn assert_jobs_agree(t: &Path, layers: &[(Vec<u8>, &str)], jobs: &[usize]) -> PathBuf {
+    assert_jobs_agree_as(None, t, layers, jobs)
+}
+
+/// [`assert_jobs_agree`], the imports run as `user` when given.
+fn assert_jobs_agree_as(
+    user: Option<&ovl_tests::TestUser>,
+    t: &Path,
+    layers: &[(Vec<u8>, &str)],
+    jobs: &[usize],
+) -> PathBuf {
     let layout = t.join("image");
     oci_layout(&layout, "v1", layers);
     let source = format!("oci:{}:v1", layout.display());
     let one = t.join("one");
-    let out = import(&source, &one, 1);
+    let out = import_as(user, &source, &one, 1);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "--jobs 1: {err}");
     let summary = |err: &str| {
@@ -445,7 +468,7 @@ fn assert_jobs_agree(t: &Path, layers: &[(Vec<u8>, &str)], jobs: &[usize]) -> Pa
     let tree_one = snapshot(&one, &SnapshotOptions::default()).unwrap();
     for &n in jobs {
         let many = t.join(format!("jobs-{n}"));
-        let out = import(&source, &many, n);
+        let out = import_as(user, &source, &many, n);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "--jobs {n}: {err}");
         assert_eq!(summary(&err), summary_one, "--jobs {n}: the summary");
@@ -501,6 +524,28 @@ fn layers_that_depend_on_lower_layers_import_concurrently_as_in_turn() {
     assert!(is_whiteout(&one.join("1/d/a")));
     // Under the lower's default ACL the file lost its "other" bits.
     assert_eq!(meta("5/acl/f").mode() & 0o777, 0o640);
+}
+
+/// Rootless with no subordinate ids: owners and modes are recorded in xattrs, also those an
+/// implicit directory or a lower hardlink's copy takes from a lower layer.
+#[test]
+fn rootless_recorded_owners_agree_whatever_the_jobs() {
+    if !require("root (to set up the unprivileged test user)", is_root()) {
+        return;
+    }
+    let Some(user) = ovl_tests::test_user_without_subids() else {
+        require("the unprivileged test user without subordinate ids", false);
+        return;
+    };
+    let t = ovl_tests::user_tempdir(&user);
+    let one = assert_jobs_agree_as(Some(&user), t.path(), &dependent_layers(), &[3]);
+    let etc = one.join("1/etc");
+    assert!(
+        xattr::get(&etc, "user.rootlesscontainers")
+            .unwrap()
+            .is_some(),
+        "the implicit etc has the lower's owner record"
+    );
 }
 
 #[test]
