@@ -170,7 +170,7 @@ const DEFAULT_ACL: &[u8] = &[
 /// one file, a link to the copy, copies replaced by later entries while a link to them stays),
 /// whiteouts and opaque directories across layers; and the cases deferral cannot settle
 /// (a hardlink to a lower symlink, an implicit directory listed later in its layer, a lower
-/// default ACL). Layer 0 is big, the others small, in every compression.
+/// default ACL, a copy made under a default ACL). Layer 0 is big, the others small, in every compression.
 fn dependent_layers() -> Vec<(Vec<u8>, &'static str)> {
     let ns = |s: u64, n: u32| (s, n);
     let mut l0 = Layer::new();
@@ -298,6 +298,17 @@ fn dependent_layers() -> Vec<(Vec<u8>, &'static str)> {
     let mut l5 = Layer::new();
     l5.file("acl/f", M, b"acl\n").link("bin/y", "bin/busybox");
 
+    let mut l6 = Layer::new();
+    l6.dir(
+        "acl2",
+        Meta {
+            mode: 0o755,
+            xattrs: &[("system.posix_acl_default", DEFAULT_ACL)],
+            ..M
+        },
+    )
+    .link("acl2/passwd", "etc/passwd");
+
     vec![
         compress(&l0.finish(), GZIP),
         compress(&l1.finish(), ZSTD),
@@ -305,6 +316,7 @@ fn dependent_layers() -> Vec<(Vec<u8>, &'static str)> {
         compress(&l3.finish(), GZIP),
         compress(&l4.finish(), ZSTD),
         compress(&l5.finish(), PLAIN),
+        compress(&l6.finish(), GZIP),
     ]
 }
 

@@ -19,11 +19,11 @@
 //!   writing into a file changes no directory's mtime.
 //!
 //! When the lower turns out not to be what the placeholder stood for (a symlink, a device, a
-//! directory, nothing), when an explicit entry comes for a directory this layer made
-//! implicitly (its owner and xattrs mix the lower's with the entry's), when the extraction
-//! failed while a placeholder stood in (a later entry may have failed on it), or when too many
-//! placeholders are open, the layer is [`Resolved::Redo`]: the caller extracts it again, now
-//! with its lowers complete. Rare, and always exact.
+//! directory, nothing), when a placeholder inherits a default ACL, when an explicit entry comes
+//! for a directory this layer made implicitly (its owner and xattrs mix the lower's with the
+//! entry's), when the extraction failed while a placeholder stood in (a later entry may have
+//! failed on it), or when too many placeholders are open, the layer is [`Resolved::Redo`]: the
+//! caller extracts it again, now with its lowers complete. Rare, and always exact.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -131,6 +131,15 @@ impl Extractor<'_> {
                 Mode::from_raw_mode(0o600),
             )
         })?;
+        // Made under a default ACL, the copy's ACL would follow from its create mode, which
+        // only the lower can tell.
+        let inherited = crate::xattrs::list_fd(&fd).map_err(|e| entry_err(raw, e))?;
+        if inherited
+            .iter()
+            .any(|(n, _)| n.starts_with("system.posix_acl"))
+        {
+            self.defer.as_mut().expect("deferring").redo = true;
+        }
         self.defer
             .as_mut()
             .expect("deferring")
