@@ -19,11 +19,12 @@
 //!   writing into a file changes no directory's mtime.
 //!
 //! When the lower turns out not to be what the placeholder stood for (a symlink, a device, a
-//! directory, nothing), when a placeholder inherits a default ACL, when an explicit entry comes
-//! for a directory this layer made implicitly (its owner and xattrs mix the lower's with the
-//! entry's), when the extraction failed while a placeholder stood in (a later entry may have
-//! failed on it), or when too many placeholders are open, the layer is [`Resolved::Redo`]: the
-//! caller extracts it again, now with its lowers complete. Rare, and always exact.
+//! directory, nothing), when a placeholder is made under a default ACL, when an explicit entry
+//! comes for a directory this layer made implicitly (its owner and xattrs mix the lower's with
+//! the entry's), when the extraction failed while a placeholder stood in (a later entry may
+//! have failed on it), or when too many placeholders are open, the layer is
+//! [`Resolved::Redo`]: the caller extracts it again, now with its lowers complete. Rare, and
+//! always exact.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -42,6 +43,9 @@ use crate::root::{Leaf, Root};
 /// Placeholders open at once, over every layer of the process (each holds a descriptor until
 /// its layer is resolved); past it, a layer is redone instead.
 const MAX_OPEN_PLACEHOLDERS: usize = 256;
+
+/// The xattr of a directory's default ACL, which what is made in it inherits.
+const DEFAULT_ACL: &str = "system.posix_acl_default";
 
 static OPEN_PLACEHOLDERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -131,13 +135,10 @@ impl Extractor<'_> {
                 Mode::from_raw_mode(0o600),
             )
         })?;
-        // Made under a default ACL, the copy's ACL would follow from its create mode, which
-        // only the lower can tell.
-        let inherited = crate::xattrs::list_fd(&fd).map_err(|e| entry_err(raw, e))?;
-        if inherited
-            .iter()
-            .any(|(n, _)| n.starts_with("system.posix_acl"))
-        {
+        // Made under a default ACL, the copy's mode and ACL would follow from its create mode,
+        // which only the lower can tell.
+        let parent = crate::xattrs::list_fd(&leaf.dir).map_err(|e| entry_err(raw, e))?;
+        if parent.iter().any(|(n, _)| n == DEFAULT_ACL) {
             self.defer.as_mut().expect("deferring").redo = true;
         }
         self.defer
@@ -264,11 +265,7 @@ impl Pending {
             }
             let meta = ex.implicit_meta(path, raw)?;
             // Files made below the directory would have inherited it.
-            if meta
-                .xattrs
-                .iter()
-                .any(|(n, _)| n == "system.posix_acl_default")
-            {
+            if meta.xattrs.iter().any(|(n, _)| n == DEFAULT_ACL) {
                 return Ok(Resolved::Redo);
             }
             // Owner and xattrs, then mode and times: what the extraction does in two steps.
