@@ -49,6 +49,11 @@ struct Cli {
     /// is the same for any N.
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     jobs: Option<u32>,
+    /// Threads writing file content within a layer (1: the reading thread writes everything).
+    /// The tree is the same with any number. Default: the number of cores for a plain tar
+    /// file, the cores minus 2 (at least 1) for a compressed file or stdin.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    writers: Option<u32>,
 }
 
 fn main() {
@@ -88,6 +93,7 @@ fn run(cli: Cli, identity: &Identity) -> anyhow::Result<()> {
         jobs: cli
             .jobs
             .map_or_else(ovl_import::default_jobs, |n| n as usize),
+        writers: cli.writers.map(|n| n as usize),
     };
     let result = ovl_import::import(&source, &cli.dest, &opts);
     drop(bar);

@@ -204,6 +204,22 @@ impl Layer {
     fn bytes(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
+    /// A file with its own mode and mtime.
+    fn file_meta(mut self, path: &str, data: &[u8], mode: u32, mtime: u64) -> Self {
+        let mut h = Self::header();
+        h.set_mode(mode);
+        h.set_mtime(mtime);
+        h.set_size(data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+    fn hardlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
 }
 
 fn is_whiteout(p: &Path) -> bool {
@@ -887,4 +903,107 @@ fn an_inherited_reexec_marker_does_not_skip_the_user_namespace() {
         .unwrap()
         .gid();
     assert_eq!(Some(gid), ovl_tests::rootless_maps(&user).gid.to_host(42));
+}
+
+/// Many writers (`--writers 4`, more than this machine has cores) give the tree one writer
+/// gives, on the entries whose order matters: a file replaced after a hardlink to it was made
+/// (the link keeps the first content), a directory replaced by a file while files below it
+/// are still being written, a file replaced by a directory, whiteouts and opaque markers, a
+/// read-only directory, files of several writer pieces, and many small files.
+#[test]
+fn many_writers_give_the_tree_one_writer_gives() {
+    if !require("root", is_root()) {
+        return;
+    }
+    let big = |seed: u8| -> Vec<u8> { (0..3_000_000u32).map(|i| (i % 251) as u8 ^ seed).collect() };
+    let mut l = Layer::new()
+        .dir("d")
+        .file_meta("d/a", &big(1), 0o644, 1)
+        .hardlink("d/b", "d/a")
+        .file_meta("d/a", &big(2), 0o4755, 2)
+        .hardlink("d/c", "d/a")
+        .dir("y")
+        .file_meta("y/f", &big(3), 0o644, 3)
+        .file_meta("y", b"y is a file now", 0o600, 4)
+        .file("x", b"x is a directory next")
+        .dir("x")
+        .file("x/f", b"below x")
+        .file(".wh.gone", b"")
+        .dir("w")
+        .file("w/.wh..wh..opq", b"")
+        .file("w/k", b"kept");
+    for i in 0..300 {
+        l = l.file_meta(
+            &format!("many/{i}"),
+            &vec![i as u8; i * 37],
+            0o640,
+            i as u64,
+        );
+    }
+    // A read-only directory: its mode comes last, after the writers are done below it.
+    let mut h = Layer::header();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o555);
+    h.set_mtime(9);
+    h.set_size(0);
+    l.0.append_data(&mut h, "d", std::io::empty()).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let archive = t.path().join("l.tar");
+    std::fs::write(&archive, l.bytes()).unwrap();
+    let (one, many) = (t.path().join("one"), t.path().join("many"));
+    run_ok(
+        import_cmd()
+            .args(["-q", "--writers=1"])
+            .arg(&archive)
+            .arg(&one),
+    );
+    run_ok(
+        import_cmd()
+            .args(["-q", "--writers=4"])
+            .arg(&archive)
+            .arg(&many),
+    );
+    // From a stream, the data goes to the writers in memory; from a file, the bigger files
+    // are copied from it.
+    let streamed = t.path().join("streamed");
+    run_ok(
+        import_cmd()
+            .args(["-q", "--writers=4", "-"])
+            .arg(&streamed)
+            .stdin(std::fs::File::open(&archive).unwrap()),
+    );
+    let opts = SnapshotOptions {
+        skip_root: true,
+        ..strict()
+    };
+    // A whiteout's mtime is when it was made, not content.
+    let snap = |p: &Path| {
+        let mut s = snapshot(p, &opts).unwrap();
+        s.get_mut(&b"gone"[..]).expect("the whiteout").mtime = (0, 0);
+        s
+    };
+    let want = snap(&one);
+    for dir in [&many, &streamed] {
+        let diff = differences(&want, &snap(dir));
+        assert!(
+            diff.is_empty(),
+            "1 writer, then 4 into {}:\n{}",
+            dir.display(),
+            diff.join("\n")
+        );
+    }
+    // And the tree is the right one, not merely the same wrong one.
+    assert_eq!(std::fs::read(many.join("d/b")).unwrap(), big(1));
+    assert_eq!(std::fs::read(many.join("d/c")).unwrap(), big(2));
+    let a = std::fs::metadata(many.join("d/a")).unwrap();
+    assert_eq!((a.mode() & 0o7777, a.mtime(), a.nlink()), (0o4755, 2, 2));
+    assert_eq!(std::fs::read(many.join("y")).unwrap(), b"y is a file now");
+    assert_eq!(std::fs::read(many.join("x/f")).unwrap(), b"below x");
+    assert!(is_whiteout(&many.join("gone")));
+    assert_eq!(
+        xattr(&many.join("w"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    let d = std::fs::metadata(many.join("d")).unwrap();
+    assert_eq!((d.mode() & 0o7777, d.mtime()), (0o555, 9));
 }

@@ -7,6 +7,10 @@
 //! modes, owners and nanosecond mtimes. Each tree is archived in one of GNU tar's formats: PAX,
 //! GNU, and with `--sparse` PAX 0.0, 0.1, 1.0 and GNU. A fixed seed and 32 cases by default
 //! (it runs in every CI); `OVL_PROPTEST_CASES=N` runs N. Needs root (owners, xattrs) and GNU tar.
+//!
+//! A second variant adds files of more than a writer's piece (1 MiB) and imports each archive
+//! with one writer and with several (`--writers`): the trees must be the same as each other and
+//! as GNU tar's.
 
 use std::ffi::OsStr;
 use std::io::{Seek, SeekFrom, Write};
@@ -92,8 +96,9 @@ fn name() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
-fn content() -> impl Strategy<Value = (Vec<(u64, Vec<u8>)>, u64)> {
-    let sizes = prop_oneof![
+/// `big`: sometimes files of a few MiB (more than one writer's piece).
+fn content(big: bool) -> impl Strategy<Value = (Vec<(u64, Vec<u8>)>, u64)> {
+    let small = prop_oneof![
         Just(0usize),
         Just(1),
         Just(511),
@@ -101,6 +106,11 @@ fn content() -> impl Strategy<Value = (Vec<(u64, Vec<u8>)>, u64)> {
         Just(513),
         0usize..200_000,
     ];
+    let sizes = if big {
+        prop_oneof![6 => small, 1 => (1usize << 20)..(3 << 20)].boxed()
+    } else {
+        small.boxed()
+    };
     prop_oneof![
         3 => (sizes, any::<u8>()).prop_map(|(n, seed)| {
             let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
@@ -128,9 +138,9 @@ fn xattrs() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     )
 }
 
-fn node() -> impl Strategy<Value = Node> {
+fn node(big: bool) -> impl Strategy<Value = Node> {
     let kind = prop_oneof![
-        5 => content().prop_map(|(runs, size)| Kind::File { runs, size }),
+        5 => content(big).prop_map(|(runs, size)| Kind::File { runs, size }),
         1 => (0usize..8).prop_map(Kind::Hardlink),
         1 => prop::collection::vec(1u8..=255, 1..300).prop_map(Kind::Symlink),
         1 => Just(Kind::Fifo),
@@ -265,7 +275,32 @@ fn apply(p: &Path, n: &Node) {
     set_times(p, n.mtime);
 }
 
-fn check(nodes: &[Node], format: Format) -> Result<(), TestCaseError> {
+/// Import `archive` into the new `dest` (`writers`: the `--writers` given, if any).
+fn import(archive: &Path, dest: &Path, writers: Option<u32>) -> Result<(), TestCaseError> {
+    let mut cmd = Command::new(bin());
+    cmd.arg("-q");
+    if let Some(n) = writers {
+        cmd.arg(format!("--writers={n}"));
+    }
+    let out = cmd.arg(archive).arg(dest).output().unwrap();
+    prop_assert!(
+        out.status.success(),
+        "ovl-import --writers {writers:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// How the archive is imported, and what the trees are compared with.
+#[derive(Debug, Clone, Copy)]
+enum Imports {
+    /// As the command line chooses (compared with GNU tar).
+    Default,
+    /// With several writers, compared with one writer and with GNU tar.
+    SingleAndMany,
+}
+
+fn check(nodes: &[Node], format: Format, imports: Imports) -> Result<(), TestCaseError> {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     std::fs::create_dir(&src).unwrap();
@@ -308,21 +343,28 @@ fn check(nodes: &[Node], format: Format) -> Result<(), TestCaseError> {
         String::from_utf8_lossy(&out.stderr)
     );
     let dest = t.path().join("ovl");
-    let out = Command::new(bin())
-        .arg("-q")
-        .arg(&archive)
-        .arg(&dest)
-        .output()
-        .unwrap();
-    prop_assert!(
-        out.status.success(),
-        "ovl-import failed ({format:?}): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let opts = SnapshotOptions {
         skip_root: true,
         ..SnapshotOptions::merged_view()
     };
+    match imports {
+        Imports::Default => import(&archive, &dest, None)?,
+        Imports::SingleAndMany => {
+            // More writers than this machine has cores, so they contend.
+            import(&archive, &dest, Some(4))?;
+            let single = t.path().join("single");
+            import(&archive, &single, Some(1))?;
+            let diff = differences(
+                &snapshot(&single, &opts).unwrap(),
+                &snapshot(&dest, &opts).unwrap(),
+            );
+            prop_assert!(
+                diff.is_empty(),
+                "{format:?}: 4 writers differ from 1 (1 first):\n{}",
+                diff.join("\n")
+            );
+        }
+    }
     let want = snapshot(&gnu, &opts).unwrap();
     let got = snapshot(&dest, &opts).unwrap();
     let diff = differences(&want, &got);
@@ -355,6 +397,25 @@ fn check(nodes: &[Node], format: Format) -> Result<(), TestCaseError> {
 
 #[test]
 fn random_trees_import_as_gnu_tar_extracts_them() {
+    run(
+        32,
+        *b"ovl tar world proptest seed 0001",
+        false,
+        Imports::Default,
+    );
+}
+
+#[test]
+fn random_trees_import_the_same_with_one_writer_or_many() {
+    run(
+        16,
+        *b"ovl tar world proptest writers 1",
+        true,
+        Imports::SingleAndMany,
+    );
+}
+
+fn run(default_cases: u32, seed: [u8; 32], big: bool, imports: Imports) {
     if !ovl_tests::require("root", ovl_tests::is_root())
         || !ovl_tests::require("GNU tar", ovl_tests::which("tar").is_some())
     {
@@ -363,18 +424,17 @@ fn random_trees_import_as_gnu_tar_extracts_them() {
     let cases = std::env::var("OVL_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(32);
+        .unwrap_or(default_cases);
     let config = Config {
         cases,
         failure_persistence: None,
         max_shrink_iters: 200,
         ..Config::default()
     };
-    let seed = *b"ovl tar world proptest seed 0001";
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
-    let strategy = (prop::collection::vec(node(), 0..24), format());
-    if let Err(e) = runner.run(&strategy, |(nodes, format)| check(&nodes, format)) {
+    let strategy = (prop::collection::vec(node(big), 0..24), format());
+    if let Err(e) = runner.run(&strategy, |(nodes, format)| check(&nodes, format, imports)) {
         panic!("{e}");
     }
 }

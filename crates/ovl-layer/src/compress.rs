@@ -36,7 +36,7 @@ const UNSUPPORTED: &[(&[u8], &str)] = &[
 
 impl Compression {
     /// Judge by the first bytes of the stream.
-    pub(crate) fn sniff(head: &[u8]) -> Compression {
+    pub fn sniff(head: &[u8]) -> Compression {
         if head.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])

@@ -17,7 +17,7 @@
 //! Directories get their mode and times at the end, after everything below them was written.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -27,8 +27,9 @@ use crate::apply::{self, ApplyError, How, Meta, Owner, Perms, Step, Target, Xatt
 use crate::owners;
 use crate::path::{LayerPath, PathError, display_bytes, display_str};
 use crate::root::{Leaf, Root};
-use crate::tarin::{Header, Kind, Sparse, TarError, TarReader};
+use crate::tarin::{Header, Kind, TarError, TarReader};
 use crate::whiteout::{self, OciName, XattrNs};
+use crate::writers::{Direct, DirectFile, Writers};
 
 mod defer;
 pub use defer::{Pending, Resolved, extract_deferred};
@@ -52,6 +53,9 @@ pub struct ExtractOptions {
     /// With [`OwnerPolicy::Preserve`]: chown to the host ids this map gives the archive's
     /// owners (`ovl-import --uidmap`); an owner outside the map is an error naming the entry.
     pub shift: Option<std::sync::Arc<crate::idmap::RootlessMaps>>,
+    /// Threads writing file content (see [`crate::writers`]); 1: the reading thread writes
+    /// everything itself. Either way the tree is the same.
+    pub writers: usize,
 }
 
 /// What an extraction did, for the summary line.
@@ -113,7 +117,7 @@ fn read_err(e: io::Error) -> ExtractError {
     })
 }
 
-fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
+pub(crate) fn entry_err(raw: &[u8], reason: impl std::fmt::Display) -> ExtractError {
     ExtractError::Entry {
         entry: display_bytes(raw),
         // A reason may quote the archive (a PAX record, a link target).
@@ -147,7 +151,10 @@ struct Extractor<'a> {
     opaque_dirs: HashSet<LayerPath>,
     /// Hardlink targets only a lower layer holds -> the copy this layer made of it.
     lower_copies: HashMap<LayerPath, LayerPath>,
-    buf: Vec<u8>,
+    /// Who writes the content of regular files and gives them their metadata.
+    writers: Writers,
+    /// When the stream is a plain tar file: the file, to copy bigger files' data from.
+    direct: Option<Direct>,
     /// The last parent directory opened, reused while entries stay in it.
     parent_cache: Option<(LayerPath, OwnedFd)>,
     /// The ids new files get without a chown (ours; the root is not setgid, see `extract`).
@@ -183,6 +190,23 @@ pub fn extract_onto<R: Read>(
     ex.run(reader)
 }
 
+/// [`extract_onto`] from a plain (uncompressed) tar file: the data of its bigger files is
+/// copied from the file straight into the new ones, never read into memory. `progress` counts
+/// the bytes of the file read or passed over.
+pub fn extract_file_onto(
+    file: std::fs::File,
+    root: &Root,
+    opts: ExtractOptions,
+    lowers: &[std::path::PathBuf],
+    progress: Option<std::sync::Arc<crate::progress::Progress>>,
+) -> Result<ExtractStats, ExtractError> {
+    let (reader, direct) = DirectFile::new(file, progress).map_err(ExtractError::Read)?;
+    let mut ex = Extractor::new(root, opts, lowers)?;
+    ex.direct = Some(direct);
+    let _umask = crate::umask::NoUmask::enter();
+    ex.run(reader)
+}
+
 fn tar_err(e: TarError) -> ExtractError {
     match e {
         TarError::Io(e) => read_err(e),
@@ -202,7 +226,21 @@ impl<'a> Extractor<'a> {
             .map(|p| Root::open(p))
             .collect::<io::Result<Vec<_>>>()
             .map_err(ExtractError::Read)?;
-        let mut ex = Extractor {
+        // New files get our ids unless the root is setgid (then its group): only skip chowns
+        // that could not change anything.
+        let root_st = rustix::fs::fstat(root.fd()).map_err(|e| ExtractError::Read(e.into()))?;
+        let creator = (root_st.st_mode & libc::S_ISGID == 0).then(|| {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        });
+        let policy = MetaPolicy {
+            opts: opts.clone(),
+            creator,
+        };
+        let writers = Writers::new(opts.writers.max(1), policy).map_err(ExtractError::Read)?;
+        Ok(Extractor {
             root,
             opts,
             lowers,
@@ -211,21 +249,12 @@ impl<'a> Extractor<'a> {
             whiteouts: HashSet::new(),
             opaque_dirs: HashSet::new(),
             lower_copies: HashMap::new(),
-            buf: vec![0; 256 * 1024],
+            writers,
+            direct: None,
             parent_cache: None,
-            creator: None,
+            creator,
             defer: None,
-        };
-        // New files get our ids unless the root is setgid (then its group): only skip chowns
-        // that could not change anything.
-        let root_st = rustix::fs::fstat(root.fd()).map_err(|e| ExtractError::Read(e.into()))?;
-        if root_st.st_mode & libc::S_ISGID == 0 {
-            ex.creator = Some((
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            ));
-        }
-        Ok(ex)
+        })
     }
 
     fn run<R: Read>(mut self, reader: R) -> Result<ExtractStats, ExtractError> {
@@ -236,12 +265,17 @@ impl<'a> Extractor<'a> {
     /// Every entry, then the directories' deferred metadata (and the root's owner record).
     /// Stops early when a deferred extraction finds it must be redone.
     fn run_entries<R: Read>(&mut self, reader: R) -> Result<(), ExtractError> {
-        let mut tar = TarReader::new(reader);
-        while let Some(h) = tar.next_entry().map_err(tar_err)? {
-            self.entry(&h, &mut tar)?;
-            if self.defer.as_ref().is_some_and(|d| d.redo) {
-                return Ok(());
-            }
+        let read = self.read_all(reader);
+        // The files' data and metadata are in before any directory gets its mode and times;
+        // of a reading and a writing error, the earlier entry's is the one reported.
+        match (read, self.writers.finish()) {
+            (Ok(()), Ok(skipped)) => self.stats.skipped_xattrs += skipped,
+            (Err((_, e)), Ok(_)) => return Err(e),
+            (Err((at, e)), Err((w_at, w))) => return Err(if w_at < at { w } else { e }),
+            (Ok(()), Err((_, w))) => return Err(w),
+        }
+        if self.defer.as_ref().is_some_and(|d| d.redo) {
+            return Ok(());
         }
         self.finish_dirs()?;
         if self.opts.owners == OwnerPolicy::Record {
@@ -252,6 +286,25 @@ impl<'a> Extractor<'a> {
 }
 
 impl Extractor<'_> {
+    /// Every entry, in order; an error comes with the place of its entry. Stops early when a
+    /// writer failed (its error is the one reported) or a deferred extraction must be redone.
+    fn read_all<R: Read>(&mut self, reader: R) -> Result<(), (u64, ExtractError)> {
+        let mut tar = TarReader::new(reader);
+        // The entry read or being read: after any whose file a writer has.
+        let at = |n: u64| move |e| (n + 1, e);
+        while let Some(h) = tar
+            .next_entry()
+            .map_err(tar_err)
+            .map_err(at(self.stats.entries))?
+        {
+            self.entry(&h, &mut tar).map_err(at(self.stats.entries))?;
+            if self.writers.failed() || self.defer.as_ref().is_some_and(|d| d.redo) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Note something skipped, for the summary (the count is exact, the names are bounded).
     fn note(&mut self, raw: &[u8], what: &str) {
         self.stats.skipped_entries += 1;
@@ -751,71 +804,24 @@ impl Extractor<'_> {
                 Mode::from_raw_mode(meta.mode & 0o777),
             )
         })?;
-        let mut file = std::fs::File::from(fd);
-        let written = match &h.sparse {
-            Some(s) => self.write_sparse(&mut file, data, s, raw)?,
-            None => {
-                let expected = h.size;
-                let n = self
-                    .copy_data(&mut file, data)
-                    .map_err(|e| data_err(raw, e))?;
-                if n != expected {
-                    return Err(entry_err(
-                        raw,
-                        format!("the archive is truncated: {n} of {expected} bytes of data"),
-                    ));
-                }
-                n
-            }
+        // The data and metadata go through the fd: the writers (see [`crate::writers`]).
+        if h.sparse.is_none()
+            && h.size >= crate::writers::DIRECT_MIN
+            && let Some(src) = self.direct.as_ref().and_then(|d| d.claim(h.size))
+        {
+            data.passed_over(h.size);
+            let seq = self.stats.entries;
+            self.stats.bytes += self.writers.copy(fd, src, h.size, meta, raw, seq)?;
+            return Ok(());
+        }
+        let whole = [(0, h.size)];
+        let (chunks, size) = match &h.sparse {
+            Some(s) => (&s.chunks[..], Some(s.real_size)),
+            None => (&whole[..], None),
         };
-        self.stats.bytes += written;
-        // The permission bits came with the create (no chmod per file).
-        self.apply_meta(Target::Fd(file.as_fd()), &meta, Perms::Created, true, raw)
-    }
-
-    /// Copy an entry's data into `file`.
-    fn copy_data(&mut self, file: &mut std::fs::File, r: &mut impl Read) -> io::Result<u64> {
-        let mut total = 0u64;
-        loop {
-            let n = match r.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            file.write_all(&self.buf[..n])?;
-            total += n as u64;
-        }
-        Ok(total)
-    }
-
-    /// A sparse file (any GNU form: the reader gives the map and the packed chunks): each
-    /// chunk at its offset, holes between, and the file's full size.
-    fn write_sparse(
-        &mut self,
-        file: &mut std::fs::File,
-        data: &mut impl Read,
-        s: &Sparse,
-        raw: &[u8],
-    ) -> Result<u64, ExtractError> {
-        let mut written = 0;
-        for &(off, len) in &s.chunks {
-            if len == 0 {
-                continue;
-            }
-            rustix::fs::seek(&*file, rustix::fs::SeekFrom::Start(off))
-                .map_err(|e| entry_err(raw, e))?;
-            let n = io::copy(&mut data.take(len), file).map_err(|e| data_err(raw, e))?;
-            if n != len {
-                return Err(entry_err(
-                    raw,
-                    "the archive is truncated inside a sparse file",
-                ));
-            }
-            written += n;
-        }
-        file.set_len(s.real_size).map_err(|e| entry_err(raw, e))?;
-        Ok(written)
+        let seq = self.stats.entries;
+        self.stats.bytes += self.writers.file(fd, data, chunks, size, meta, raw, seq)?;
+        Ok(())
     }
 
     fn hardlink(
@@ -1058,18 +1064,7 @@ impl Extractor<'_> {
         times: bool,
         raw: &[u8],
     ) -> Result<(), ExtractError> {
-        let how = How {
-            owner: match (self.opts.owners, &self.opts.shift) {
-                (OwnerPolicy::Preserve, None) => Owner::Chown,
-                (OwnerPolicy::Preserve, Some(maps)) => Owner::Shift(maps),
-                (OwnerPolicy::Record, _) => Owner::Record,
-            },
-            owner_now: self.creator,
-            xattrs: Xattrs::Add,
-            skip_refused_xattrs: true,
-            perms,
-            times,
-        };
+        let how = how(&self.opts, self.creator, perms, times);
         let done = apply::apply(target, meta, &how).map_err(|e| apply_err(raw, e))?;
         self.stats.skipped_xattrs += done.skipped_xattrs;
         Ok(())
@@ -1137,6 +1132,35 @@ impl Extractor<'_> {
     }
 }
 
+/// How an entry of the archive gets its metadata under `opts` (`creator`: the ids new files
+/// get without a chown).
+fn how(opts: &ExtractOptions, creator: Option<(u32, u32)>, perms: Perms, times: bool) -> How<'_> {
+    How {
+        owner: match (opts.owners, &opts.shift) {
+            (OwnerPolicy::Preserve, None) => Owner::Chown,
+            (OwnerPolicy::Preserve, Some(maps)) => Owner::Shift(maps),
+            (OwnerPolicy::Record, _) => Owner::Record,
+        },
+        owner_now: creator,
+        xattrs: Xattrs::Add,
+        skip_refused_xattrs: true,
+        perms,
+        times,
+    }
+}
+
+/// [`how`], owned: for the writers' threads.
+pub(crate) struct MetaPolicy {
+    pub(crate) opts: ExtractOptions,
+    pub(crate) creator: Option<(u32, u32)>,
+}
+
+impl MetaPolicy {
+    pub(crate) fn how(&self, perms: Perms, times: bool) -> How<'_> {
+        how(&self.opts, self.creator, perms, times)
+    }
+}
+
 /// An owner id from a header: 32 bits, and not 2^32-1, which chown reads as "leave unchanged"
 /// (the file would silently keep our owner).
 fn owner_id(raw: &[u8], what: &str, id: u64) -> Result<u32, ExtractError> {
@@ -1159,7 +1183,7 @@ fn dir_id(fd: &impl AsFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {
+pub(crate) fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {
     match e.step {
         Step::Owner { uid, gid } if e.source.raw_os_error() == Some(libc::EINVAL) => entry_err(
             raw,
@@ -1173,7 +1197,7 @@ fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {
     }
 }
 
-fn data_err(raw: &[u8], e: io::Error) -> ExtractError {
+pub(crate) fn data_err(raw: &[u8], e: io::Error) -> ExtractError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         entry_err(raw, "the archive is truncated inside this entry's data")
     } else {
@@ -1212,6 +1236,7 @@ mod tests {
                 opaque_ns: XattrNs::User,
                 owners,
                 shift: None,
+                writers: 1,
             },
         )
     }
@@ -1306,6 +1331,7 @@ mod tests {
                 opaque_ns: XattrNs::User,
                 owners: OwnerPolicy::Record,
                 shift: None,
+                writers: 1,
             };
             let err = extract(lazy, &root, opts).unwrap_err();
             // The message and its cause (a read error says only "reading the archive").

@@ -42,14 +42,15 @@ mod umask;
 mod upper;
 mod userns;
 mod whiteout;
+mod writers;
 mod xattrs;
 
 pub use apply::{How, Meta, Target, apply};
-pub use compress::{ThreadedReader, decoder};
+pub use compress::{Compression, ThreadedReader, decoder};
 pub use copy::{Filled, Filler, data_chunks};
 pub use extract::{
     ExtractError, ExtractOptions, ExtractStats, OwnerPolicy, Pending, Resolved, extract_deferred,
-    extract_onto,
+    extract_file_onto, extract_onto,
 };
 pub use fsops::{
     create_file_at, cstr, is_dir, link_at, open_dir_at, open_file_at, proc_path, remove_at, stat_at,

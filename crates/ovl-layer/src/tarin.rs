@@ -166,6 +166,15 @@ impl<R: Read> TarReader<R> {
         }
     }
 
+    /// Count `n` bytes of the current entry's data as read: the caller had them copied
+    /// straight from the file and has the inner reader pass over them (see
+    /// [`crate::writers::DirectFile`]).
+    pub(crate) fn passed_over(&mut self, n: u64) {
+        assert!(n <= self.left, "passing over more than the entry's data");
+        self.left -= n;
+        self.offset += n;
+    }
+
     /// Skip what is left of the current entry's data and its padding.
     fn skip_rest(&mut self) -> Result<(), TarError> {
         let n = self.left + self.pad;

@@ -816,6 +816,7 @@ mod tests {
                 opaque_ns: crate::whiteout::XattrNs::User,
                 owners: crate::extract::OwnerPolicy::Record,
                 shift: None,
+                writers: 1,
             },
         )
         .unwrap();

@@ -1,0 +1,644 @@
+//! Writing the content of a layer's files on more than one thread.
+//!
+//! Owns the writer pool of [`crate::extract`]. The extractor's thread reads the archive in
+//! order and makes every change to the namespace itself (mkdir, create, symlink, link, mknod,
+//! unlink, whiteouts, opaque markers), so names appear exactly in archive order: a hardlink
+//! finds its target, a replaced path is replaced in order. What it hands over is an open,
+//! freshly created file: the writers put its data in (holes stay holes) and then give it its
+//! metadata through the fd, in [`crate::apply`]'s order. A writer holding the fd of a file that
+//! a later entry replaced or whited out writes into an inode nothing names, which is harmless
+//! (a hardlink made to it in between still names it, as it should).
+//!
+//! A file goes over in pieces of at most [`PIECE`] bytes, each written at its offset by
+//! whichever writer takes it; the writer that writes its last piece gives it its size (sparse)
+//! and metadata. Memory and fds are bounded: at most [`MAX_QUEUED`] bytes of data and
+//! [`MAX_OPEN`] files are in flight; the reader waits for room.
+//!
+//! When the archive is a plain tar file ([`DirectFile`]), a file of [`DIRECT_MIN`] bytes or
+//! more is not read at all: its pieces name a range of the archive, which the writer copies
+//! with `copy_file_range` (one copy, where reading and writing would make two, and the
+//! extractor's thread never touches the data).
+//!
+//! With one writer there are no threads: each piece is written as it is read, by the same
+//! functions, so one writer and many give the same tree.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::apply::{self, Meta, Perms, Target};
+use crate::extract::{ExtractError, MetaPolicy, apply_err, data_err, entry_err};
+
+/// The most data one piece carries (and the reader reads in one go).
+pub(crate) const PIECE: usize = 1 << 20;
+/// The most bytes of data read but not yet written: about what a layer's writers hold at most
+/// (a buffer is only made when none is free for reuse), so ovl-import's peak stays under 64
+/// MiB.
+pub(crate) const MAX_QUEUED: usize = 32 << 20;
+/// The most files created but not yet finished (each holds an fd).
+pub(crate) const MAX_OPEN: usize = 256;
+/// Pieces of at least this size are read into buffers of [`PIECE`] bytes that go back and
+/// forth between the reader and the writers: fresh big buffers cost page faults, and the
+/// unmapping of freed ones stalls every thread of the process.
+const POOLED: usize = 64 << 10;
+/// The most buffers kept for reuse.
+const MAX_SPARE: usize = MAX_QUEUED / PIECE;
+
+/// A created file on its way to the writers.
+struct OpenFile {
+    file: File,
+    meta: Meta,
+    /// The entry's name, for errors.
+    raw: Vec<u8>,
+    /// Its place in the archive: of several errors, the earliest entry's is reported.
+    seq: u64,
+    /// Pieces not yet written.
+    pending: AtomicUsize,
+    /// A sparse file's full size, given once its data is in.
+    size: Option<u64>,
+}
+
+struct Piece {
+    file: Arc<OpenFile>,
+    /// Where in the file the data goes.
+    at: u64,
+    data: Vec<u8>,
+    /// Or: the data is this many bytes of this file at this offset (see [`DirectFile`]).
+    from: Option<(Arc<File>, u64, u64)>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Piece>,
+    /// Bytes of data in the queue and being written.
+    bytes: usize,
+    /// Files handed over and not finished.
+    open: usize,
+    /// No more pieces are coming.
+    closed: bool,
+    /// [`PIECE`]-capacity buffers back from the writers, for the reader to fill again.
+    spare: Vec<Vec<u8>>,
+    /// The earliest entry's error (by archive order), and its place.
+    error: Option<(u64, ExtractError)>,
+    skipped_xattrs: u64,
+    /// Writers waiting for a piece; the reader waiting for room.
+    idle_writers: usize,
+    reader_waits: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// A piece is queued, or the queue is closed.
+    work: Condvar,
+    /// Room was made in the queue.
+    room: Condvar,
+    failed: AtomicBool,
+    policy: MetaPolicy,
+}
+
+/// The writers of one extraction.
+pub(crate) struct Writers {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// With no threads: the buffer pieces are read into and written from.
+    buf: Vec<u8>,
+}
+
+impl Writers {
+    /// `n` writers (1: the calling thread writes, no threads are started).
+    pub(crate) fn new(n: usize, policy: MetaPolicy) -> io::Result<Writers> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            failed: AtomicBool::new(false),
+            policy,
+        });
+        let mut w = Writers {
+            shared,
+            threads: Vec::new(),
+            buf: Vec::new(),
+        };
+        if n > 1 {
+            for i in 0..n {
+                let shared = w.shared.clone();
+                let t = std::thread::Builder::new()
+                    .name(format!("ovl-write-{i}"))
+                    .spawn(move || writer(&shared))?;
+                w.threads.push(t);
+            }
+        }
+        Ok(w)
+    }
+
+    /// True once a writer failed: the reader stops, and [`Self::finish`] says why.
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// Write the data of the regular file `fd` (just created, empty) as the archive gives it:
+    /// `chunks` are (offset, length) runs of the file that the packed data in `data` fills in
+    /// turn, `size` a sparse file's full size. Then its metadata, with the permission bits it
+    /// was created with. Returns the bytes of data read (all of them, or an error).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn file(
+        &mut self,
+        fd: OwnedFd,
+        data: &mut impl Read,
+        chunks: &[(u64, u64)],
+        size: Option<u64>,
+        meta: Meta,
+        raw: &[u8],
+        seq: u64,
+    ) -> Result<u64, ExtractError> {
+        let pieces: usize = chunks
+            .iter()
+            .map(|&(_, len)| len.div_ceil(PIECE as u64) as usize)
+            .sum::<usize>()
+            .max(1);
+        let file = OpenFile {
+            file: File::from(fd),
+            meta,
+            raw: raw.to_vec(),
+            seq,
+            pending: AtomicUsize::new(pieces),
+            size,
+        };
+        if self.threads.is_empty() {
+            return self.file_inline(&file, data, chunks);
+        }
+        self.reserve_open();
+        let file = Arc::new(file);
+        // The last piece takes this reference: the writer that finishes the file closes it.
+        let mut owner = Some(file);
+        let mut next = |sent: usize| -> Arc<OpenFile> {
+            if sent + 1 == pieces {
+                owner.take().expect("one last piece")
+            } else {
+                owner.clone().expect("not past the last piece")
+            }
+        };
+        let mut total = 0u64;
+        let mut sent = 0usize;
+        for &(off, len) in chunks {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(PIECE as u64) as usize;
+                let mut buf = self.take_buf(n);
+                // On an error the file never finishes; the extraction fails as a whole.
+                data.read_exact(&mut buf).map_err(|e| data_err(raw, e))?;
+                let file = next(sent);
+                self.send(Piece {
+                    file,
+                    at: off + done,
+                    data: buf,
+                    from: None,
+                });
+                sent += 1;
+                done += n as u64;
+            }
+            total += len;
+        }
+        if sent == 0 {
+            let file = next(sent);
+            self.send(Piece {
+                file,
+                at: 0,
+                data: Vec::new(),
+                from: None,
+            });
+        }
+        Ok(total)
+    }
+
+    /// As [`Self::file`], for a file whose `len` bytes of data are at `off` in `src`: copied
+    /// from there, in pieces, never read into memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy(
+        &mut self,
+        fd: OwnedFd,
+        (src, off): (Arc<File>, u64),
+        len: u64,
+        meta: Meta,
+        raw: &[u8],
+        seq: u64,
+    ) -> Result<u64, ExtractError> {
+        let pieces = len.div_ceil(PIECE as u64).max(1) as usize;
+        let file = OpenFile {
+            file: File::from(fd),
+            meta,
+            raw: raw.to_vec(),
+            seq,
+            pending: AtomicUsize::new(pieces),
+            size: None,
+        };
+        if self.threads.is_empty() {
+            copy_range(&src, off, &file.file, 0, len).map_err(|e| copy_err(raw, e))?;
+            let skipped = finish_file(&file, &self.shared.policy)?;
+            self.lock().skipped_xattrs += skipped;
+            return Ok(len);
+        }
+        self.reserve_open();
+        let file = Arc::new(file);
+        for i in 0..pieces as u64 {
+            let at = i * PIECE as u64;
+            self.send(Piece {
+                file: file.clone(),
+                at,
+                data: Vec::new(),
+                from: Some((src.clone(), off + at, (len - at).min(PIECE as u64))),
+            });
+        }
+        Ok(len)
+    }
+
+    /// Wait for room for one more open file.
+    fn reserve_open(&mut self) {
+        let mut st = self.lock();
+        while st.open >= MAX_OPEN && !self.failed() {
+            st.reader_waits = true;
+            st = self.shared.room.wait(st).expect("writers poisoned");
+        }
+        st.open += 1;
+    }
+
+    /// One writer: each piece written as it is read, the metadata last.
+    fn file_inline(
+        &mut self,
+        file: &OpenFile,
+        data: &mut impl Read,
+        chunks: &[(u64, u64)],
+    ) -> Result<u64, ExtractError> {
+        let raw = &file.raw;
+        let mut total = 0u64;
+        self.buf.resize(PIECE.min(256 * 1024), 0);
+        for &(off, len) in chunks {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(self.buf.len() as u64) as usize;
+                data.read_exact(&mut self.buf[..n])
+                    .map_err(|e| data_err(raw, e))?;
+                write_at(&file.file, &self.buf[..n], off + done)
+                    .map_err(|e| entry_err(raw, format!("writing data: {e}")))?;
+                done += n as u64;
+            }
+            total += len;
+        }
+        let skipped = finish_file(file, &self.shared.policy)?;
+        self.shared
+            .state
+            .lock()
+            .expect("writers poisoned")
+            .skipped_xattrs += skipped;
+        Ok(total)
+    }
+
+    /// Wait for every file handed over to be written, stop the writers, and say how many
+    /// xattrs were skipped, or the earliest entry's error (and its place in the archive).
+    pub(crate) fn finish(&mut self) -> Result<u64, (u64, ExtractError)> {
+        {
+            let mut st = self.lock();
+            st.closed = true;
+        }
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            // A writer that panicked is a bug: say so rather than hide it.
+            if let Err(p) = t.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        let mut st = self.lock();
+        match st.error.take() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut st.skipped_xattrs)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("writers poisoned")
+    }
+
+    /// A buffer of `n` bytes to read a piece into: a big one comes back from the writers.
+    fn take_buf(&mut self, n: usize) -> Vec<u8> {
+        if n < POOLED {
+            return vec![0; n];
+        }
+        let mut b = self
+            .lock()
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(PIECE));
+        b.resize(n, 0);
+        b
+    }
+
+    fn send(&mut self, piece: Piece) {
+        let n = piece.data.len();
+        let mut st = self.lock();
+        // One piece always fits, however big: the queue only waits when it holds something.
+        while st.bytes > 0 && st.bytes + n > MAX_QUEUED && !self.failed() {
+            st.reader_waits = true;
+            st = self.shared.room.wait(st).expect("writers poisoned");
+        }
+        st.bytes += n;
+        st.queue.push_back(piece);
+        let wake = st.idle_writers > 0;
+        drop(st);
+        if wake {
+            self.shared.work.notify_one();
+        }
+    }
+}
+
+impl Drop for Writers {
+    /// On an early return (an error while reading), stop the writers before the extraction
+    /// ends: they must not outlive it (nor the umask it set).
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.failed.store(true, Ordering::Relaxed);
+            let _ = self.finish();
+        }
+    }
+}
+
+/// A writer thread: write pieces until the queue is closed and empty.
+fn writer(shared: &Shared) {
+    // Bytes written since the last lock, given back with the next one.
+    let mut freed = 0usize;
+    let mut spare: Option<Vec<u8>> = None;
+    loop {
+        let piece = {
+            let mut st = shared.state.lock().expect("writers poisoned");
+            st.bytes -= freed;
+            if let Some(b) = spare.take()
+                && st.spare.len() < MAX_SPARE
+            {
+                st.spare.push(b);
+            }
+            if st.reader_waits {
+                st.reader_waits = false;
+                shared.room.notify_one();
+            }
+            loop {
+                if let Some(p) = st.queue.pop_front() {
+                    break Some(p);
+                }
+                if st.closed {
+                    break None;
+                }
+                st.idle_writers += 1;
+                st = shared.work.wait(st).expect("writers poisoned");
+                st.idle_writers -= 1;
+            }
+        };
+        let Some(piece) = piece else { return };
+        freed = piece.data.len();
+        let f = &piece.file;
+        // After a failure the rest is dropped unwritten: the extraction fails as a whole.
+        let (finished, res) = if shared.failed.load(Ordering::Relaxed) {
+            (false, Ok(0))
+        } else {
+            write_piece(&piece, &shared.policy)
+        };
+        match res {
+            Ok(skipped) => {
+                if skipped > 0 || finished {
+                    let mut st = shared.state.lock().expect("writers poisoned");
+                    st.skipped_xattrs += skipped;
+                    if finished {
+                        st.open -= 1;
+                        if st.reader_waits {
+                            st.reader_waits = false;
+                            shared.room.notify_one();
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                shared.failed.store(true, Ordering::Relaxed);
+                let mut st = shared.state.lock().expect("writers poisoned");
+                if st.error.as_ref().is_none_or(|(s, _)| f.seq < *s) {
+                    st.error = Some((f.seq, e));
+                }
+                // The reader may be waiting for room: it stops now.
+                shared.room.notify_all();
+            }
+        }
+        if piece.data.capacity() == PIECE {
+            spare = Some(piece.data);
+        }
+    }
+}
+
+/// Write one piece; the last piece of a file finishes it. Says whether it did, and returns
+/// the xattrs skipped.
+fn write_piece(piece: &Piece, policy: &MetaPolicy) -> (bool, Result<u64, ExtractError>) {
+    let f = &piece.file;
+    let res = match &piece.from {
+        None => write_at(&f.file, &piece.data, piece.at)
+            .map_err(|e| entry_err(&f.raw, format!("writing data: {e}"))),
+        Some((src, off, len)) => {
+            copy_range(src, *off, &f.file, piece.at, *len).map_err(|e| copy_err(&f.raw, e))
+        }
+    };
+    if let Err(e) = res {
+        return (false, Err(e));
+    }
+    if f.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        return (true, finish_file(f, policy));
+    }
+    (false, Ok(0))
+}
+
+/// A file's data is in: its full size (sparse), then its metadata (the permission bits came
+/// with the create, so no chmod unless it needs one).
+fn finish_file(f: &OpenFile, policy: &MetaPolicy) -> Result<u64, ExtractError> {
+    if let Some(size) = f.size {
+        f.file.set_len(size).map_err(|e| entry_err(&f.raw, e))?;
+    }
+    let how = policy.how(Perms::Created, true);
+    let done = apply::apply(Target::Fd(f.file.as_fd()), &f.meta, &how)
+        .map_err(|e| apply_err(&f.raw, e))?;
+    Ok(done.skipped_xattrs)
+}
+
+fn write_at(file: &File, mut data: &[u8], mut at: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(file, data, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                at += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A plain tar file read for its headers, whose bigger files the writers copy straight from it
+/// (`copy_file_range`: one copy, page cache to page cache, instead of a read into memory and a
+/// write out of it). The extractor's thread [`Direct::claim`]s an entry's data; this reader
+/// then passes over it.
+pub(crate) struct DirectFile {
+    direct: Direct,
+    buf: Vec<u8>,
+    /// The unread part of `buf`.
+    at: usize,
+    end: usize,
+    progress: Option<Arc<crate::progress::Progress>>,
+}
+
+/// The extractor's side of a [`DirectFile`].
+#[derive(Clone)]
+pub(crate) struct Direct(std::rc::Rc<DirectState>);
+
+pub(crate) struct DirectState {
+    file: Arc<File>,
+    len: u64,
+    /// Bytes of the stream given out or passed over: where the next byte comes from.
+    pos: std::cell::Cell<u64>,
+    /// Bytes claimed that the reader has not passed over yet.
+    skip: std::cell::Cell<u64>,
+}
+
+/// Files smaller than this are read with their headers (one read for many small files).
+pub(crate) const DIRECT_MIN: u64 = 64 << 10;
+
+impl DirectFile {
+    pub(crate) fn new(
+        file: File,
+        progress: Option<Arc<crate::progress::Progress>>,
+    ) -> io::Result<(DirectFile, Direct)> {
+        let len = file.metadata()?.len();
+        let direct = Direct(std::rc::Rc::new(DirectState {
+            file: Arc::new(file),
+            len,
+            pos: std::cell::Cell::new(0),
+            skip: std::cell::Cell::new(0),
+        }));
+        let r = DirectFile {
+            direct: direct.clone(),
+            buf: vec![0; 128 << 10],
+            at: 0,
+            end: 0,
+            progress,
+        };
+        Ok((r, direct))
+    }
+}
+
+impl Direct {
+    /// The next `n` bytes of the stream, if the file holds them all: the offset they are at.
+    /// The reader passes over them. (A truncated archive is read as usual, and says so.)
+    pub(crate) fn claim(&self, n: u64) -> Option<(Arc<File>, u64)> {
+        let st = &self.0;
+        let at = st.pos.get() + st.skip.get();
+        if at.checked_add(n)? > st.len {
+            return None;
+        }
+        st.skip.set(st.skip.get() + n);
+        Some((st.file.clone(), at))
+    }
+}
+
+impl Read for DirectFile {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let st = &self.direct.0;
+        let skip = st.skip.replace(0);
+        if skip > 0 {
+            let in_buf = skip.min((self.end - self.at) as u64) as usize;
+            self.at += in_buf;
+            // Past the buffer: the next read starts further on.
+            let past = skip - in_buf as u64;
+            if past > 0 {
+                self.at = 0;
+                self.end = 0;
+            }
+            st.pos.set(st.pos.get() + skip);
+            if let Some(p) = &self.progress {
+                p.inc(skip);
+            }
+        }
+        if self.at == self.end {
+            // The file offset of the buffer's end is where the stream is.
+            let from = st.pos.get();
+            let n = loop {
+                match rustix::io::pread(&*st.file, &mut self.buf, from) {
+                    Ok(n) => break n,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            self.at = 0;
+            self.end = n;
+        }
+        let n = out.len().min(self.end - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        st.pos.set(st.pos.get() + n as u64);
+        if let Some(p) = &self.progress {
+            p.inc(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// Copy `len` bytes at `off` in `src` to `at` in `dst`: `copy_file_range` (page cache to page
+/// cache), or a read and a write where the kernel cannot copy between these filesystems.
+fn copy_range(src: &File, mut off: u64, dst: &File, mut at: u64, mut len: u64) -> io::Result<()> {
+    while len > 0 {
+        let want = len.min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut off), dst, Some(&mut at), want) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => len -= n as u64,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::PERM,
+            ) => return copy_by_reading(src, off, dst, at, len),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_reading(
+    src: &File,
+    mut off: u64,
+    dst: &File,
+    mut at: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; (len.min(256 << 10)) as usize];
+    while len > 0 {
+        let want = len.min(buf.len() as u64) as usize;
+        let n = match rustix::io::pread(src, &mut buf[..want], off) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        write_at(dst, &buf[..n], at)?;
+        off += n as u64;
+        at += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_err(raw: &[u8], e: io::Error) -> ExtractError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        data_err(raw, e)
+    } else {
+        entry_err(raw, format!("copying data: {e}"))
+    }
+}
