@@ -6,6 +6,7 @@
 //! ([`skips`]); the pinned fixtures are fetched by the tests themselves ([`fixtures`]).
 
 pub mod fixtures;
+pub mod mountns;
 pub mod scenario;
 pub mod skips;
 pub mod snapshot;
@@ -342,8 +343,10 @@ pub fn command_as(user: &TestUser, program: &Path) -> Command {
     c
 }
 
-/// Run and capture a command, panicking with its output when it could not start.
+/// Run and capture a command, panicking with its output when it could not start. A command
+/// that may make a mount namespace runs under a shared [`mountns`] hold.
 pub fn output(cmd: &mut Command) -> Output {
+    let _ns = mountns::makes_namespaces(cmd).then(mountns::shared);
     cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 

@@ -200,6 +200,8 @@ pub fn build(driver: Driver) -> Option<Scenario> {
                 upper.display(),
                 work.display()
             );
+            // No other test's new mount namespace may keep a copy of these mounts (see mountns).
+            let _hold = crate::mountns::exclusive();
             let mount = || {
                 run_ok(
                     Command::new("mount")

@@ -21,12 +21,14 @@ pub const RW_OPTS: &str = "redirect_dir=on,metacopy=on,index=on";
 /// What a read-only mount needs to read such layers.
 pub const RO_OPTS: &str = "redirect_dir=on,metacopy=on";
 
-/// A kernel overlay mount; unmounted on drop.
-pub struct Mount(pub PathBuf);
+/// A kernel overlay mount; unmounted on drop. Held with [`crate::mountns::exclusive`] while it
+/// exists, so that no other test's new mount namespace keeps a copy of it.
+pub struct Mount(pub PathBuf, #[allow(dead_code)] crate::mountns::Hold);
 
 impl Mount {
     /// `mount -t overlay overlay -o OPTS MNT`.
     pub fn overlay(opts: &str, mnt: &Path) -> Result<Mount, String> {
+        let hold = crate::mountns::exclusive();
         let out = output(
             Command::new("mount")
                 .args(["-t", "overlay", "overlay", "-o", opts])
@@ -38,7 +40,7 @@ impl Mount {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        Ok(Mount(mnt.to_path_buf()))
+        Ok(Mount(mnt.to_path_buf(), hold))
     }
 }
 

@@ -67,23 +67,23 @@ fn map_args(map: Option<&str>) -> Vec<String> {
 
 /// Start `ovl-mount [MAP] --chroot ... -- /bin/sh -c SCRIPT` with piped stdin and stdout.
 fn start(lower: &Path, b: &Box, map: Option<&str>, extra: &[&str]) -> std::process::Child {
-    Command::new(bin("ovl-mount"))
-        .args(map_args(map))
-        .args(extra)
-        .arg("--chroot")
-        .arg("--lower")
-        .arg(lower)
-        .arg("--upper")
-        .arg(&b.upper)
-        .arg("--work")
-        .arg(&b.work)
-        .arg(&b.merged)
-        .args(["--", "/bin/sh", "-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    ovl_tests::mountns::spawn(
+        Command::new(bin("ovl-mount"))
+            .args(map_args(map))
+            .args(extra)
+            .arg("--chroot")
+            .arg("--lower")
+            .arg(lower)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--work")
+            .arg(&b.work)
+            .arg(&b.merged)
+            .args(["--", "/bin/sh", "-c", SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
 }
 
 /// Read a container's report up to its `ready` line.

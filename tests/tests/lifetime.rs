@@ -62,7 +62,7 @@ fn check(dir: &Path, mut tool: Command, owner: Option<&TestUser>) {
         ))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut child = tool.spawn().unwrap();
+    let mut child = ovl_tests::mountns::spawn(&mut tool);
     wait_for("the command to start", || pidfile.exists());
     let cmd_pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()

@@ -741,7 +741,7 @@ fn a_work_dir_in_use_by_a_running_rootless_command_is_refused() {
         .args(["--", "sh", "-c", &script])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut first = first.spawn().unwrap();
+    let mut first = ovl_tests::mountns::spawn(&mut first);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !t.path().join("upper/ready").exists() {
         if std::time::Instant::now() > deadline || first.try_wait().unwrap().is_some() {

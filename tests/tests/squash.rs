@@ -45,8 +45,10 @@ fn mkdir(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
 
-/// A read-only overlay of `layers` (top first) at `mnt`; unmounted on drop.
-struct Mount(PathBuf);
+/// A read-only overlay of `layers` (top first) at `mnt`; unmounted on drop. Held with
+/// `mountns::exclusive` while it exists, so that no other test's new mount namespace (in this
+/// binary or another) keeps a copy of it and makes a later squash of its dirs refuse.
+struct Mount(PathBuf, #[allow(dead_code)] ovl_tests::mountns::Hold);
 
 impl Mount {
     fn kernel(layers: &[&Path], extra: &str, mnt: &Path) -> Mount {
@@ -62,6 +64,7 @@ impl Mount {
 
     /// A kernel overlay with the options `opts` (and `extra`, if any) at `mnt`.
     fn overlay(opts: &str, extra: &str, mnt: &Path) -> Mount {
+        let hold = ovl_tests::mountns::exclusive();
         let mut opts = opts.to_string();
         if !extra.is_empty() {
             opts = format!("{opts},{extra}");
@@ -71,23 +74,25 @@ impl Mount {
                 .args(["-t", "overlay", "overlay", "-o", &opts])
                 .arg(mnt),
         );
-        Mount(mnt.to_path_buf())
+        Mount(mnt.to_path_buf(), hold)
     }
 
     /// A bind mount of `p` onto itself (making it a mount point).
     fn bind_onto_itself(p: &Path) -> Mount {
+        let hold = ovl_tests::mountns::exclusive();
         run_ok(Command::new("mount").arg("--bind").arg(p).arg(p));
-        Mount(p.to_path_buf())
+        Mount(p.to_path_buf(), hold)
     }
 
     fn fuse(layers: &[&Path], mnt: &Path) -> Mount {
+        let hold = ovl_tests::mountns::exclusive();
         let lowers: Vec<String> = layers.iter().map(|p| p.display().to_string()).collect();
         run_ok(
             Command::new("fuse-overlayfs")
                 .args(["-o", &format!("lowerdir={}", lowers.join(":"))])
                 .arg(mnt),
         );
-        Mount(mnt.to_path_buf())
+        Mount(mnt.to_path_buf(), hold)
     }
 }
 
@@ -449,6 +454,7 @@ fn fuse_overlayfs_and_userxattr_uppers() {
     let up = mkdir(&s.t.path().join("fuse-upper"));
     let work = mkdir(&s.t.path().join("fuse-work"));
     let mnt = mkdir(&s.t.path().join("fuse-mnt"));
+    let hold = ovl_tests::mountns::exclusive();
     run_ok(
         Command::new("fuse-overlayfs")
             .arg("-o")
@@ -460,7 +466,7 @@ fn fuse_overlayfs_and_userxattr_uppers() {
             ))
             .arg(&mnt),
     );
-    let m = Mount(mnt.clone());
+    let m = Mount(mnt.clone(), hold);
     sh(
         "rm -rf gone && rm -rf opq && mkdir opq && echo n > opq/n && echo c >> etc/hosts && rm keep/sub/k",
         &mnt,
@@ -805,15 +811,15 @@ fn refuses_dirs_of_a_mounted_overlay_in_any_namespace() {
     let mnt = mkdir(&s.t.path().join("m2"));
     // In another mount namespace, held open by a sleeping process.
     let opts = rw_opts(&s.lower, &s.upper, &work);
-    let mut holder = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "mount -t overlay overlay -o {opts} {} && echo up && exec sleep 60",
-            mnt.display()
-        ))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut holder = ovl_tests::mountns::spawn(
+        &mut Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount -t overlay overlay -o {opts} {} && echo up && exec sleep 60",
+                mnt.display()
+            ))
+            .stdout(std::process::Stdio::piped()),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),

@@ -145,7 +145,7 @@ fn as_the_user_it_runs_in_the_tools_namespace_keeping_cwd_environment_and_status
         .arg(bin("ovl-unshare"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let mut child = ovl_tests::mountns::spawn(&mut c);
     use std::io::Write;
     child
         .stdin
