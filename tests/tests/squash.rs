@@ -812,7 +812,7 @@ fn refuses_dirs_of_a_mounted_overlay_in_any_namespace() {
     // In another mount namespace, held open by a sleeping process.
     let opts = rw_opts(&s.lower, &s.upper, &work);
     let mut holder = ovl_tests::mountns::spawn(
-        &mut Command::new("unshare")
+        Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(format!(
                 "mount -t overlay overlay -o {opts} {} && echo up && exec sleep 60",
