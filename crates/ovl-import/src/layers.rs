@@ -17,7 +17,9 @@
 //! Memory per running layer: the inflate state (under 64 KiB for gzip; zstd's window, 8 MiB at
 //! most at the levels layers use), the queue between the inflating and the writing thread
 //! ([`ovl_layer::ThreadedReader`]: at most 18 chunks of 256 KiB, 4.5 MiB) and the
-//! extractor's copy buffer (256 KiB): about 5 MiB for a gzip layer. A layer waiting to be
+//! extractor's copy buffer (256 KiB): about 5 MiB for a gzip layer (measured: 9.4 MiB peak RSS
+//! with `--jobs 1`, 14 MiB with 2, 22-25 MiB with 4). A layer given more than one writer
+//! (`--writers`) adds up to [`ovl_layer`]'s 32 MiB writer queue. A layer waiting to be
 //! finished holds only its list of deferred steps.
 
 use std::io::{self, Read, Seek};

@@ -513,6 +513,7 @@ fn stderr_hints(file: &str) -> &'static [&'static str] {
         "gnu-longname-escape.tar" => &["ovl-hostile-longname"],
         "gnu-longlink-escape.tar" => &["ovl-hostile-longlink"],
         "pax-sparse-map-huge.tar.gz" => &["sparse map", "chunks"],
+        "pax-sparse-overlap.tar" => &["sparse chunk 0+4", "overlaps", "f"],
         "pax-huge.tar.gz" | "gnu-longname-huge.tar.gz" => &["larger than", "too large", "MiB"],
         "truncated.tar"
         | "truncated-header.tar"
@@ -1011,6 +1012,7 @@ fixture_tests! {
     pax_malformed => "pax-malformed.tar",
     pax_path_escape => "pax-path-escape.tar",
     pax_sparse_map_huge => "pax-sparse-map-huge.tar.gz",
+    pax_sparse_overlap => "pax-sparse-overlap.tar",
     pax_huge => "pax-huge.tar.gz",
     root_file => "root-file.tar",
     symlink_chain => "symlink-chain.tar",

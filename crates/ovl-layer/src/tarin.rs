@@ -709,10 +709,21 @@ fn push_chunk(
     Ok(())
 }
 
-/// Every chunk inside the file, and the packed data exactly the chunks.
+/// Every chunk inside the file, in order and not overlapping the one before (as Go's
+/// archive/tar requires: overlapping chunks make the content depend on the order they are
+/// written in, and peers disagree on it), and the packed data exactly the chunks.
 fn check_sparse(s: &Sparse, data: u64, path: &[u8]) -> Result<(), TarError> {
     let mut total = 0u64;
+    let mut prev_end = 0u64;
     for &(off, len) in &s.chunks {
+        if off < prev_end {
+            return Err(TarError::Entry {
+                path: path.to_vec(),
+                reason: format!(
+                    "sparse chunk {off}+{len} overlaps or comes before the chunk ending at {prev_end}"
+                ),
+            });
+        }
         if off.checked_add(len).is_none_or(|end| end > s.real_size) {
             return Err(TarError::Entry {
                 path: path.to_vec(),
@@ -722,6 +733,7 @@ fn check_sparse(s: &Sparse, data: u64, path: &[u8]) -> Result<(), TarError> {
                 ),
             });
         }
+        prev_end = off + len;
         total = total.saturating_add(len);
     }
     if total != data {

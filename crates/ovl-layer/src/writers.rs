@@ -36,8 +36,8 @@ use crate::extract::{ExtractError, MetaPolicy, apply_err, data_err, entry_err};
 /// The most data one piece carries (and the reader reads in one go).
 pub(crate) const PIECE: usize = 1 << 20;
 /// The most bytes of data read but not yet written: about what a layer's writers hold at most
-/// (a buffer is only made when none is free for reuse), so ovl-import's peak stays under 64
-/// MiB.
+/// (a buffer is only made when none is free for reuse), so one extraction's peak stays under
+/// 64 MiB; `ovl-import oci: --jobs N` runs up to N extractions, each with its own bound.
 pub(crate) const MAX_QUEUED: usize = 32 << 20;
 /// The most files created but not yet finished (each holds an fd).
 pub(crate) const MAX_OPEN: usize = 256;
@@ -108,6 +108,23 @@ pub(crate) struct Writers {
     buf: Vec<u8>,
 }
 
+/// Raise the soft limit on open files to the hard one, once per process (as Go's runtime does
+/// at start). Each pool holds up to [`MAX_OPEN`] files open and `ovl-import oci: --jobs N`
+/// runs N pools at once, so the usual soft limit of 1024 is reached from 4 jobs on, and the
+/// import would fail with EMFILE where `--jobs 1` succeeds. Failing to raise it is not an
+/// error: the pool then meets EMFILE only if the limit really is that low.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current < limit.maximum {
+            limit.current = limit.maximum;
+            let _ = setrlimit(Resource::Nofile, limit);
+        }
+    });
+}
+
 impl Writers {
     /// `n` writers (1: the calling thread writes, no threads are started).
     pub(crate) fn new(n: usize, policy: MetaPolicy) -> io::Result<Writers> {
@@ -124,6 +141,7 @@ impl Writers {
             buf: Vec::new(),
         };
         if n > 1 {
+            raise_open_file_limit();
             for i in 0..n {
                 let shared = w.shared.clone();
                 let t = std::thread::Builder::new()
