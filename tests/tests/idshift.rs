@@ -1012,6 +1012,86 @@ impl Drop for IdmappedOverlay {
     }
 }
 
+/// A persistent shifted mount made by root inside a chroot lands on MERGED as the chroot sees
+/// it. ovl-mount builds the overlay in a throwaway mount namespace and comes back with setns,
+/// which resets the root to the namespace's: MERGED looked up by path after that was the host's
+/// (the overlay landed outside the chroot, or the move failed). The lower is imported shifted
+/// (`--shifted-lowers`): a chrooted process cannot make the user namespace an idmapped mount
+/// needs (the kernel refuses CLONE_NEWUSER under a chroot, and ovl-mount says so).
+#[test]
+fn a_persistent_shifted_mount_made_in_a_chroot_lands_inside_it() {
+    let Some(alpine) = setup() else { return };
+    // The jail below is a recursive bind of / : while it exists it holds copies of every test
+    // mount of the moment, which another test's squash would find. Hold the lock throughout.
+    let _hold = ovl_tests::mountns::exclusive();
+    let t = tempfile::Builder::new()
+        .prefix("ovl-idshift-chroot-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = t.path().canonicalize().unwrap();
+    let lower = t.join("lower");
+    run_ok(
+        Command::new(bin("ovl-import"))
+            .arg("-q")
+            .args(map_args(Some("0:100000:65536")))
+            .arg(&alpine)
+            .arg(&lower),
+    );
+    let b = boxdir(&t, "c");
+    let jail = t.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    run_ok(Command::new("mount").args(["--rbind", "/"]).arg(&jail));
+    struct Unbind(PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-R")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unbind = Unbind(jail.clone());
+    // Private, so nothing mounted in the jail shows up at the same path outside it.
+    run_ok(Command::new("mount").args(["--make-rprivate"]).arg(&jail));
+    let said = output(
+        Command::new("chroot")
+            .arg(&jail)
+            .arg(bin("ovl-mount"))
+            .arg("-v")
+            .args(map_args(Some("0:100000:65536")))
+            .arg("--shifted-lowers")
+            .arg("--lower")
+            .arg(&lower)
+            .arg("--upper")
+            .arg(&b.upper)
+            .arg("--work")
+            .arg(&b.work)
+            .arg(&b.merged),
+    );
+    let inside = jail.join(b.merged.strip_prefix("/").unwrap());
+    let points: Vec<String> = mounts_under(&t)
+        .iter()
+        .filter(|l| l.contains(" overlay "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .filter(|p| p.ends_with("/c/merged"))
+        .collect();
+    // Unmount whatever landed, wherever, before asserting.
+    for p in &points {
+        let _ = Command::new("umount").arg(p).status();
+    }
+    assert!(
+        said.status.success(),
+        "ovl-mount in the chroot failed: {}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    assert_eq!(
+        points,
+        vec![inside.display().to_string()],
+        "the overlay must be on MERGED inside the chroot, and nowhere else"
+    );
+}
+
 fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOverlay {
     let at = b.merged.with_file_name("idlower");
     std::fs::create_dir_all(&at).unwrap();

@@ -101,6 +101,28 @@ pub fn persistent<T>(
         Mode::empty(),
     )
     .map_err(MountError::setup("opening /proc/self/ns/mnt"))?;
+    // setns into a mount namespace resets this process's root and working directory to that
+    // namespace's root: under a chroot, MERGED looked up by path afterwards would be the host's.
+    // So MERGED, the root and the working directory are held as fds from here on.
+    let path_fd = |p: &str, what: &str| {
+        rustix::fs::open(
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(MountError::setup(format!("opening {what}")))
+    };
+    let target = rustix::fs::open(
+        layout.merged.as_path(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(MountError::setup(format!(
+        "opening the mount point {}",
+        layout.merged.display()
+    )))?;
+    let root = path_fd("/", "the root directory")?;
+    let cwd = path_fd(".", "the working directory")?;
     // SAFETY: a new mount namespace only changes what this process sees of the filesystem; no
     // other thread exists (unshare of CLONE_NEWNS fails in a multithreaded process anyway).
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
@@ -127,13 +149,19 @@ pub fn persistent<T>(
     move_into_link_name_space(home.as_fd(), Some(LinkNameSpaceType::Mount)).map_err(
         MountError::setup("returning to the original mount namespace (setns)"),
     )?;
+    rustix::process::fchdir(&root)
+        .and_then(|()| rustix::process::chroot("."))
+        .and_then(|()| rustix::process::fchdir(&cwd))
+        .map_err(MountError::setup(
+            "restoring the root and working directory after setns",
+        ))?;
     let (v, tree) = made?;
     move_mount(
         tree.as_fd(),
         "",
-        CWD,
-        layout.merged.as_path(),
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        target.as_fd(),
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
     .map_err(MountError::setup(format!(
         "attaching the overlay on {} (move_mount)",
