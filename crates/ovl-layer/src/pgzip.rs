@@ -148,6 +148,9 @@ where
         let written = writer.join().expect("the gzip writer thread panicked");
         match (produced, written) {
             (Ok(t), Ok(out)) => Ok((out, t)),
+            // The producer only saw the workers go away: the output's own error says why
+            // (a full disk, a closed pipe).
+            (Err(e), Err(w)) if is_stopped(&e) => Err(w),
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err(e),
         }
@@ -158,6 +161,16 @@ where
 #[cfg(test)]
 fn compress_bytes(data: &[u8], opts: &GzOptions) -> io::Result<Vec<u8>> {
     compress(Vec::new(), opts, |w| w.write_all(data)).map(|(v, ())| v)
+}
+
+/// What the producer sees when the workers stopped because writing the output failed; the
+/// output's error replaces it in what [`compress`] returns.
+#[derive(Debug, thiserror::Error)]
+#[error("the gzip workers stopped (an output error)")]
+struct WorkersStopped;
+
+fn is_stopped(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<WorkersStopped>())
 }
 
 struct BlockWriter<'a> {
@@ -186,7 +199,7 @@ impl BlockWriter<'_> {
         self.index += 1;
         self.tx
             .send(job)
-            .map_err(|_| io::Error::other("the gzip workers stopped (an output error)"))
+            .map_err(|_| io::Error::other(WorkersStopped))
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -506,8 +519,11 @@ mod tests {
             }
         }
         let opts = GzOptions::default();
-        let data = sample(5_000_000);
+        // Many more blocks than the queues hold, so the producer meets the stopped workers.
+        let data = sample(64 << 20);
         let r = compress(Full(1000), &opts, |w| w.write_all(&data));
-        assert!(r.is_err());
+        // The output's own error, not the producer's "the workers stopped".
+        let e = r.err().expect("a failing output is an error");
+        assert_eq!(e.to_string(), "disk full");
     }
 }
