@@ -7,6 +7,7 @@
 
 pub mod fixtures;
 pub mod mountns;
+pub mod oci;
 pub mod scenario;
 pub mod skips;
 pub mod snapshot;
@@ -411,4 +412,23 @@ pub fn make_fuse_usable() -> bool {
         .arg(dev)
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Set `p`'s atime and mtime to `sec`.`nsec` without following a symlink (to build trees with
+/// exact times).
+pub fn set_times(p: &Path, sec: i64, nsec: u32) {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
 }

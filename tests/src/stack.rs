@@ -46,19 +46,25 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.0)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        unmount(&self.0);
     }
+}
+
+/// Unmount `mnt`, retrying for a second (another test's process may be looking through it for
+/// a moment), then lazily.
+pub fn unmount(mnt: &Path) {
+    for _ in 0..50 {
+        if Command::new("umount")
+            .arg(mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = Command::new("umount").arg("-l").arg(mnt).status();
 }
 
 fn join(layers: &[&Path]) -> String {

@@ -98,19 +98,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        // Another test's process may be looking through it for a moment.
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.0)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        ovl_tests::stack::unmount(&self.0);
     }
 }
 

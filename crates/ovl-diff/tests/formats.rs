@@ -26,20 +26,7 @@ fn mknod_whiteout(p: &Path) {
 }
 
 fn set_mtime(p: &Path, sec: i64, nsec: i64) {
-    let t = rustix::fs::Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        p,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+    ovl_tests::set_times(p, sec, nsec as u32);
 }
 
 fn diff(args: &[&std::ffi::OsStr]) -> Output {

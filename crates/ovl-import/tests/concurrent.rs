@@ -9,13 +9,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ovl_tests::oci::oci_layout;
 use ovl_tests::snapshot::{SnapshotOptions, differences, snapshot};
 use ovl_tests::{bin, is_root, output, require, run_ok};
-
-fn sha256(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
-}
 
 const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -33,44 +29,6 @@ fn compress(tar: &[u8], media: &'static str) -> (Vec<u8>, &'static str) {
         ZSTD => (zstd::encode_all(tar, 3).unwrap(), media),
         _ => (tar.to_vec(), media),
     }
-}
-
-/// Write an OCI image layout holding `layers` (blobs, bottom first) under `tag`; the blob paths.
-fn oci_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)]) -> Vec<PathBuf> {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| {
-        let d = sha256(data);
-        std::fs::write(blobs.join(&d), data).unwrap();
-        d
-    };
-    let mut descs = Vec::new();
-    let mut paths = Vec::new();
-    for (data, media) in layers {
-        let d = put(data);
-        paths.push(blobs.join(&d));
-        descs.push(format!(
-            r#"{{"mediaType":"{media}","digest":"sha256:{d}","size":{}}}"#,
-            data.len()
-        ));
-    }
-    let config =
-        put(br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#);
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config}","size":1}},"layers":[{}]}}"#,
-        descs.join(",")
-    );
-    let m = put(manifest.as_bytes());
-    std::fs::write(
-        dir.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#,
-            manifest.len()
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    paths
 }
 
 /// A layer tar, entry by entry, each with its owner, ns mtime and xattrs (PAX).

@@ -187,20 +187,7 @@ fn format() -> impl Strategy<Value = Format> {
 }
 
 fn set_times(p: &Path, (s, ns): (i64, u32)) {
-    let t = rustix::fs::Timespec {
-        tv_sec: s,
-        tv_nsec: ns as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        p,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+    ovl_tests::set_times(p, s, ns);
 }
 
 /// Make the tree below `root`; directory metadata last, deepest first.
