@@ -10,7 +10,7 @@ use super::{Node, Upper, UpperError};
 use crate::fsops::open_dir_at;
 use crate::path::LayerPath;
 use crate::whiteout::{XattrNs, key};
-use crate::xattrs::list_at;
+use crate::xattrs::{list_at, names_at};
 
 impl Upper {
     /// Refuses an upper holding a file copied up through the inodes index (`index=on`) that has
@@ -121,14 +121,10 @@ impl Upper {
                 self.scan_links(&cfd, &cpath, seen)?;
                 continue;
             }
-            let listed = match xattr::list(crate::fsops::proc_path(fd, &name)) {
-                Ok(l) => l.collect::<Vec<_>>(),
-                Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => continue,
-                Err(e) => return Err(self.io(&cpath, e)),
-            };
+            let listed = names_at(fd, &name).map_err(|e| self.io(&cpath, e))?;
             if !listed
-                .iter()
-                .any(|n| marked.iter().any(|m| n.as_encoded_bytes() == m.as_bytes()))
+                .split(|&b| b == 0)
+                .any(|n| marked.iter().any(|m| n == m.as_bytes()))
             {
                 continue;
             }
