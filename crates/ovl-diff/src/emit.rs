@@ -218,7 +218,7 @@ fn entry<W: Write>(
             }
             let size = e.meta.size;
             t.kind = TarKind::File { size };
-            let mut f = upper.open_source(source)?;
+            let f = upper.open_source(source)?;
             let chunks = if *sparse && size > 0 {
                 ovl_layer::data_chunks(&f, size).map_err(err)?
             } else {
@@ -229,7 +229,7 @@ fn entry<W: Write>(
                     st.sparse += 1;
                     tw.append(&t, TarData::Sparse { chunks, file: &f })
                 }
-                None => tw.append(&t, TarData::Stream(&mut f)),
+                None => tw.append(&t, TarData::File(&f)),
             }
             .map_err(err)
         }

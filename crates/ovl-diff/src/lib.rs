@@ -89,6 +89,24 @@ pub fn diff<W: std::io::Write + Send>(
     opts: &DiffOptions,
     out: W,
 ) -> Result<(W, LayerInfo, Stats), DiffError> {
+    diff_into(opts, out, None)
+}
+
+/// [`diff`] into a file: an uncompressed layer without a digest (`skip_digest`) has its
+/// bigger files copied from file to file by the kernel, never read into this process.
+pub fn diff_to_file(
+    opts: &DiffOptions,
+    out: std::fs::File,
+) -> Result<(std::fs::File, LayerInfo, Stats), DiffError> {
+    let direct = out.try_clone().map_err(DiffError::Write)?;
+    diff_into(opts, out, Some(direct))
+}
+
+fn diff_into<W: std::io::Write + Send>(
+    opts: &DiffOptions,
+    out: W,
+    direct: Option<std::fs::File>,
+) -> Result<(W, LayerInfo, Stats), DiffError> {
     let upper = ovl_layer::Upper::open(
         &opts.upper,
         &ovl_layer::UpperOptions {
@@ -96,7 +114,7 @@ pub fn diff<W: std::io::Write + Send>(
             ids: opts.ids.clone(),
         },
     )?;
-    output::write_layer(out, opts, |tw| {
+    output::write_layer(out, direct, opts, |tw| {
         emit::emit(&upper, tw, opts.refuse_ids, opts.id_alias)
     })
 }

@@ -215,7 +215,7 @@ fn diff_showing_progress(
     quiet: bool,
 ) -> Result<(LayerInfo, Stats), ovl_diff::DiffError> {
     if !ovl_cli::progress_wanted(quiet) {
-        return ovl_diff::diff(opts, file).map(|(_, info, stats)| (info, stats));
+        return ovl_diff::diff_to_file(opts, file).map(|(_, info, stats)| (info, stats));
     }
     let (out, count) = CountingWriter::new(file);
     let bar = Bar::start("diff", Unit::Bytes, quiet, move || {

@@ -107,8 +107,11 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// Write a layer to `out`: `emit` writes the entries into the tar writer it is given.
+/// `direct`, when given, is a descriptor of the same file as `out`, for
+/// [`TarWriter::copy_files_into`] (used when it applies: uncompressed, no digest).
 pub(crate) fn write_layer<W, F>(
     out: W,
+    direct: Option<std::fs::File>,
     opts: &DiffOptions,
     emit: F,
 ) -> Result<(W, LayerInfo, Stats), DiffError>
@@ -119,8 +122,15 @@ where
     // The tar stage runs inside the compressor's closure, which speaks io::Error: carry our
     // own error out beside it.
     let mut failure: Option<DiffError> = None;
+    let mut direct = direct;
     let run_tar = |w: &mut dyn Write| -> io::Result<(TarSummary, Stats)> {
         let mut tw = TarWriter::new(w, opts.tar);
+        if let Some(d) = direct
+            .take()
+            .filter(|_| opts.compression == Compression::None)
+        {
+            tw.copy_files_into(d);
+        }
         match emit(&mut tw) {
             Ok(stats) => {
                 let (_, sum) = tw.finish()?;

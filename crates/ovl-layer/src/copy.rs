@@ -45,58 +45,85 @@ pub(crate) fn copy_sparse(src: &File, dst: &File) -> io::Result<u64> {
     let chunks = data_chunks(src, size)?.unwrap_or_else(|| vec![(0, size)]);
     let mut copied = 0u64;
     for (off, len) in chunks {
-        copy_range(src, dst, off, len)?;
+        copy_range(src, off, dst, off, len)?;
         copied += len;
     }
     dst.set_len(size)?;
     Ok(copied)
 }
 
-fn copy_range(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
+/// Copy `len` bytes at `off` in `src` to `at` in `dst`: `copy_file_range` (page cache to page
+/// cache, one copy where a read and a write make two), or a read and a write where the kernel
+/// cannot copy between these files. A source that ends early is an `UnexpectedEof` error.
+pub(crate) fn copy_range(
+    src: &File,
+    mut off: u64,
+    dst: &File,
+    mut at: u64,
+    mut len: u64,
+) -> io::Result<()> {
     while len > 0 {
-        let mut o_in = off;
-        let mut o_out = off;
-        match rustix::fs::copy_file_range(
-            src,
-            Some(&mut o_in),
-            dst,
-            Some(&mut o_out),
-            len.min(1 << 30) as usize,
-        ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file shrank while copying",
-                ));
-            }
-            Ok(n) => {
-                off += n as u64;
-                len -= n as u64;
-            }
-            Err(rustix::io::Errno::XDEV | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-                return copy_range_rw(src, dst, off, len);
-            }
+        let want = len.min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut off), dst, Some(&mut at), want) {
+            Ok(0) => return Err(shrank()),
+            Ok(n) => len -= n as u64,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::PERM,
+            ) => return copy_by_reading(src, off, dst, at, len),
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
-fn copy_range_rw(src: &File, dst: &File, mut off: u64, mut len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 256 * 1024];
+fn copy_by_reading(
+    src: &File,
+    mut off: u64,
+    dst: &File,
+    mut at: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; (len.min(256 << 10)) as usize];
     while len > 0 {
-        let want = buf.len().min(len as usize);
-        let n = src.read_at(&mut buf[..want], off)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while copying",
-            ));
-        }
-        dst.write_all_at(&buf[..n], off)?;
+        let want = len.min(buf.len() as u64) as usize;
+        let n = match rustix::io::pread(src, &mut buf[..want], off) {
+            Ok(0) => return Err(shrank()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        write_at(dst, &buf[..n], at)?;
         off += n as u64;
+        at += n as u64;
         len -= n as u64;
+    }
+    Ok(())
+}
+
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file shrank while it was copied",
+    )
+}
+
+/// Write all of `data` at `at` in `file`.
+pub(crate) fn write_at(file: &File, mut data: &[u8], mut at: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(file, data, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                at += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

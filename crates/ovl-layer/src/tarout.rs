@@ -57,6 +57,9 @@ pub struct TarEntry<'a> {
 pub enum Data<'a> {
     None,
     Stream(&'a mut dyn Read),
+    /// A regular file opened for this entry, read from its start (copied without passing
+    /// through this process when the writer has a [`TarWriter::copy_files_into`] descriptor).
+    File(&'a std::fs::File),
     /// `(offset, length)` data chunks in order, and a reader positioned anywhere: each chunk is
     /// read with `read_at`.
     Sparse {
@@ -101,6 +104,9 @@ pub struct TarWriter<W: Write> {
     /// Buffers already written, to reuse once the hashing thread is done with them: fresh
     /// memory for every megabyte costs a page fault per page.
     spent: std::collections::VecDeque<std::sync::Arc<Vec<u8>>>,
+    /// The output file itself, where [`Data::File`] content of [`DIRECT_MIN`] bytes and more
+    /// is copied with `copy_file_range` (see [`TarWriter::copy_files_into`]).
+    direct: Option<std::fs::File>,
 }
 
 const BLOCK: usize = 512;
@@ -108,6 +114,9 @@ const BLOCK: usize = 512;
 const READ_BUF: usize = 1 << 20;
 /// Bytes buffered before a write to the output.
 const FLUSH_AT: usize = 1 << 20;
+/// The smallest file copied straight into the output: a smaller one costs more in the extra
+/// write of what is buffered before it than the copy it saves.
+const DIRECT_MIN: u64 = 64 << 10;
 
 /// What a finished stream was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +136,25 @@ impl<W: Write> TarWriter<W> {
             buf: vec![0; READ_BUF],
             pending: Vec::with_capacity(FLUSH_AT + READ_BUF),
             spent: std::collections::VecDeque::new(),
+            direct: None,
         }
+    }
+
+    /// Copy the content of big [`Data::File`] entries from file to file (`copy_file_range`,
+    /// one copy in the kernel instead of a read and a write) into `out`, which must be the
+    /// very file this writer writes to (a descriptor of the same open file, so both share its
+    /// offset). Only done without a digest (the copied bytes never pass through here) and
+    /// when `out` is a regular file that was not opened for appending; otherwise this does
+    /// nothing. Returns whether it is on.
+    pub fn copy_files_into(&mut self, out: std::fs::File) -> bool {
+        let usable = !self.hasher.enabled()
+            && out.metadata().is_ok_and(|m| m.file_type().is_file())
+            && rustix::fs::fcntl_getfl(&out)
+                .is_ok_and(|fl| !fl.contains(rustix::fs::OFlags::APPEND));
+        if usable {
+            self.direct = Some(out);
+        }
+        usable
     }
 
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
@@ -337,6 +364,14 @@ impl<W: Write> TarWriter<W> {
                 self.copy_exact(r, size)?;
                 self.pad(size)?;
             }
+            Data::File(f) if size >= DIRECT_MIN && self.direct.is_some() => {
+                self.copy_direct(f, size)?;
+                self.pad(size)?;
+            }
+            Data::File(mut f) => {
+                self.copy_exact(&mut f, size)?;
+                self.pad(size)?;
+            }
             Data::Sparse { chunks, file } => {
                 let map = map.expect("sparse map");
                 self.put(&map)?;
@@ -378,6 +413,29 @@ impl<W: Write> TarWriter<W> {
         }
         let mut probe = [0u8; 1];
         if r.read(&mut probe)? != 0 {
+            return Err(io::Error::other("the file grew while it was read"));
+        }
+        Ok(())
+    }
+
+    /// [`Self::copy_exact`] of a whole file, from file to file: what is buffered goes out
+    /// first, then the file is copied at the output's offset, which is moved past it.
+    fn copy_direct(&mut self, f: &std::fs::File, size: u64) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        self.flush_pending()?;
+        let mut out = self.direct.as_ref().expect("checked by the caller");
+        let at = out.stream_position()?;
+        crate::copy::copy_range(f, 0, out, at, size).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(e.kind(), "the file shrank while it was read")
+            } else {
+                e
+            }
+        })?;
+        out.seek(SeekFrom::Start(at + size))?;
+        self.written += size;
+        if f.read_at(&mut [0u8; 1], size)? != 0 {
             return Err(io::Error::other("the file grew while it was read"));
         }
         Ok(())
@@ -459,6 +517,10 @@ impl HashThread {
             // The thread only ends when we drop the sender: a send cannot fail.
             let _ = tx.send(buf);
         }
+    }
+
+    fn enabled(&self) -> bool {
+        self.tx.is_some()
     }
 
     fn finish(&mut self) -> [u8; 32] {
@@ -595,17 +657,22 @@ impl Header {
     }
 
     /// A zero-padded octal number filling `len - 1` digits and a NUL.
-    fn octal(&mut self, at: usize, len: usize, v: u64) {
-        let s = format!("{v:0width$o}", width = len - 1);
-        self.0[at..at + len - 1].copy_from_slice(&s.as_bytes()[s.len() - (len - 1)..]);
+    /// `v` as `len - 1` zero-padded octal digits and a NUL (the callers check that it fits;
+    /// written digit by digit: a `format!` per field was 3% of a whole export).
+    fn octal(&mut self, at: usize, len: usize, mut v: u64) {
+        for b in self.0[at..at + len - 1].iter_mut().rev() {
+            *b = b'0' + (v & 7) as u8;
+            v >>= 3;
+        }
         self.0[at + len - 1] = 0;
     }
 
     fn finish(mut self) -> [u8; BLOCK] {
         self.0[148..156].fill(b' ');
         let sum: u32 = self.0.iter().map(|&b| u32::from(b)).sum();
-        let s = format!("{sum:06o}\0 ");
-        self.0[148..156].copy_from_slice(s.as_bytes());
+        // Six digits, a NUL and a space, as GNU tar writes it.
+        self.octal(148, 7, sum.into());
+        self.0[155] = b' ';
         self.0
     }
 }
@@ -846,5 +913,108 @@ mod tests {
             bytes[0], b'f',
             "no PAX header for a clamped whole-second mtime"
         );
+    }
+
+    /// Files of several sizes around [`DIRECT_MIN`] and a file in a stream, written through
+    /// a descriptor of the output (at an offset: the output already holds something) and
+    /// through memory: the same bytes.
+    #[test]
+    fn files_copied_into_the_output_give_the_bytes_of_reading_them() {
+        use std::io::{Seek, Write};
+        let t = tempfile::tempdir().unwrap();
+        let sizes = [
+            0,
+            1,
+            511,
+            DIRECT_MIN - 1,
+            DIRECT_MIN,
+            DIRECT_MIN + 513,
+            3 << 20,
+        ];
+        let files: Vec<std::path::PathBuf> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let p = t.path().join(format!("f{i}"));
+                let data: Vec<u8> = (0..n).map(|j| (j * 7 + i as u64) as u8).collect();
+                std::fs::write(&p, data).unwrap();
+                p
+            })
+            .collect();
+        let write_all = |tw: &mut TarWriter<&mut dyn Write>| {
+            for (i, p) in files.iter().enumerate() {
+                let f = std::fs::File::open(p).unwrap();
+                let name = format!("f{i}");
+                let e = entry(name.as_bytes(), TarKind::File { size: sizes[i] });
+                tw.append(&e, Data::File(&f)).unwrap();
+                tw.append(&entry(b"d", TarKind::Dir), Data::None).unwrap();
+            }
+        };
+        let opts = TarOptions {
+            skip_digest: true,
+            ..TarOptions::default()
+        };
+        let mut mem = Vec::new();
+        let mut w = TarWriter::new(&mut mem as &mut dyn Write, opts);
+        write_all(&mut w);
+        let (_, sum_mem) = w.finish().unwrap();
+
+        let mut out = std::fs::File::create(t.path().join("out.tar")).unwrap();
+        out.write_all(b"before").unwrap();
+        // A duplicate of the writer's descriptor: it shares the offset.
+        let dup = out.try_clone().unwrap();
+        let mut w = TarWriter::new(&mut out as &mut dyn Write, opts);
+        assert!(w.copy_files_into(dup));
+        write_all(&mut w);
+        let (_, sum_file) = w.finish().unwrap();
+        assert_eq!(sum_file, sum_mem);
+        assert_eq!(out.stream_position().unwrap(), 6 + mem.len() as u64);
+        let on_disk = std::fs::read(t.path().join("out.tar")).unwrap();
+        assert_eq!(&on_disk[..6], b"before");
+        assert!(on_disk[6..] == mem[..], "the copied layer differs");
+    }
+
+    /// The copy is refused where its bytes would be missed (a digest) or misplaced (an
+    /// output opened for appending, which copy_file_range does not write to).
+    #[test]
+    fn files_are_not_copied_where_a_digest_or_an_append_needs_the_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("out");
+        let out = std::fs::File::create(&p).unwrap();
+        let mut w = TarWriter::new(Vec::new(), TarOptions::default());
+        assert!(!w.copy_files_into(out.try_clone().unwrap()), "digest on");
+        let no_digest = TarOptions {
+            skip_digest: true,
+            ..TarOptions::default()
+        };
+        let appending = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let mut w = TarWriter::new(Vec::new(), no_digest);
+        assert!(!w.copy_files_into(appending), "O_APPEND");
+        let mut w = TarWriter::new(Vec::new(), no_digest);
+        assert!(w.copy_files_into(out));
+    }
+
+    /// A file that is not the size its entry says (it changed since it was listed) is an
+    /// error on the copying path as on the reading path, never a corrupt stream.
+    #[test]
+    fn a_copied_file_that_shrank_or_grew_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::write(&src, vec![7u8; 2 * DIRECT_MIN as usize]).unwrap();
+        let opts = TarOptions {
+            skip_digest: true,
+            ..TarOptions::default()
+        };
+        for (size, want) in [(3 * DIRECT_MIN, "shrank"), (DIRECT_MIN, "grew")] {
+            let mut out = std::fs::File::create(t.path().join("out")).unwrap();
+            let dup = out.try_clone().unwrap();
+            let mut w = TarWriter::new(&mut out, opts);
+            assert!(w.copy_files_into(dup));
+            let f = std::fs::File::open(&src).unwrap();
+            let err = w
+                .append(&entry(b"f", TarKind::File { size }), Data::File(&f))
+                .unwrap_err();
+            assert!(err.to_string().contains(want), "{size}: {err}");
+        }
     }
 }

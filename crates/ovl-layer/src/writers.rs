@@ -31,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::apply::{self, Meta, Perms, Target};
+use crate::copy::{copy_range, write_at};
 use crate::extract::{ExtractError, MetaPolicy, apply_err, data_err, entry_err};
 
 /// The most data one piece carries (and the reader reads in one go).
@@ -484,21 +485,6 @@ fn finish_file(f: &OpenFile, policy: &MetaPolicy) -> Result<u64, ExtractError> {
     Ok(done.skipped_xattrs)
 }
 
-fn write_at(file: &File, mut data: &[u8], mut at: u64) -> io::Result<()> {
-    while !data.is_empty() {
-        match rustix::io::pwrite(file, data, at) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                data = &data[n..];
-                at += n as u64;
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 /// A plain tar file read for its headers, whose bigger files the writers copy straight from it
 /// (`copy_file_range`: one copy, page cache to page cache, instead of a read into memory and a
 /// write out of it). The extractor's thread [`Direct::claim`]s an entry's data; this reader
@@ -605,52 +591,6 @@ impl Read for DirectFile {
         }
         Ok(n)
     }
-}
-
-/// Copy `len` bytes at `off` in `src` to `at` in `dst`: `copy_file_range` (page cache to page
-/// cache), or a read and a write where the kernel cannot copy between these filesystems.
-fn copy_range(src: &File, mut off: u64, dst: &File, mut at: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let want = len.min(1 << 30) as usize;
-        match rustix::fs::copy_file_range(src, Some(&mut off), dst, Some(&mut at), want) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => len -= n as u64,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::INVAL
-                | rustix::io::Errno::NOSYS
-                | rustix::io::Errno::OPNOTSUPP
-                | rustix::io::Errno::PERM,
-            ) => return copy_by_reading(src, off, dst, at, len),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-fn copy_by_reading(
-    src: &File,
-    mut off: u64,
-    dst: &File,
-    mut at: u64,
-    mut len: u64,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; (len.min(256 << 10)) as usize];
-    while len > 0 {
-        let want = len.min(buf.len() as u64) as usize;
-        let n = match rustix::io::pread(src, &mut buf[..want], off) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        write_at(dst, &buf[..n], at)?;
-        off += n as u64;
-        at += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
 }
 
 fn copy_err(raw: &[u8], e: io::Error) -> ExtractError {
