@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 use rustix::fs::{FileType, Mode, OFlags, Timespec};
 
@@ -156,7 +157,7 @@ struct Extractor<'a> {
     /// When the stream is a plain tar file: the file, to copy bigger files' data from.
     direct: Option<Direct>,
     /// The last parent directory opened, reused while entries stay in it.
-    parent_cache: Option<(LayerPath, OwnedFd)>,
+    parent_cache: Option<(LayerPath, Arc<OwnedFd>)>,
     /// The ids new files get without a chown (ours; the root is not setgid, see `extract`).
     creator: Option<(u32, u32)>,
     /// Extracting before the layers below are complete: what needs them is put off
@@ -418,14 +419,11 @@ impl Extractor<'_> {
     fn leaf(&mut self, path: &LayerPath, raw: &[u8]) -> Result<Leaf, ExtractError> {
         let (parent, name) = path.split_last().expect("not the root");
         let dir = match &self.parent_cache {
-            Some((p, fd)) if *p == parent => {
-                rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| entry_err(raw, e))?
-            }
+            Some((p, fd)) if *p == parent => fd.clone(),
             _ => {
-                let fd = self.open_dir_making(&parent, raw)?;
-                let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| entry_err(raw, e))?;
-                self.parent_cache = Some((parent, fd));
-                dup
+                let fd = Arc::new(self.open_dir_making(&parent, raw)?);
+                self.parent_cache = Some((parent, fd.clone()));
+                fd
             }
         };
         Leaf::new(dir, name).map_err(|e| entry_err(raw, e))

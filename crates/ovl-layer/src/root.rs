@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 
@@ -129,14 +130,16 @@ impl Root {
 /// follows the name if it is a symlink.
 #[derive(Debug)]
 pub struct Leaf {
-    pub dir: OwnedFd,
+    /// Shared: the extractor hands the same parent to every entry of a directory (a
+    /// descriptor of its own each would cost a dup and a close per entry).
+    pub dir: Arc<OwnedFd>,
     pub name: CString,
 }
 
 impl Leaf {
-    pub fn new(dir: OwnedFd, name: &[u8]) -> io::Result<Leaf> {
+    pub fn new(dir: impl Into<Arc<OwnedFd>>, name: &[u8]) -> io::Result<Leaf> {
         Ok(Leaf {
-            dir,
+            dir: dir.into(),
             name: fsops::cstr(name)?,
         })
     }

@@ -48,6 +48,11 @@ pub(crate) const MAX_OPEN: usize = 256;
 const POOLED: usize = 64 << 10;
 /// The most buffers kept for reuse.
 const MAX_SPARE: usize = MAX_QUEUED / PIECE;
+/// An idle writer is woken once this many pieces wait, or [`WAKE_BYTES`] of data: a wake per
+/// small file cost the reader, whose thread is the import's critical path, a tenth of its
+/// time in futex calls. The reader wakes them all before it waits itself, and at the end.
+const WAKE_PIECES: usize = 16;
+const WAKE_BYTES: usize = 1 << 20;
 
 /// A created file on its way to the writers.
 struct OpenFile {
@@ -235,7 +240,8 @@ impl Writers {
     }
 
     /// As [`Self::file`], for a file whose `len` bytes of data are at `off` in `src`: copied
-    /// from there, in pieces, never read into memory.
+    /// from there, never read into memory, by one writer (writes to one file take its inode
+    /// lock in the kernel: writers copying pieces of the same file only spin on each other).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn copy(
         &mut self,
@@ -246,13 +252,12 @@ impl Writers {
         raw: &[u8],
         seq: u64,
     ) -> Result<u64, ExtractError> {
-        let pieces = len.div_ceil(PIECE as u64).max(1) as usize;
         let file = OpenFile {
             file: File::from(fd),
             meta,
             raw: raw.to_vec(),
             seq,
-            pending: AtomicUsize::new(pieces),
+            pending: AtomicUsize::new(1),
             size: None,
         };
         if self.threads.is_empty() {
@@ -262,16 +267,12 @@ impl Writers {
             return Ok(len);
         }
         self.reserve_open();
-        let file = Arc::new(file);
-        for i in 0..pieces as u64 {
-            let at = i * PIECE as u64;
-            self.send(Piece {
-                file: file.clone(),
-                at,
-                data: Vec::new(),
-                from: Some((src.clone(), off + at, (len - at).min(PIECE as u64))),
-            });
-        }
+        self.send(Piece {
+            file: Arc::new(file),
+            at: 0,
+            data: Vec::new(),
+            from: Some((src, off, len)),
+        });
         Ok(len)
     }
 
@@ -280,6 +281,7 @@ impl Writers {
         let mut st = self.lock();
         while st.open >= MAX_OPEN && !self.failed() {
             st.reader_waits = true;
+            self.shared.work.notify_all();
             st = self.shared.room.wait(st).expect("writers poisoned");
         }
         st.open += 1;
@@ -361,11 +363,15 @@ impl Writers {
         // One piece always fits, however big: the queue only waits when it holds something.
         while st.bytes > 0 && st.bytes + n > MAX_QUEUED && !self.failed() {
             st.reader_waits = true;
+            self.shared.work.notify_all();
             st = self.shared.room.wait(st).expect("writers poisoned");
         }
         st.bytes += n;
+        // A copy from the archive names its bytes without carrying them.
+        let copies = piece.from.as_ref().map_or(0, |&(_, _, len)| len as usize);
         st.queue.push_back(piece);
-        let wake = st.idle_writers > 0;
+        let wake = st.idle_writers > 0
+            && (st.queue.len() >= WAKE_PIECES || st.bytes + copies >= WAKE_BYTES);
         drop(st);
         if wake {
             self.shared.work.notify_one();
