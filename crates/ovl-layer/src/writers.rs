@@ -606,3 +606,48 @@ fn copy_err(raw: &[u8], e: io::Error) -> ExtractError {
         entry_err(raw, format!("copying data: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "OVL_TEST_OPEN_FILE_LIMIT_CHILD";
+    const NAME: &str = "writers::tests::a_pool_with_threads_raises_the_soft_open_file_limit";
+
+    /// A pool with threads raises the soft limit on open files to the hard one (`--jobs N`
+    /// pools hold up to N x [`MAX_OPEN`] files). The raise happens once per process, so the
+    /// test runs itself again in a child process, with a low soft limit set before the pool.
+    #[test]
+    fn a_pool_with_threads_raises_the_soft_open_file_limit() {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "the child failed:\n{text}");
+            assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+            return;
+        }
+        let mut limit = getrlimit(Resource::Nofile);
+        let hard = limit.maximum.expect("a finite hard limit on open files");
+        assert!(hard > 64, "hard limit {hard}");
+        limit.current = Some(64);
+        setrlimit(Resource::Nofile, limit).unwrap();
+        let policy = MetaPolicy {
+            opts: crate::extract::ExtractOptions {
+                opaque_ns: crate::whiteout::XattrNs::User,
+                owners: crate::extract::OwnerPolicy::Record,
+                shift: None,
+                writers: 2,
+            },
+            creator: None,
+        };
+        let mut pool = Writers::new(2, policy).unwrap();
+        pool.finish().map_err(|(_, e)| e).unwrap();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
+    }
+}
