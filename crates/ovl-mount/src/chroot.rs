@@ -13,7 +13,7 @@ use rustix::mount::MountFlags;
 use crate::error::{MountError, Result};
 
 /// The device nodes bound from the host into MERGED/dev.
-pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 fn ensure_dir(dir: &Path, writable: bool) -> Result<()> {
     if dir.is_dir() {
@@ -37,7 +37,7 @@ fn setup_err(what: String) -> impl FnOnce(rustix::io::Errno) -> MountError {
 
 /// Mount /proc and /dev under `merged`. `writable`: the overlay has an upper, so a missing
 /// mount point directory may be made.
-pub fn prepare(merged: &Path, writable: bool) -> Result<()> {
+pub(crate) fn prepare(merged: &Path, writable: bool) -> Result<()> {
     let proc = merged.join("proc");
     ensure_dir(&proc, writable)?;
     rustix::mount::mount_bind_recursive("/proc", &proc)

@@ -13,15 +13,15 @@ use std::process::Command;
 use crate::error::{MountError, Result};
 
 /// PATH for a command run with `--chroot`.
-pub const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The variables of ovl-mount's environment a `--chroot` command keeps.
-pub fn chroot_keeps(name: &str) -> bool {
+pub(crate) fn chroot_keeps(name: &str) -> bool {
     matches!(name, "TERM" | "LANG" | "TZ" | "COLORTERM") || name.starts_with("LC_")
 }
 
 /// Ignore the terminal's SIGINT and SIGQUIT in this (supervising) process.
-pub fn ignore_terminal_signals() {
+pub(crate) fn ignore_terminal_signals() {
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
@@ -32,7 +32,7 @@ pub fn ignore_terminal_signals() {
 /// Run `argv` with MERGED as its working directory (or its root), as root of the user
 /// namespace `userns` when given (a shifted mount), wait, and return its exit code (128+N for
 /// a signal).
-pub fn run(
+pub(crate) fn run(
     argv: &[OsString],
     merged: &Path,
     chroot: bool,

@@ -37,14 +37,14 @@ impl std::fmt::Display for Driver {
 
 /// A mount that is in place.
 #[derive(Debug)]
-pub enum Active {
+pub(crate) enum Active {
     Kernel { merged: PathBuf, method: Method },
     Fuse(FuseMount),
 }
 
 /// What mounted, why, and how long it took.
 #[derive(Debug)]
-pub struct Mounted {
+pub(crate) struct Mounted {
     pub active: Active,
     pub driver: Driver,
     pub reason: String,
@@ -53,7 +53,7 @@ pub struct Mounted {
 
 impl Mounted {
     /// Lines for `-v`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let how = match &self.active {
             Active::Kernel { method, .. } => format!(" via {method}"),
             Active::Fuse(_) => String::new(),
@@ -67,7 +67,7 @@ impl Mounted {
     }
 
     /// Take the mount down (lazily: the command may have left processes behind).
-    pub fn unmount(self) -> Result<()> {
+    pub(crate) fn unmount(self) -> Result<()> {
         match self.active {
             Active::Kernel { merged, .. } => kernel::unmount(&merged, true),
             Active::Fuse(f) => f.stop(),
@@ -108,7 +108,7 @@ fn single_id_map() -> bool {
 }
 
 /// Mount for a command, as real root (`rootless` false) or as root of a user namespace.
-pub fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounted> {
+pub(crate) fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounted> {
     let done = |(active, took): (Active, Duration), driver, reason: String| Mounted {
         active,
         driver,
@@ -193,7 +193,7 @@ pub fn mount(spec: &MountSpec, layout: &Layout, rootless: bool) -> Result<Mounte
 }
 
 /// A rootless kernel mount needs Linux >= 5.11.
-pub fn require_rootless_kernel() -> Result<()> {
+pub(crate) fn require_rootless_kernel() -> Result<()> {
     host::require_kernel(
         host::USERNS_OVERLAY,
         "rootless kernel overlayfs (userxattr in a user namespace)",
@@ -203,7 +203,7 @@ pub fn require_rootless_kernel() -> Result<()> {
 }
 
 /// Checks that can be made before entering the user namespace, so they fail early and clearly.
-pub fn precheck_rootless(spec: &MountSpec) -> Result<()> {
+pub(crate) fn precheck_rootless(spec: &MountSpec) -> Result<()> {
     match spec.driver {
         DriverChoice::Kernel => require_rootless_kernel(),
         DriverChoice::Fuse => {

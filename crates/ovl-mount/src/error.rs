@@ -200,7 +200,7 @@ impl MountError {
 }
 
 /// Where an idmapped mount is refused: the copy-based shift at import.
-pub const SHIFT_FALLBACK: &str = "Fall back to shifting at import time: ovl-import --uidmap \
+pub(crate) const SHIFT_FALLBACK: &str = "Fall back to shifting at import time: ovl-import --uidmap \
     C:H:N --gidmap C:H:N SOURCE LOWER writes the lower in host ids, then mount it with \
     ovl-mount --uidmap C:H:N --gidmap C:H:N --shifted-lowers --lower LOWER ...";
 

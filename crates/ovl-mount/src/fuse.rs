@@ -25,12 +25,12 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// `-o xattr_permissions=2`: fuse-overlayfs presents owners and modes from
 /// `user.fuseoverlayfs.override_stat` (what ovl-import records without subordinate ids) and
 /// records every chown and chmod there (see ovl-layer's `owners`).
-pub const XATTR_PERMISSIONS: &str = "xattr_permissions=2";
+pub(crate) const XATTR_PERMISSIONS: &str = "xattr_permissions=2";
 
 /// The `-o` value for fuse-overlayfs, every path escaped by ovl-layer's `lowers` for it
 /// (a path with a `:` is refused: fuse-overlayfs splits its layer lists on every colon);
 /// `recorded_owners`: present and record owners in override xattrs (a single-id map).
-pub fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
+pub(crate) fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
     let unsafe_path = |e: LowerError| match e {
         LowerError::FuseColon { path } => MountError::UnsafePath(path, FUSE_COLON),
         other => MountError::FuseMount {
@@ -68,7 +68,7 @@ pub fn options(layout: &Layout, recorded_owners: bool) -> Result<OsString> {
 const FUSE_COLON: &str = "fuse-overlayfs, which splits its layer lists on every `:`";
 
 /// The mount id of the topmost mount at `path`.
-pub fn mount_id(path: &Path) -> Result<u64> {
+pub(crate) fn mount_id(path: &Path) -> Result<u64> {
     rustix::fs::statx(CWD, path, AtFlags::empty(), StatxFlags::MNT_ID)
         .map(|s| s.stx_mnt_id)
         .map_err(|e| MountError::Io {
@@ -80,7 +80,7 @@ pub fn mount_id(path: &Path) -> Result<u64> {
 
 /// A fuse-overlayfs serving MERGED for as long as this lives (see [`FuseMount::stop`]).
 #[derive(Debug)]
-pub struct FuseMount {
+pub(crate) struct FuseMount {
     child: Child,
     merged: PathBuf,
 }
@@ -125,7 +125,7 @@ fn failed(layout: &Layout, child: &mut Child, why: String) -> MountError {
 }
 
 /// Start fuse-overlayfs in the foreground and wait until MERGED is its mount.
-pub fn mount(program: &Path, layout: &Layout, recorded_owners: bool) -> Result<FuseMount> {
+pub(crate) fn mount(program: &Path, layout: &Layout, recorded_owners: bool) -> Result<FuseMount> {
     let before = mount_id(&layout.merged)?;
     let mut cmd = command(program, layout, true, recorded_owners)?;
     // SAFETY: prctl is async-signal-safe; the child dies with us rather than outlive its mount
@@ -178,7 +178,7 @@ pub fn mount(program: &Path, layout: &Layout, recorded_owners: bool) -> Result<F
 
 impl FuseMount {
     /// Unmount MERGED and wait for fuse-overlayfs to exit (terminating it if it lingers).
-    pub fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         let res = crate::kernel::unmount(&self.merged, true);
         let start = Instant::now();
         while start.elapsed() < PATIENCE {
@@ -197,7 +197,7 @@ impl FuseMount {
 }
 
 /// Start fuse-overlayfs as a daemon that outlives us (a persistent mount, as root).
-pub fn mount_persistent(program: &Path, layout: &Layout) -> Result<()> {
+pub(crate) fn mount_persistent(program: &Path, layout: &Layout) -> Result<()> {
     let mut cmd = command(program, layout, false, false)?;
     let mut child = cmd.spawn().map_err(|source| MountError::Command {
         program: program.display().to_string(),

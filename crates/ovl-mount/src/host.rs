@@ -9,18 +9,18 @@ use std::path::{Path, PathBuf};
 use crate::error::{MountError, Result};
 
 /// overlayfs in a user namespace with `userxattr` (Linux 5.11).
-pub const USERNS_OVERLAY: (u32, u32) = (5, 11);
+pub(crate) const USERNS_OVERLAY: (u32, u32) = (5, 11);
 /// `lowerdir+` one layer per fsconfig call (Linux 6.8).
-pub const LOWERDIR_APPEND: (u32, u32) = (6, 8);
+pub(crate) const LOWERDIR_APPEND: (u32, u32) = (6, 8);
 
 /// `major.minor` of a kernel release string such as `6.18.44-foo`.
-pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_release(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(|c: char| !c.is_ascii_digit());
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
 /// The running kernel's release string and `major.minor`.
-pub fn kernel() -> (String, (u32, u32)) {
+pub(crate) fn kernel() -> (String, (u32, u32)) {
     let uname = rustix::system::uname();
     let release = uname.release().to_string_lossy().into_owned();
     let v = parse_release(&release).unwrap_or((0, 0));
@@ -28,7 +28,7 @@ pub fn kernel() -> (String, (u32, u32)) {
 }
 
 /// Fail unless the running kernel is at least `need`.
-pub fn require_kernel(
+pub(crate) fn require_kernel(
     need: (u32, u32),
     what: &'static str,
     need_text: &'static str,
@@ -48,7 +48,7 @@ pub fn require_kernel(
 
 /// Check the sysctls that turn unprivileged user namespaces off; `read` gives a sysctl's value
 /// by its /proc/sys path (None when the file does not exist).
-pub fn userns_enabled_with(read: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+pub(crate) fn userns_enabled_with(read: &dyn Fn(&str) -> Option<String>) -> Result<()> {
     let num = |p: &str| read(p).and_then(|v| v.trim().parse::<i64>().ok());
     if num("/proc/sys/user/max_user_namespaces") == Some(0) {
         return Err(MountError::UsernsDisabled(
@@ -72,12 +72,12 @@ pub fn userns_enabled_with(read: &dyn Fn(&str) -> Option<String>) -> Result<()> 
 }
 
 /// Check this host's user namespace sysctls.
-pub fn userns_enabled() -> Result<()> {
+pub(crate) fn userns_enabled() -> Result<()> {
     userns_enabled_with(&|p| std::fs::read_to_string(p).ok())
 }
 
 /// The fuse-overlayfs program to run: `explicit`, else the one in PATH.
-pub fn fuse_program(explicit: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn fuse_program(explicit: Option<&Path>) -> Result<PathBuf> {
     match explicit {
         Some(p) if rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok() => {
             Ok(p.to_path_buf())
@@ -90,7 +90,7 @@ pub fn fuse_program(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// The fuse device must be readable and writable by this process.
-pub fn fuse_device_usable(dev: &Path) -> Result<()> {
+pub(crate) fn fuse_device_usable(dev: &Path) -> Result<()> {
     use rustix::fs::Access;
     match rustix::fs::access(dev, Access::READ_OK | Access::WRITE_OK) {
         Ok(()) => Ok(()),
@@ -106,7 +106,7 @@ pub fn fuse_device_usable(dev: &Path) -> Result<()> {
 }
 
 /// Everything fuse-overlayfs needs: the program and the device.
-pub fn fuse_usable(program: Option<&Path>, device: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn fuse_usable(program: Option<&Path>, device: Option<&Path>) -> Result<PathBuf> {
     let prog = fuse_program(program)?;
     fuse_device_usable(device.unwrap_or(Path::new("/dev/fuse")))?;
     Ok(prog)

@@ -15,7 +15,7 @@ use rustix::fs::{FlockOperation, Mode, OFlags};
 use crate::error::{MountError, Result};
 
 /// Refuse an upper or work directory that an overlay in this namespace already uses.
-pub fn check_not_mounted(upper: &Path, work: &Path) -> Result<()> {
+pub(crate) fn check_not_mounted(upper: &Path, work: &Path) -> Result<()> {
     let all = own_mounts();
     if let Some(m) = overlay_using(&all, "workdir", work) {
         return Err(MountError::WorkInUse {
@@ -34,13 +34,13 @@ pub fn check_not_mounted(upper: &Path, work: &Path) -> Result<()> {
 
 /// An exclusive lock on a work directory, held while the mount lives.
 #[derive(Debug)]
-pub struct WorkLock {
+pub(crate) struct WorkLock {
     _fd: OwnedFd,
 }
 
 impl WorkLock {
     /// Take the lock, or say that another ovl-mount holds it.
-    pub fn take(work: &Path) -> Result<WorkLock> {
+    pub(crate) fn take(work: &Path) -> Result<WorkLock> {
         let fd = rustix::fs::open(
             work,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -23,11 +23,11 @@ use crate::error::{MountError, Result};
 use crate::layout::Layout;
 
 /// The longest option string mount(2) takes (one page, with its NUL).
-pub const OPTION_PAGE: usize = 4095;
+pub(crate) const OPTION_PAGE: usize = 4095;
 
 /// How the overlay was made, for `-v`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// fsconfig `lowerdir+`, one call per layer.
     LowerdirAppend,
     /// mount(2) with the layer paths in one option page.
@@ -50,7 +50,7 @@ impl std::fmt::Display for Method {
 }
 
 /// Mount kernel overlayfs for `layout` on its MERGED directory.
-pub fn mount(layout: &Layout, userxattr: bool, legacy: bool) -> Result<Method> {
+pub(crate) fn mount(layout: &Layout, userxattr: bool, legacy: bool) -> Result<Method> {
     if layout.upper.is_none() && layout.lowers.len() == 1 {
         bind_read_only(&layout.lowers[0], &layout.merged)?;
         return Ok(Method::ReadOnlyBind);
@@ -176,7 +176,7 @@ fn read_log(fs: &OwnedFd) -> Vec<String> {
 /// The `lowerdir=...,upperdir=...,workdir=...` option string for mount(2), every path escaped
 /// by [`lowers`] (overlayfs splits this string on unescaped commas, `lowerdir=` on unescaped
 /// colons, and drops each escaping backslash).
-pub fn legacy_options<P: AsRef<Path>>(
+pub(crate) fn legacy_options<P: AsRef<Path>>(
     layers: &[P],
     upper: Option<(&Path, &Path)>,
     userxattr: bool,
@@ -306,7 +306,7 @@ fn bind_read_only(lower: &Path, merged: &Path) -> Result<()> {
 }
 
 /// Unmount MERGED (any overlay, fuse or bind mount on it).
-pub fn unmount(merged: &Path, lazy: bool) -> Result<()> {
+pub(crate) fn unmount(merged: &Path, lazy: bool) -> Result<()> {
     let flags = if lazy {
         UnmountFlags::DETACH
     } else {
@@ -319,7 +319,7 @@ pub fn unmount(merged: &Path, lazy: bool) -> Result<()> {
 }
 
 /// The raw bytes of a path as a C string (for pre_exec code that must not allocate).
-pub fn c_path(p: &Path) -> Result<CString> {
+pub(crate) fn c_path(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| MountError::UnsafePath(p.to_path_buf(), "C string"))
 }

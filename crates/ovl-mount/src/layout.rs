@@ -13,11 +13,11 @@ use crate::spec::MountSpec;
 
 /// Entries an overlay mount leaves in its work directory; a work directory holding only these
 /// (as directories) counts as empty.
-pub const WORK_LEFTOVERS: [&str; 2] = ["work", "index"];
+pub(crate) const WORK_LEFTOVERS: [&str; 2] = ["work", "index"];
 
 /// The canonical directories of a mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
+pub(crate) struct Layout {
     /// Top first.
     pub lowers: Vec<PathBuf>,
     pub upper: Option<PathBuf>,
@@ -27,7 +27,7 @@ pub struct Layout {
 
 impl Layout {
     /// Resolve and check the directories of `spec`.
-    pub fn resolve(spec: &MountSpec) -> Result<Layout> {
+    pub(crate) fn resolve(spec: &MountSpec) -> Result<Layout> {
         let merged = canonical_dir("mount point", &spec.merged).map_err(|e| match e {
             MountError::Missing { path, .. } => MountError::MergedMissing(path),
             e => e,
@@ -129,7 +129,7 @@ fn make_dir(what: &'static str, p: &Path) -> Result<PathBuf> {
 }
 
 /// Upper and work must be on one filesystem (overlayfs renames between them).
-pub fn same_filesystem(upper: &Path, work: &Path) -> Result<()> {
+pub(crate) fn same_filesystem(upper: &Path, work: &Path) -> Result<()> {
     let u = std::fs::metadata(upper).map_err(MountError::io("upper directory", upper))?;
     let w = std::fs::metadata(work).map_err(MountError::io("work directory", work))?;
     if u.dev() != w.dev() {
@@ -142,7 +142,7 @@ pub fn same_filesystem(upper: &Path, work: &Path) -> Result<()> {
 }
 
 /// The work directory holds nothing but an earlier overlay mount's leftovers.
-pub fn work_is_empty(work: &Path) -> Result<()> {
+pub(crate) fn work_is_empty(work: &Path) -> Result<()> {
     for entry in std::fs::read_dir(work).map_err(MountError::io("work directory", work))? {
         let entry = entry.map_err(MountError::io("work directory", work))?;
         let name = entry.file_name();

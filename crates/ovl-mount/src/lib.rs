@@ -25,6 +25,8 @@
 //! `session` (the order of it all), `shift` (`--uidmap`: idmapped lowers, the upper's
 //! owner), `error` (typed errors that say what to do).
 
+#![warn(unreachable_pub)]
+
 mod chroot;
 mod command;
 mod driver;

@@ -72,7 +72,7 @@ fn claim(layout: &Layout) -> Result<Option<WorkLock>> {
 }
 
 /// One line that says what is mounted where.
-pub fn summary(layout: &Layout) -> String {
+pub(crate) fn summary(layout: &Layout) -> String {
     let mut lowers: Vec<String> = layout
         .lowers
         .iter()

@@ -29,7 +29,7 @@ use crate::error::{MountError, Result};
 use crate::layout::Layout;
 
 /// The host uid and gid container root maps to.
-pub fn mapped_root(maps: &RootlessMaps) -> Result<(u32, u32)> {
+pub(crate) fn mapped_root(maps: &RootlessMaps) -> Result<(u32, u32)> {
     match (maps.uid.to_host(0), maps.gid.to_host(0)) {
         (Some(u), Some(g)) => Ok((u, g)),
         _ => Err(MountError::ShiftNoRoot),
@@ -39,7 +39,7 @@ pub fn mapped_root(maps: &RootlessMaps) -> Result<(u32, u32)> {
 /// Make the upper's root belong to the mapped root (a fresh, empty upper), or check that it
 /// already does: an upper holds the host ids of the map it was written under, so a different
 /// map would show its files as other owners (or nobody).
-pub fn prepare_upper(upper: &Path, maps: &RootlessMaps) -> Result<()> {
+pub(crate) fn prepare_upper(upper: &Path, maps: &RootlessMaps) -> Result<()> {
     let (uid, gid) = mapped_root(maps)?;
     let md = std::fs::symlink_metadata(upper).map_err(MountError::io("upper directory", upper))?;
     if (md.uid(), md.gid()) == (uid, gid) {
@@ -69,7 +69,7 @@ pub fn prepare_upper(upper: &Path, maps: &RootlessMaps) -> Result<()> {
 
 /// In the (private) mount namespace of this process: put an idmapped clone of every lower on
 /// top of it, so overlayfs reads the lowers through the map.
-pub fn idmap_lowers(layout: &Layout, userns: &UsernsFd) -> Result<()> {
+pub(crate) fn idmap_lowers(layout: &Layout, userns: &UsernsFd) -> Result<()> {
     for lower in &layout.lowers {
         let tree = ovl_layer::idmapped_clone(lower, userns).map_err(MountError::IdmapRefused)?;
         ovl_layer::attach_idmapped(&tree, lower).map_err(MountError::IdmapRefused)?;
@@ -78,7 +78,7 @@ pub fn idmap_lowers(layout: &Layout, userns: &UsernsFd) -> Result<()> {
 }
 
 /// The user namespace holding `maps`.
-pub fn userns(maps: &RootlessMaps) -> Result<UsernsFd> {
+pub(crate) fn userns(maps: &RootlessMaps) -> Result<UsernsFd> {
     UsernsFd::new(maps).map_err(|e| MountError::IdmapRefused(ovl_layer::IdmapMountError::Userns(e)))
 }
 
@@ -86,7 +86,7 @@ pub fn userns(maps: &RootlessMaps) -> Result<UsernsFd> {
 /// mount namespace where every lower is covered by its idmapped clone (unless the lowers are
 /// already shifted), and the overlay it made is then moved into the caller's namespace (see
 /// the module doc). Needs a single-threaded caller (unshare and setns of a mount namespace).
-pub fn persistent<T>(
+pub(crate) fn persistent<T>(
     layout: &Layout,
     userns: Option<&UsernsFd>,
     mount: impl FnOnce() -> Result<T>,
