@@ -3,7 +3,7 @@
 //! Owns the conventions every test follows: where the built binaries are, how a test that needs
 //! root, a package or the unprivileged test user skips (loudly) or fails (`OVL_REQUIRE_ALL=1`),
 //! and how a command runs as that user. Skips are reported at the end of each test binary
-//! ([`skips`]); the pinned fixtures are fetched by the tests themselves ([`fixtures`]).
+//! ([`skips`]); the pinned fixtures are fetched by the tests themselves ([`mod@fixtures`]).
 
 pub mod fixtures;
 pub mod mountns;

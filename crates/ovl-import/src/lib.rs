@@ -96,7 +96,7 @@ pub struct ImportOptions {
     /// How many layers of an OCI image are extracted at once (see `layers`); 1: in turn.
     pub jobs: usize,
     /// Threads writing file content within a layer (`--writers`); `None`: chosen by the
-    /// source (see [`auto_writers`]).
+    /// source (see `auto_writers`).
     pub writers: Option<usize>,
 }
 

@@ -54,7 +54,7 @@ pub struct ExtractOptions {
     /// With [`OwnerPolicy::Preserve`]: chown to the host ids this map gives the archive's
     /// owners (`ovl-import --uidmap`); an owner outside the map is an error naming the entry.
     pub shift: Option<std::sync::Arc<crate::idmap::RootlessMaps>>,
-    /// Threads writing file content (see [`crate::writers`]); 1: the reading thread writes
+    /// Threads writing file content (see the `writers` module); 1: the reading thread writes
     /// everything itself. Either way the tree is the same.
     pub writers: usize,
 }

@@ -656,7 +656,6 @@ impl Header {
         self.0[..k].copy_from_slice(&n[..k]);
     }
 
-    /// A zero-padded octal number filling `len - 1` digits and a NUL.
     /// `v` as `len - 1` zero-padded octal digits and a NUL (the callers check that it fits;
     /// written digit by digit: a `format!` per field was 3% of a whole export).
     fn octal(&mut self, at: usize, len: usize, mut v: u64) {

@@ -15,9 +15,12 @@
 //! [`MAX_OPEN`] files are in flight; the reader waits for room.
 //!
 //! When the archive is a plain tar file ([`DirectFile`]), a file of [`DIRECT_MIN`] bytes or
-//! more is not read at all: its pieces name a range of the archive, which the writer copies
+//! more is not read at all: one piece names its range of the archive, which one writer copies
 //! with `copy_file_range` (one copy, where reading and writing would make two, and the
-//! extractor's thread never touches the data).
+//! extractor's thread never touches the data). One writer, because writes to a file hold its
+//! inode lock: two copying parts of the same file would take turns, spinning.
+//!
+//! Idle writers are woken per batch of pieces, not per piece (see [`WAKE_PIECES`]).
 //!
 //! With one writer there are no threads: each piece is written as it is read, by the same
 //! functions, so one writer and many give the same tree.

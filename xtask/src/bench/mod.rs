@@ -13,7 +13,7 @@
 //! - one file per case (`import.rs`, ...), each with `pub fn case(ctx: &Ctx) -> Case`.
 //!
 //! To add a case: write `bench/NAME.rs` with `pub fn case(ctx: &Ctx) -> Case` (see `import.rs`),
-//! add `mod NAME;` below and `NAME::case` to [`CASES`].
+//! add `mod NAME;` below and `NAME::case` to `CASES`.
 
 mod corpus;
 mod diff;
