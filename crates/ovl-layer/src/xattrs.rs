@@ -38,10 +38,14 @@ pub(crate) fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String
     if AT_CALLS.load(Ordering::Relaxed) {
         let fd = dir.as_raw_fd();
         let listed = read_sized(|b| at::list(fd, name, b));
-        match &listed {
-            Err(e) if at::unavailable(e) => AT_CALLS.store(false, Ordering::Relaxed),
-            _ => return collect(listed, |key| read_sized(|b| at::get(fd, name, key, b))),
+        if !matches!(&listed, Err(e) if at::unavailable(e)) {
+            let got = collect(listed, |key| read_sized(|b| at::get(fd, name, key, b)));
+            // A filter that lets one of the two calls through and not the other.
+            if !matches!(&got, Err(e) if at::unavailable(e)) {
+                return got;
+            }
         }
+        AT_CALLS.store(false, Ordering::Relaxed);
     }
     list_path(&proc_path(dir, name))
 }
