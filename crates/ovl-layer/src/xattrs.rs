@@ -324,4 +324,106 @@ mod tests {
         assert_eq!(b, big);
         assert_eq!(n, names);
     }
+
+    const CHILD: &str = "OVL_TEST_XATTR_SECCOMP_CHILD";
+    const NAME: &str = "xattrs::tests::calls_a_seccomp_filter_refuses_fall_back_to_the_proc_path";
+
+    /// Under a seccomp filter that refuses the new calls (a container runtime's profile
+    /// older than Linux 6.13 answers ENOSYS or EPERM), listing falls back to the proc path
+    /// and reads the same; also when only `getxattrat` is refused. Each case runs in a child
+    /// process of this test binary: the filter cannot be lifted, and the fallback, once
+    /// taken, is remembered for the process.
+    #[test]
+    fn calls_a_seccomp_filter_refuses_fall_back_to_the_proc_path() {
+        const LISTXATTRAT: u32 = 465;
+        const GETXATTRAT: u32 = 464;
+        let Some(case) = std::env::var_os(CHILD) else {
+            for case in ["both-ENOSYS", "both-EPERM", "get-EPERM"] {
+                let out = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", NAME, "--test-threads=1"])
+                    .env(CHILD, case)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{case}: the child failed:\n{text}");
+                assert!(text.contains("1 passed"), "{case}: no test ran:\n{text}");
+            }
+            return;
+        };
+        let (refused, errno): (&[u32], i32) = match case.to_str().unwrap() {
+            "both-ENOSYS" => (&[LISTXATTRAT, GETXATTRAT], libc::ENOSYS),
+            "both-EPERM" => (&[LISTXATTRAT, GETXATTRAT], libc::EPERM),
+            "get-EPERM" => (&[GETXATTRAT], libc::EPERM),
+            other => panic!("unknown case {other}"),
+        };
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"").unwrap();
+        xattr::set(&f, "user.a", b"1").unwrap();
+        xattr::set(&f, "user.b", b"22").unwrap();
+        let dir = std::fs::File::open(t.path()).unwrap();
+        let want = vec![
+            ("user.a".to_string(), b"1".to_vec()),
+            ("user.b".into(), b"22".to_vec()),
+        ];
+        assert_eq!(list_at(&dir, c"f").unwrap(), want, "before the filter");
+        assert!(
+            AT_CALLS.load(Ordering::Relaxed),
+            "the new calls work on this kernel"
+        );
+
+        refuse_syscalls(refused, errno);
+        assert_eq!(list_at(&dir, c"f").unwrap(), want, "under the filter");
+        assert!(
+            !AT_CALLS.load(Ordering::Relaxed),
+            "the fallback is remembered"
+        );
+        assert_eq!(names_at(&dir, c"f").unwrap(), b"user.a\0user.b\0");
+        assert_eq!(list_at(&dir, c"f").unwrap(), want);
+    }
+
+    /// Install a seccomp filter on this thread: the syscalls `nrs` fail with `errno`.
+    fn refuse_syscalls(nrs: &[u32], errno: i32) {
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        // Load the syscall number; for each refused one, jump to the last instruction.
+        let mut prog = vec![stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0)];
+        for (i, &nr) in nrs.iter().enumerate() {
+            let to_refuse = (nrs.len() - i) as u8;
+            prog.push(libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: to_refuse,
+                jf: 0,
+                k: nr,
+            });
+        }
+        prog.push(stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW));
+        prog.push(stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | errno as u32,
+        ));
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_mut_ptr(),
+        };
+        // SAFETY: plain prctl calls; `fprog` points at `prog`, alive across the call.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &raw const fprog
+                ),
+                0,
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
+    }
 }
