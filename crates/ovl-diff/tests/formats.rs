@@ -1013,3 +1013,93 @@ fn oci_layout_concurrent_appends() {
         "appends were lost: {manifest}"
     );
 }
+
+/// A sparse file on a filesystem that cannot tell its holes (FUSE without lseek, here
+/// fuse-overlayfs; NFSv3 and compressed ZFS are the same: fewer blocks than bytes, no hole
+/// found) is in the layer whole, on every output path, as GNU tar archives it. Looking for
+/// its holes left the descriptor at the end of the file: ovl-diff to stdout, with a digest or
+/// compressed failed with "the file shrank", and only `-q -o` (copied by offset) had it.
+#[test]
+fn a_sparse_file_whose_holes_cannot_be_found_is_exported_whole() {
+    if !require("root (for a FUSE mount)", is_root()) {
+        return;
+    }
+    let tools = ["fuse-overlayfs", "unshare", "tar"]
+        .iter()
+        .all(|t| ovl_tests::which(t).is_some());
+    if !require("fuse-overlayfs, unshare and tar", tools) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    for p in ["l", "u", "w", "m"] {
+        std::fs::create_dir(d.join(p)).unwrap();
+    }
+    let size = 1u64 << 20;
+    let f = std::fs::File::create(d.join("l/sparse")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail", size - 4).unwrap();
+    drop(f);
+    let mut want = vec![0u8; size as usize];
+    want[..4].copy_from_slice(b"head");
+    want[size as usize - 4..].copy_from_slice(b"tail");
+    // Mounted in a mount namespace of its own, unmounted however the script ends.
+    let script = r#"
+        d=$1; bin=$2
+        fuse-overlayfs -o lowerdir=$d/l,upperdir=$d/u,workdir=$d/w $d/m || exit 3
+        trap 'fusermount3 -u $d/m 2>/dev/null || fusermount -u $d/m 2>/dev/null || umount $d/m' EXIT
+        set -e
+        stat -c %b $d/m/sparse > $d/blocks
+        "$bin" $d/m > $d/stdout.tar
+        "$bin" -q $d/m -o $d/file.tar
+        "$bin" -q --compress gzip $d/m -o $d/layer.tar.gz
+        tar -C $d/m -cf $d/gnu.tar sparse
+    "#;
+    let out = ovl_tests::output(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(d)
+            .arg(BIN),
+    );
+    if !require("a fuse-overlayfs mount", out.status.code() != Some(3)) {
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocks: u64 = std::fs::read_to_string(d.join("blocks"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        blocks * 512 < size,
+        "the file is not sparse on the mount ({blocks} blocks): this test would prove nothing"
+    );
+    let data_of = |tar_bytes: &[u8]| -> Vec<u8> {
+        let mut ar = tar::Archive::new(tar_bytes);
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path_bytes().as_ref() == b"sparse" {
+                let mut v = Vec::new();
+                e.read_to_end(&mut v).unwrap();
+                return v;
+            }
+        }
+        panic!("no entry \"sparse\" in the layer");
+    };
+    let mut gz = Vec::new();
+    flate2::read::MultiGzDecoder::new(&std::fs::read(d.join("layer.tar.gz")).unwrap()[..])
+        .read_to_end(&mut gz)
+        .unwrap();
+    let stdout = std::fs::read(d.join("stdout.tar")).unwrap();
+    assert!(data_of(&std::fs::read(d.join("gnu.tar")).unwrap()) == want);
+    assert!(data_of(&stdout) == want, "stdout (with a digest)");
+    assert!(
+        std::fs::read(d.join("file.tar")).unwrap() == stdout,
+        "-q -o differs from stdout"
+    );
+    assert!(gz == stdout, "the gzip layer differs from the plain one");
+}

@@ -57,8 +57,9 @@ pub struct TarEntry<'a> {
 pub enum Data<'a> {
     None,
     Stream(&'a mut dyn Read),
-    /// A regular file opened for this entry, read from its start (copied without passing
-    /// through this process when the writer has a [`TarWriter::copy_files_into`] descriptor).
+    /// A regular file opened for this entry, read from its start by offset, wherever the
+    /// descriptor's own offset is (copied without passing through this process when the
+    /// writer has a [`TarWriter::copy_files_into`] descriptor).
     File(&'a std::fs::File),
     /// `(offset, length)` data chunks in order, and a reader positioned anywhere: each chunk is
     /// read with `read_at`.
@@ -368,8 +369,10 @@ impl<W: Write> TarWriter<W> {
                 self.copy_direct(f, size)?;
                 self.pad(size)?;
             }
-            Data::File(mut f) => {
-                self.copy_exact(&mut f, size)?;
+            Data::File(file) => {
+                // By offset, from 0: the descriptor's own offset may be anywhere (looking for
+                // holes with SEEK_DATA/SEEK_HOLE leaves it at the end of a file without any).
+                self.copy_exact(&mut ReadAt { file, at: 0 }, size)?;
                 self.pad(size)?;
             }
             Data::Sparse { chunks, file } => {
@@ -477,6 +480,21 @@ impl<W: Write> TarWriter<W> {
                 size: self.written,
             },
         ))
+    }
+}
+
+/// A file read with `pread` from an offset of its own: the descriptor's offset is neither
+/// used nor moved.
+struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
     }
 }
 
@@ -971,6 +989,54 @@ mod tests {
         let on_disk = std::fs::read(t.path().join("out.tar")).unwrap();
         assert_eq!(&on_disk[..6], b"before");
         assert!(on_disk[6..] == mem[..], "the copied layer differs");
+    }
+
+    /// A [`Data::File`] is read from its start wherever its descriptor's offset is: ovl-diff
+    /// looks for the holes of a file with fewer blocks than its size (SEEK_DATA/SEEK_HOLE),
+    /// which leaves the offset at the end of a file that has none, as a filesystem without
+    /// SEEK_HOLE (FUSE, NFSv3) says of every file. Read from there, the layer lost the file
+    /// ("the file shrank") unless it was copied into the output; either way it is the file.
+    #[test]
+    fn a_file_is_read_from_its_start_wherever_its_offset_is() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let opts = TarOptions {
+            skip_digest: true,
+            ..TarOptions::default()
+        };
+        for size in [100u64, DIRECT_MIN + 7] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+            std::fs::write(&src, &data).unwrap();
+            let mut want = TarWriter::new(Vec::new(), opts);
+            want.append(
+                &entry(b"f", TarKind::File { size }),
+                Data::Stream(&mut &data[..]),
+            )
+            .unwrap();
+            let (want, _) = want.finish().unwrap();
+            for direct in [false, true] {
+                let f = std::fs::File::open(&src).unwrap();
+                // What emit does for a file whose blocks say it may have holes.
+                assert_eq!(crate::copy::data_chunks(&f, size).unwrap(), None);
+                let out_path = t.path().join("out");
+                let mut out = std::fs::File::create(&out_path).unwrap();
+                let dup = out.try_clone().unwrap();
+                let mut w = TarWriter::new(&mut out as &mut dyn Write, opts);
+                assert!(w.copy_files_into(dup));
+                if !direct {
+                    w.direct = None;
+                }
+                w.append(&entry(b"f", TarKind::File { size }), Data::File(&f))
+                    .unwrap_or_else(|e| panic!("{size} bytes, direct {direct}: {e}"));
+                w.finish().unwrap();
+                drop(out);
+                assert!(
+                    std::fs::read(&out_path).unwrap() == want,
+                    "{size} bytes, direct {direct}: not the file's bytes"
+                );
+            }
+        }
     }
 
     /// The copy is refused where its bytes would be missed (a digest) or misplaced (an
