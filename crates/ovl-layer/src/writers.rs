@@ -56,6 +56,9 @@ const MAX_SPARE: usize = MAX_QUEUED / PIECE;
 /// time in futex calls. The reader wakes them all before it waits itself, and at the end.
 const WAKE_PIECES: usize = 16;
 const WAKE_BYTES: usize = 1 << 20;
+/// A file copied from the archive is copied this much at a time, the writer checking between
+/// two steps that the extraction has not failed (a failed import does not wait for the rest).
+const COPY_STEP: u64 = 8 << 20;
 
 /// A created file on its way to the writers.
 struct OpenFile {
@@ -430,7 +433,7 @@ fn writer(shared: &Shared) {
         let (finished, res) = if shared.failed.load(Ordering::Relaxed) {
             (false, Ok(0))
         } else {
-            write_piece(&piece, &shared.policy)
+            write_piece(&piece, shared)
         };
         match res {
             Ok(skipped) => {
@@ -463,21 +466,33 @@ fn writer(shared: &Shared) {
 }
 
 /// Write one piece; the last piece of a file finishes it. Says whether it did, and returns
-/// the xattrs skipped.
-fn write_piece(piece: &Piece, policy: &MetaPolicy) -> (bool, Result<u64, ExtractError>) {
+/// the xattrs skipped. A copy is made in steps of [`COPY_STEP`], and stops (the file never
+/// finishes) once the extraction failed: one writer copies a whole file, however big.
+fn write_piece(piece: &Piece, shared: &Shared) -> (bool, Result<u64, ExtractError>) {
     let f = &piece.file;
     let res = match &piece.from {
         None => write_at(&f.file, &piece.data, piece.at)
             .map_err(|e| entry_err(&f.raw, format!("writing data: {e}"))),
         Some((src, off, len)) => {
-            copy_range(src, *off, &f.file, piece.at, *len).map_err(|e| copy_err(&f.raw, e))
+            let mut done = 0u64;
+            while done < *len {
+                if shared.failed.load(Ordering::Relaxed) {
+                    return (false, Ok(0));
+                }
+                let n = (len - done).min(COPY_STEP);
+                if let Err(e) = copy_range(src, off + done, &f.file, piece.at + done, n) {
+                    return (false, Err(copy_err(&f.raw, e)));
+                }
+                done += n;
+            }
+            Ok(())
         }
     };
     if let Err(e) = res {
         return (false, Err(e));
     }
     if f.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-        return (true, finish_file(f, policy));
+        return (true, finish_file(f, &shared.policy));
     }
     (false, Ok(0))
 }
@@ -615,6 +630,84 @@ mod tests {
     use super::*;
 
     const CHILD: &str = "OVL_TEST_OPEN_FILE_LIMIT_CHILD";
+    fn policy() -> MetaPolicy {
+        MetaPolicy {
+            opts: crate::extract::ExtractOptions {
+                opaque_ns: crate::whiteout::XattrNs::User,
+                owners: crate::extract::OwnerPolicy::Record,
+                shift: None,
+                writers: 2,
+            },
+            creator: None,
+        }
+    }
+
+    fn meta() -> Meta {
+        let t = rustix::fs::Timespec {
+            tv_sec: 1_600_000_000,
+            tv_nsec: 0,
+        };
+        Meta {
+            uid: 0,
+            gid: 0,
+            mode: 0o644,
+            mtime: t,
+            atime: t,
+            xattrs: Vec::new(),
+        }
+    }
+
+    /// One writer copies a whole file out of the archive, gigabytes maybe: it stops when the
+    /// extraction failed meanwhile (another writer, or the reader), as the writers did when
+    /// such a file went over in pieces, and does not make the failed import wait for the rest.
+    #[test]
+    fn a_failure_elsewhere_stops_a_copy_under_way() {
+        let t = tempfile::tempdir().unwrap();
+        // Holes: nothing to write here, but a copy writes them out (the copy in the failing
+        // case is a gigabyte of zeros).
+        let len = 1u64 << 30;
+        File::create(t.path().join("archive"))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let archive = Arc::new(File::open(t.path().join("archive")).unwrap());
+        let big = File::create(t.path().join("big")).unwrap();
+        let mut pool = Writers::new(2, policy()).unwrap();
+        pool.copy(
+            big.try_clone().unwrap().into(),
+            (archive, 0),
+            len,
+            meta(),
+            b"big",
+            0,
+        )
+        .unwrap();
+        // A writer took it and is copying.
+        while !pool.lock().queue.is_empty() {
+            std::thread::yield_now();
+        }
+        // A file the other writer cannot write (a read-only descriptor): it fails.
+        File::create(t.path().join("bad")).unwrap();
+        let ro = File::open(t.path().join("bad")).unwrap();
+        pool.file(
+            ro.into(),
+            &mut &b"x"[..],
+            &[(0, 1)],
+            None,
+            meta(),
+            b"bad",
+            1,
+        )
+        .unwrap();
+        let (seq, err) = pool.finish().unwrap_err();
+        assert_eq!(seq, 1, "the failing file's error: {err}");
+        let copied = big.metadata().unwrap().len();
+        assert!(
+            copied < len,
+            "the copy went on to the end after the failure"
+        );
+    }
+
     const NAME: &str = "writers::tests::a_pool_with_threads_raises_the_soft_open_file_limit";
 
     /// A pool with threads raises the soft limit on open files to the hard one (`--jobs N`
