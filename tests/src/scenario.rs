@@ -315,7 +315,7 @@ pub fn encode(s: &Snapshot) -> String {
         } else {
             e.xattrs
                 .iter()
-                .map(|(n, v)| format!("{}={}", hex::encode(n.as_bytes()), hex::encode(v)))
+                .map(|(n, v)| format!("{}={}", hex::encode(n), hex::encode(v)))
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -353,10 +353,7 @@ pub fn decode(text: &[u8]) -> Snapshot {
                 .split(',')
                 .map(|kv| {
                     let (k, v) = kv.split_once('=').expect("name=value");
-                    (
-                        String::from_utf8(hex::decode(k).unwrap()).unwrap(),
-                        hex::decode(v).unwrap(),
-                    )
+                    (hex::decode(k).unwrap(), hex::decode(v).unwrap())
                 })
                 .collect()
         };

@@ -29,7 +29,8 @@ pub struct Entry {
     pub content: Option<String>,
     pub link_target: Option<Vec<u8>>,
     pub rdev: u64,
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Names are bytes, not necessarily UTF-8 (see [`ovl_layer::Xattr`]).
+    pub xattrs: Vec<ovl_layer::Xattr>,
     /// For a file with more than one link in the tree: the first path (bytewise) of its inode.
     pub hardlink_group: Option<Vec<u8>>,
 }
@@ -124,7 +125,7 @@ pub fn snapshot(root: &Path, opts: &SnapshotOptions) -> std::io::Result<Snapshot
             !opts
                 .ignore_xattr_prefixes
                 .iter()
-                .any(|p| n.starts_with(p.as_str()))
+                .any(|p| n.starts_with(p.as_bytes()))
         });
         let mtime = if opts.ignore_mtime || (kind == 'd' && opts.ignore_dir_mtime) {
             (0, 0)
@@ -246,9 +247,9 @@ fn describe(a: &Entry, b: &Entry) -> String {
         ));
     }
     if a.xattrs != b.xattrs {
-        let names = |x: &[(String, Vec<u8>)]| {
+        let names = |x: &[ovl_layer::Xattr]| {
             x.iter()
-                .map(|(n, v)| format!("{n}={}", display_bytes(v)))
+                .map(|(n, v)| format!("{}={}", display_bytes(n), display_bytes(v)))
                 .collect::<Vec<_>>()
                 .join(",")
         };

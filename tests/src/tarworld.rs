@@ -110,7 +110,7 @@ fn snapshot_with_big_files(root: &Path) -> Snapshot {
         let rel = p.strip_prefix(root).unwrap();
         let mut xattrs = ovl_layer::list_xattrs(&to).unwrap_or_default();
         let prefixes = tree_opts().ignore_xattr_prefixes;
-        xattrs.retain(|(n, _)| !prefixes.iter().any(|pre| n.starts_with(pre.as_str())));
+        xattrs.retain(|(n, _)| !prefixes.iter().any(|pre| n.starts_with(pre.as_bytes())));
         tree.insert(
             std::os::unix::ffi::OsStrExt::as_bytes(rel.as_os_str()).to_vec(),
             crate::snapshot::Entry {

@@ -739,16 +739,9 @@ fn single_id_round_trip_keeps_the_recorded_owners() {
     );
     let rec = |p: &str| {
         let path = fuse_squashed.join(p);
-        let xs: Vec<(String, Vec<u8>)> = xattr::list(&path)
-            .unwrap()
-            .filter_map(|n| {
-                let n = n.to_str()?.to_string();
-                let v = xattr::get(&path, &n).ok()??;
-                Some((n, v))
-            })
-            .collect();
+        let xs = ovl_layer::list_xattrs(&path).unwrap();
         let mode = std::fs::symlink_metadata(&path).unwrap().mode() & 0o7777;
-        ovl_layer::recorded_owner(xs.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+        ovl_layer::recorded_owner(xs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
             .map(|(u, g, m)| (u, g, m.unwrap_or(mode)))
     };
     assert_eq!(rec("etc/shadow"), Some((0, 0, 0o600)));

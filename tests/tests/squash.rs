@@ -320,6 +320,7 @@ fn assert_clean(p: &Path) {
             "{name}: a whiteout is left"
         );
         for (x, _) in &e.xattrs {
+            let x = String::from_utf8_lossy(x);
             let private = (x.starts_with("trusted.overlay.") || x.starts_with("user.overlay."))
                 && !x.contains(".overlay.overlay.");
             assert!(!private, "{name}: overlay-private xattr {x} is left");

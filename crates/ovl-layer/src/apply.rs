@@ -21,6 +21,8 @@ use std::os::fd::BorrowedFd;
 use rustix::fs::{AtFlags, FileType, Mode, Stat, Timespec, Timestamps};
 
 use crate::idmap::RootlessMaps;
+use crate::path::display_bytes;
+use crate::xattrs::Xattr;
 use crate::{fsops, owners, whiteout, xattrs};
 
 /// The metadata an entry is given.
@@ -34,13 +36,13 @@ pub struct Meta {
     pub atime: Timespec,
     /// Named as stored on disk (an `overlay.*` xattr from outside escaped, see
     /// [`whiteout::escape_xattr`]), sorted by name.
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub xattrs: Vec<Xattr>,
 }
 
 impl Meta {
     /// An entry as it is on disk (its lstat and its xattrs as listed): the overlay's own xattrs
     /// are markers, not content, and are left out; a layer keeps no atime, so it is the mtime.
-    pub fn from_disk(st: &Stat, xattrs: &[(String, Vec<u8>)]) -> Meta {
+    pub fn from_disk(st: &Stat, xattrs: &[Xattr]) -> Meta {
         let mtime = Timespec {
             tv_sec: st.st_mtime,
             tv_nsec: st.st_mtime_nsec as _,
@@ -93,21 +95,21 @@ impl Target<'_> {
         }
     }
 
-    fn xattrs(self) -> io::Result<Vec<(String, Vec<u8>)>> {
+    fn xattrs(self) -> io::Result<Vec<Xattr>> {
         match self {
             Target::Fd(fd) => xattrs::list_fd(fd),
             Target::At(dir, name) => xattrs::list_at(&dir, name),
         }
     }
 
-    fn set_xattr(self, key: &str, value: &[u8]) -> io::Result<()> {
+    fn set_xattr(self, key: &[u8], value: &[u8]) -> io::Result<()> {
         match self {
             Target::Fd(fd) => xattrs::set_fd(fd, key, value),
             Target::At(dir, name) => xattrs::set_at(&dir, name, key, value),
         }
     }
 
-    fn remove_xattr(self, key: &str) -> io::Result<()> {
+    fn remove_xattr(self, key: &[u8]) -> io::Result<()> {
         match self {
             Target::Fd(fd) => xattrs::remove_fd(fd, key),
             Target::At(dir, name) => xattrs::remove_at(&dir, name, key),
@@ -222,8 +224,9 @@ pub enum Step {
         id: u32,
     },
     ListXattrs,
-    SetXattr(String),
-    RemoveXattr(String),
+    /// Setting the xattr of this name (bytes, escaped when shown).
+    SetXattr(Vec<u8>),
+    RemoveXattr(Vec<u8>),
     Mode,
     Times,
 }
@@ -235,8 +238,8 @@ impl fmt::Display for Step {
             Step::Owner { uid, gid } => write!(f, "chown {uid}:{gid}"),
             Step::Unmapped { which, id } => write!(f, "{which} {id} outside the --{which}map"),
             Step::ListXattrs => write!(f, "list xattrs"),
-            Step::SetXattr(n) => write!(f, "set xattr {n}"),
-            Step::RemoveXattr(n) => write!(f, "remove xattr {n}"),
+            Step::SetXattr(n) => write!(f, "set xattr {}", display_bytes(n)),
+            Step::RemoveXattr(n) => write!(f, "remove xattr {}", display_bytes(n)),
             Step::Mode => write!(f, "chmod"),
             Step::Times => write!(f, "set times"),
         }
@@ -325,14 +328,14 @@ pub fn apply(target: Target<'_>, meta: &Meta, how: &How<'_>) -> Result<Applied, 
     let wanted = records
         .iter()
         .chain(meta.xattrs.iter())
-        .map(|(n, v)| (n.as_str(), v.as_slice()));
-    let mut set = |name: &str, value: &[u8]| match target.set_xattr(name, value) {
+        .map(|(n, v)| (n.as_slice(), v.as_slice()));
+    let mut set = |name: &[u8], value: &[u8]| match target.set_xattr(name, value) {
         Ok(()) => Ok(()),
         Err(e) if how.skip_refused_xattrs && is_refusal(&e) => {
             done.skipped_xattrs += 1;
             Ok(())
         }
-        Err(e) => Err(at(Step::SetXattr(name.to_string()))(e)),
+        Err(e) => Err(at(Step::SetXattr(name.to_vec()))(e)),
     };
     match how.xattrs {
         Xattrs::Leave => {}
@@ -351,7 +354,7 @@ pub fn apply(target: Target<'_>, meta: &Meta, how: &How<'_>) -> Result<Applied, 
                 }
             }
             for (n, v) in wanted {
-                if !have.iter().any(|(h, hv)| h == n && hv == v) {
+                if !have.iter().any(|(h, hv)| h.as_slice() == n && hv == v) {
                     set(n, v)?;
                 }
             }

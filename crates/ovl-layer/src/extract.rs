@@ -591,9 +591,11 @@ impl Extractor<'_> {
                 };
                 let Some(fd) = fd else { break };
                 let get = |n: &str| {
-                    crate::xattrs::list_fd(&fd)
-                        .ok()
-                        .and_then(|l| l.into_iter().find(|(k, _)| k == n).map(|(_, v)| v))
+                    crate::xattrs::list_fd(&fd).ok().and_then(|l| {
+                        l.into_iter()
+                            .find(|(k, _)| k.as_slice() == n.as_bytes())
+                            .map(|(_, v)| v)
+                    })
                 };
                 if whiteout::dir_is_opaque(&get) {
                     return None;
@@ -632,19 +634,14 @@ impl Extractor<'_> {
     fn meta(&self, h: &Header) -> Result<Meta, ExtractError> {
         let raw = h.path.as_slice();
         let mtime = h.mtime;
-        let mut xattrs = Vec::with_capacity(h.xattrs.len());
-        for (name, value) in &h.xattrs {
-            let name = String::from_utf8(name.clone())
-                .map_err(|_| entry_err(raw, "xattr name is not UTF-8"))?;
-            xattrs.push((name, value.clone()));
-        }
         let mut m = Meta {
             uid: owner_id(raw, "uid", h.uid)?,
             gid: owner_id(raw, "gid", h.gid)?,
             mode: h.mode,
             mtime,
             atime: h.atime.unwrap_or(mtime),
-            xattrs,
+            // Names are bytes, as GNU tar keeps them: not UTF-8 is no reason to drop one.
+            xattrs: h.xattrs.clone(),
         };
         // An archive never sets overlay markers on disk: escape them as the kernel documents.
         for (name, _) in &mut m.xattrs {

@@ -102,4 +102,4 @@ pub use whiteout::{
     escape_xattr, key as overlay_key, makes_opaque, public_xattrs, remove_private_xattrs,
     whiteout_name,
 };
-pub use xattrs::{list_fd as list_xattrs_fd, list_path as list_xattrs};
+pub use xattrs::{Xattr, list_fd as list_xattrs_fd, list_path as list_xattrs};

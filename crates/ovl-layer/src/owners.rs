@@ -24,6 +24,8 @@
 //! which copies the records up with the file and leaves the file's own mode exact. None of these records is
 //! part of a layer: they are stripped from what ovl-diff exports and from what an archive may set.
 
+use crate::xattrs::Xattr;
+
 /// fuse-overlayfs' override xattr in unprivileged mode (`xattr_permissions=2`).
 pub const FUSE_OVERRIDE_XATTR: &str = "user.fuseoverlayfs.override_stat";
 /// containers/storage's override xattr (`UID:GID:MODE:TYPE`).
@@ -32,11 +34,11 @@ pub(crate) const CONTAINERS_OVERRIDE_XATTR: &str = "user.containers.override_sta
 pub(crate) const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
 
 /// True for an xattr that records an owner (never exported, never taken from an archive).
-pub(crate) fn is_owner_record(name: &str) -> bool {
-    name == FUSE_OVERRIDE_XATTR
-        || name == CONTAINERS_OVERRIDE_XATTR
-        || name == ROOTLESS_XATTR
-        || name == "security.fuseoverlayfs.override_stat"
+pub(crate) fn is_owner_record(name: &[u8]) -> bool {
+    name == FUSE_OVERRIDE_XATTR.as_bytes()
+        || name == CONTAINERS_OVERRIDE_XATTR.as_bytes()
+        || name == ROOTLESS_XATTR.as_bytes()
+        || name == b"security.fuseoverlayfs.override_stat"
 }
 
 /// The value of [`FUSE_OVERRIDE_XATTR`] for an owner and permission bits.
@@ -79,16 +81,13 @@ pub(crate) fn encode_rootless(uid: u32, gid: u32) -> Vec<u8> {
 /// The records ovl-import writes for an owner and mode: `user.rootlesscontainers` for a
 /// non-root owner, and the override_stat for a file or directory (`file_or_dir`; the only
 /// kinds fuse-overlayfs presents it for, and `user.*` xattrs are refused on the others).
-pub fn records(uid: u32, gid: u32, mode: u32, file_or_dir: bool) -> Vec<(String, Vec<u8>)> {
+pub fn records(uid: u32, gid: u32, mode: u32, file_or_dir: bool) -> Vec<Xattr> {
     let mut out = Vec::new();
     if uid != 0 || gid != 0 {
-        out.push((ROOTLESS_XATTR.to_string(), encode_rootless(uid, gid)));
+        out.push((ROOTLESS_XATTR.into(), encode_rootless(uid, gid)));
     }
     if file_or_dir {
-        out.push((
-            FUSE_OVERRIDE_XATTR.to_string(),
-            encode_override(uid, gid, mode),
-        ));
+        out.push((FUSE_OVERRIDE_XATTR.into(), encode_override(uid, gid, mode)));
     }
     out
 }
@@ -128,17 +127,18 @@ pub(crate) fn decode_rootless(value: &[u8]) -> Option<(u32, u32)> {
 /// real mode, `(uid, gid, None)` when the file's own mode is the real one (rootlesscontainers
 /// alone, or an override_stat as ovl-import writes it), `None` without a (valid) record.
 pub fn recorded<'a>(
-    xattrs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    xattrs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Option<(u32, u32, Option<u32>)> {
     let mut fuse = None;
     let mut containers = None;
     let mut rootless = None;
     for (name, value) in xattrs {
-        match name {
-            FUSE_OVERRIDE_XATTR => fuse = decode_override(value),
-            CONTAINERS_OVERRIDE_XATTR => containers = decode_override(value),
-            ROOTLESS_XATTR => rootless = decode_rootless(value),
-            _ => {}
+        if name == FUSE_OVERRIDE_XATTR.as_bytes() {
+            fuse = decode_override(value);
+        } else if name == CONTAINERS_OVERRIDE_XATTR.as_bytes() {
+            containers = decode_override(value);
+        } else if name == ROOTLESS_XATTR.as_bytes() {
+            rootless = decode_rootless(value);
         }
     }
     // Whose mode is right: fuse-overlayfs (`xattr_permissions`) and containers/storage keep
@@ -179,25 +179,33 @@ mod tests {
         assert_eq!(decode_rootless(&[0x08]), None);
         let rl = encode_rootless(7, 8);
         assert_eq!(
-            recorded([(ROOTLESS_XATTR, rl.as_slice())]),
+            recorded([(ROOTLESS_XATTR.as_bytes(), rl.as_slice())]),
             Some((7, 8, None))
         );
         assert_eq!(
             recorded([
-                (ROOTLESS_XATTR, rl.as_slice()),
-                (FUSE_OVERRIDE_XATTR, b"0:0:644".as_slice())
+                (ROOTLESS_XATTR.as_bytes(), rl.as_slice()),
+                (FUSE_OVERRIDE_XATTR.as_bytes(), b"0:0:644".as_slice())
             ]),
             Some((0, 0, None))
         );
         assert_eq!(
-            recorded([(FUSE_OVERRIDE_XATTR, b"0:42:100640".as_slice())]),
+            recorded([(FUSE_OVERRIDE_XATTR.as_bytes(), b"0:42:100640".as_slice())]),
             Some((0, 42, Some(0o640)))
         );
         assert_eq!(
-            recorded([(CONTAINERS_OVERRIDE_XATTR, b"1:2:755:dir".as_slice())]),
+            recorded([(
+                CONTAINERS_OVERRIDE_XATTR.as_bytes(),
+                b"1:2:755:dir".as_slice()
+            )]),
             Some((1, 2, Some(0o755)))
         );
-        assert_eq!(recorded([("user.other", b"x".as_slice())]), None);
-        assert!(is_owner_record(ROOTLESS_XATTR) && !is_owner_record("user.overlay.opaque"));
+        assert_eq!(
+            recorded([(b"user.other".as_slice(), b"x".as_slice())]),
+            None
+        );
+        assert!(
+            is_owner_record(ROOTLESS_XATTR.as_bytes()) && !is_owner_record(b"user.overlay.opaque")
+        );
     }
 }

@@ -17,6 +17,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 
 use crate::fsops;
 use crate::path::LayerPath;
+use crate::xattrs::Xattr;
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
 
@@ -166,7 +167,7 @@ impl Leaf {
         fsops::open_dir_at(&self.dir, &self.name)
     }
 
-    pub fn xattrs(&self) -> io::Result<Vec<(String, Vec<u8>)>> {
+    pub fn xattrs(&self) -> io::Result<Vec<Xattr>> {
         crate::xattrs::list_at(&self.dir, &self.name)
     }
 }

@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::xattrs::Xattr;
 use sha2::Digest;
 
 /// What an entry is, with what its header needs.
@@ -50,7 +51,7 @@ pub struct TarEntry<'a> {
     pub uid: u32,
     pub gid: u32,
     pub mtime: (i64, u32),
-    pub xattrs: &'a [(String, Vec<u8>)],
+    pub xattrs: &'a [Xattr],
 }
 
 /// A regular file's data: read in order, or (sparse) the data chunks of a file with holes.
@@ -276,7 +277,7 @@ impl<W: Write> TarWriter<W> {
             pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
         }
         for (k, v) in e.xattrs {
-            let key = [b"SCHILY.xattr.", k.as_bytes()].concat();
+            let key = [b"SCHILY.xattr.", k.as_slice()].concat();
             pax_record(&mut pax, &key, v);
         }
 
@@ -744,7 +745,7 @@ mod tests {
     fn round_trips_through_tar_readers() {
         let long = vec![b'n'; 150];
         let nonutf8 = b"dir/caf\xe9".to_vec();
-        let xattrs = vec![("user.k".to_string(), b"\x00\xffbin".to_vec())];
+        let xattrs = vec![(b"user.k".to_vec(), b"\x00\xffbin".to_vec())];
         let mut e = entry(&long, TarKind::File { size: 3 });
         e.mtime = (1_700_000_000, 123_456_789);
         e.xattrs = &xattrs;

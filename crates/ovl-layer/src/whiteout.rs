@@ -19,6 +19,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
+use crate::xattrs::Xattr;
 use rustix::fs::{FileType, Mode};
 
 /// Prefix of an OCI whiteout name.
@@ -116,10 +117,10 @@ pub(crate) const OPAQUE_HAS_XWHITEOUTS: &[u8] = b"x";
 
 /// Escape an xattr that comes from outside so the kernel never reads it as an overlay marker:
 /// `trusted.overlay.X` -> `trusted.overlay.overlay.X` (same for `user.overlay.`).
-pub fn escape_xattr(name: &str) -> Cow<'_, str> {
+pub fn escape_xattr(name: &[u8]) -> Cow<'_, [u8]> {
     for ns in XattrNs::ALL {
-        if let Some(rest) = name.strip_prefix(ns.prefix()) {
-            return Cow::Owned(format!("{}overlay.{rest}", ns.prefix()));
+        if let Some(rest) = name.strip_prefix(ns.prefix().as_bytes()) {
+            return Cow::Owned([ns.prefix().as_bytes(), b"overlay.", rest].concat());
         }
     }
     Cow::Borrowed(name)
@@ -131,18 +132,18 @@ pub(crate) enum UpperXattr<'a> {
     /// An overlay-private marker: never exported.
     Private,
     /// An ordinary xattr, possibly unescaped from `overlay.overlay.*`.
-    Keep(Cow<'a, str>),
+    Keep(Cow<'a, [u8]>),
 }
 
 /// Classify an xattr of an upperdir entry.
-pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
-    if name.starts_with(FUSE_PRIVATE_PREFIX) {
+pub(crate) fn classify_upper_xattr(name: &[u8]) -> UpperXattr<'_> {
+    if name.starts_with(FUSE_PRIVATE_PREFIX.as_bytes()) {
         return UpperXattr::Private;
     }
     for ns in XattrNs::ALL {
-        if let Some(rest) = name.strip_prefix(ns.prefix()) {
-            return match rest.strip_prefix("overlay.") {
-                Some(orig) => UpperXattr::Keep(Cow::Owned(format!("{}{orig}", ns.prefix()))),
+        if let Some(rest) = name.strip_prefix(ns.prefix().as_bytes()) {
+            return match rest.strip_prefix(b"overlay.") {
+                Some(orig) => UpperXattr::Keep(Cow::Owned([ns.prefix().as_bytes(), orig].concat())),
                 None => UpperXattr::Private,
             };
         }
@@ -154,7 +155,7 @@ pub(crate) fn classify_upper_xattr(name: &str) -> UpperXattr<'_> {
 /// an escaped `overlay.overlay.*` is content). An owner record (`crate::owners`) is content
 /// of a layer on disk too, though named like fuse-overlayfs' private xattrs: a copy of the
 /// entry keeps it (it is never exported; `crate::upper` folds it into the owner).
-pub fn public_xattrs(xattrs: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+pub fn public_xattrs(xattrs: &[Xattr]) -> Vec<Xattr> {
     xattrs
         .iter()
         .filter(|(n, _)| {
@@ -268,19 +269,19 @@ pub(crate) fn dir_is_opaque(xattr: &dyn Fn(&str) -> Option<Vec<u8>>) -> bool {
         .iter()
         .map(|ns| ns.name(key::OPAQUE))
         .chain([FUSE_OPAQUE_XATTR.to_string()])
-        .any(|n| (xattr)(&n).is_some_and(|v| makes_opaque(&n, &v)))
+        .any(|n| (xattr)(&n).is_some_and(|v| makes_opaque(n.as_bytes(), &v)))
 }
 
 /// True when the xattr NAME=VALUE makes the directory it is on opaque (see `dir_is_opaque`).
 /// `overlay.opaque=x` does not: it only says the directory holds xattr whiteouts.
-pub fn makes_opaque(name: &str, value: &[u8]) -> bool {
-    if name == FUSE_OPAQUE_XATTR {
+pub fn makes_opaque(name: &[u8], value: &[u8]) -> bool {
+    if name == FUSE_OPAQUE_XATTR.as_bytes() {
         return value.first() == Some(&b'y') || value.is_empty();
     }
     value == OPAQUE_YES
         && XattrNs::ALL
             .iter()
-            .any(|ns| name.strip_prefix(ns.prefix()) == Some(key::OPAQUE))
+            .any(|ns| name.strip_prefix(ns.prefix().as_bytes()) == Some(key::OPAQUE.as_bytes()))
 }
 
 /// True when a directory is marked as holding xattr whiteouts (`overlay.opaque=x` in either
@@ -312,26 +313,29 @@ mod tests {
     #[test]
     fn escaping_and_upper_xattrs() {
         assert_eq!(
-            escape_xattr("trusted.overlay.opaque"),
-            "trusted.overlay.overlay.opaque"
+            escape_xattr(b"trusted.overlay.opaque"),
+            b"trusted.overlay.overlay.opaque".as_slice()
         );
-        assert_eq!(escape_xattr("user.overlay.x"), "user.overlay.overlay.x");
-        assert_eq!(escape_xattr("user.foo"), "user.foo");
         assert_eq!(
-            classify_upper_xattr("trusted.overlay.origin"),
+            escape_xattr(b"user.overlay.x"),
+            b"user.overlay.overlay.x".as_slice()
+        );
+        assert_eq!(escape_xattr(b"user.foo"), b"user.foo".as_slice());
+        assert_eq!(
+            classify_upper_xattr(b"trusted.overlay.origin"),
             UpperXattr::Private
         );
         assert_eq!(
-            classify_upper_xattr("user.fuseoverlayfs.opaque"),
+            classify_upper_xattr(b"user.fuseoverlayfs.opaque"),
             UpperXattr::Private
         );
         assert_eq!(
-            classify_upper_xattr("trusted.overlay.overlay.opaque"),
-            UpperXattr::Keep(Cow::Borrowed("trusted.overlay.opaque"))
+            classify_upper_xattr(b"trusted.overlay.overlay.opaque"),
+            UpperXattr::Keep(Cow::Borrowed(b"trusted.overlay.opaque".as_slice()))
         );
         assert_eq!(
-            classify_upper_xattr("security.capability"),
-            UpperXattr::Keep(Cow::Borrowed("security.capability"))
+            classify_upper_xattr(b"security.capability"),
+            UpperXattr::Keep(Cow::Borrowed(b"security.capability".as_slice()))
         );
     }
 
@@ -386,13 +390,13 @@ mod tests {
 
     #[test]
     fn opaque_xattrs() {
-        assert!(makes_opaque("trusted.overlay.opaque", b"y"));
-        assert!(makes_opaque("user.overlay.opaque", b"y"));
-        assert!(!makes_opaque("user.overlay.opaque", b"x"));
-        assert!(!makes_opaque("user.overlay.overlay.opaque", b"y"));
-        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b""));
-        assert!(makes_opaque(FUSE_OPAQUE_XATTR, b"y"));
-        assert!(!makes_opaque("user.foo", b"y"));
+        assert!(makes_opaque(b"trusted.overlay.opaque", b"y"));
+        assert!(makes_opaque(b"user.overlay.opaque", b"y"));
+        assert!(!makes_opaque(b"user.overlay.opaque", b"x"));
+        assert!(!makes_opaque(b"user.overlay.overlay.opaque", b"y"));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR.as_bytes(), b""));
+        assert!(makes_opaque(FUSE_OPAQUE_XATTR.as_bytes(), b"y"));
+        assert!(!makes_opaque(b"user.foo", b"y"));
     }
 
     /// The markers written here read back as what they are with the rules above, and the
@@ -438,7 +442,7 @@ mod tests {
         assert!(remove_private_xattrs(&top, c"d").unwrap());
         let left = crate::xattrs::list_path(&d).unwrap();
         assert_eq!(public_xattrs(&left), left, "overlay xattrs left");
-        assert!(left.contains(&("user.keep".to_string(), b"k".to_vec())));
+        assert!(left.contains(&(b"user.keep".to_vec(), b"k".to_vec())));
         assert!(!remove_private_xattrs(&top, c"d").unwrap());
     }
 }

@@ -17,8 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fsops::proc_path;
 
+/// An extended attribute: its name and its value. The name is bytes as the kernel lists it,
+/// not necessarily UTF-8: GNU tar keeps any name (`SCHILY.xattr.<name bytes>`), and so does
+/// every tool here. Print one with [`crate::display_bytes`].
+pub type Xattr = (Vec<u8>, Vec<u8>);
+
 /// Every xattr of `path` (not following a final symlink), sorted by name.
-pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub fn list_path(path: &Path) -> io::Result<Vec<Xattr>> {
     collect(
         read_sized(query(
             |b| rustix::fs::llistxattr(path, b),
@@ -34,7 +39,7 @@ pub fn list_path(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Every xattr of NAME in DIR (not following NAME), sorted by name.
-pub(crate) fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn list_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<Xattr>> {
     if AT_CALLS.load(Ordering::Relaxed) {
         let fd = dir.as_raw_fd();
         let listed = read_sized(|b| at::list(fd, name, b));
@@ -79,7 +84,7 @@ pub(crate) fn names_at(dir: &impl AsRawFd, name: &CStr) -> io::Result<Vec<u8>> {
 static AT_CALLS: AtomicBool = AtomicBool::new(true);
 
 /// Every xattr of an open file, sorted by name.
-pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub fn list_fd(fd: impl AsFd) -> io::Result<Vec<Xattr>> {
     let fd = fd.as_fd();
     let listed = read_sized(query(
         |b| rustix::fs::flistxattr(fd, b),
@@ -149,7 +154,7 @@ fn query(
 fn collect(
     names: io::Result<Vec<u8>>,
     get: impl Fn(&CStr) -> io::Result<Vec<u8>>,
-) -> io::Result<Vec<(String, Vec<u8>)>> {
+) -> io::Result<Vec<Xattr>> {
     let names = match names {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
@@ -157,12 +162,9 @@ fn collect(
     };
     let mut out = Vec::new();
     for key in names.split(|&b| b == 0).filter(|k| !k.is_empty()) {
-        let Ok(text) = std::str::from_utf8(key) else {
-            continue;
-        };
         let ckey = CString::new(key).expect("split at NUL");
         match get(&ckey) {
-            Ok(v) => out.push((text.to_owned(), v)),
+            Ok(v) => out.push((key.to_vec(), v)),
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(e),
         }
@@ -243,12 +245,12 @@ mod at {
 }
 
 /// Set an xattr on an open file or directory.
-pub(crate) fn set_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_fd(fd: impl AsFd, name: &[u8], value: &[u8]) -> io::Result<()> {
     rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(Into::into)
 }
 
 /// Set an xattr on NAME in DIR (not following NAME).
-pub(crate) fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -> io::Result<()> {
+pub(crate) fn set_at(dir: &impl AsRawFd, name: &CStr, key: &[u8], value: &[u8]) -> io::Result<()> {
     rustix::fs::lsetxattr(
         proc_path(dir, name),
         key,
@@ -259,17 +261,19 @@ pub(crate) fn set_at(dir: &impl AsRawFd, name: &CStr, key: &str, value: &[u8]) -
 }
 
 /// Remove an xattr of an open file or directory.
-pub(crate) fn remove_fd(fd: impl AsFd, name: &str) -> io::Result<()> {
+pub(crate) fn remove_fd(fd: impl AsFd, name: &[u8]) -> io::Result<()> {
     rustix::fs::fremovexattr(fd, name).map_err(Into::into)
 }
 
 /// Remove an xattr of NAME in DIR (not following NAME).
-pub(crate) fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &str) -> io::Result<()> {
+pub(crate) fn remove_at(dir: &impl AsRawFd, name: &CStr, key: &[u8]) -> io::Result<()> {
     rustix::fs::lremovexattr(proc_path(dir, name), key).map_err(Into::into)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
 
     /// Names and values past the first buffer (the ERANGE retry), on a file and on a symlink
@@ -281,11 +285,16 @@ mod tests {
         let f = t.path().join("f");
         std::fs::write(&f, b"").unwrap();
         // ext4 holds about 4 KiB of xattrs per inode: many names here, a big value on `g`.
-        let want: Vec<(String, Vec<u8>)> = (0..40)
-            .map(|i| (format!("user.a-rather-long-name-{i:03}"), vec![i as u8; i]))
+        let want: Vec<Xattr> = (0..40)
+            .map(|i| {
+                (
+                    format!("user.a-rather-long-name-{i:03}").into_bytes(),
+                    vec![i as u8; i],
+                )
+            })
             .collect();
         for (k, v) in &want {
-            xattr::set(&f, k, v).unwrap();
+            xattr::set(&f, std::ffi::OsStr::from_bytes(k), v).unwrap();
         }
         assert!(
             want.iter().map(|(k, _)| k.len() + 1).sum::<usize>() > 1024,
@@ -293,7 +302,7 @@ mod tests {
         );
         let g = t.path().join("g");
         std::fs::write(&g, b"").unwrap();
-        let big = vec![("user.big".to_string(), vec![9u8; 3000])];
+        let big = vec![(b"user.big".to_vec(), vec![9u8; 3000])];
         xattr::set(&g, "user.big", &big[0].1).unwrap();
         let l = t.path().join("l");
         std::os::unix::fs::symlink("f", &l).unwrap();
@@ -310,7 +319,7 @@ mod tests {
         let names = names_at(&dir, c"f").unwrap();
         let mut listed: Vec<&[u8]> = names.split(|&b| b == 0).filter(|n| !n.is_empty()).collect();
         listed.sort();
-        let keys: Vec<&[u8]> = want.iter().map(|(k, _)| k.as_bytes()).collect();
+        let keys: Vec<&[u8]> = want.iter().map(|(k, _)| k.as_slice()).collect();
         assert_eq!(listed, keys);
         let opath =
             rustix::fs::open(&f, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
@@ -368,8 +377,8 @@ mod tests {
         xattr::set(&f, "user.b", b"22").unwrap();
         let dir = std::fs::File::open(t.path()).unwrap();
         let want = vec![
-            ("user.a".to_string(), b"1".to_vec()),
-            ("user.b".into(), b"22".to_vec()),
+            (b"user.a".to_vec(), b"1".to_vec()),
+            (b"user.b".to_vec(), b"22".to_vec()),
         ];
         assert_eq!(list_at(&dir, c"f").unwrap(), want, "before the filter");
         if !ovl_tests::require(

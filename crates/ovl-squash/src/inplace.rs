@@ -400,7 +400,7 @@ impl InPlace<'_> {
         let have = ovl_layer::list_xattrs(&proc_path(&u.dir, &u.name)).map_err(io_at(&at))?;
         for ns in XattrNs::ALL {
             let name = ns.name(ovl_layer::overlay_key::REDIRECT);
-            match have.iter().find(|(n, _)| *n == name) {
+            match have.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
                 Some((_, v)) if *v != own => {
                     rustix::fs::lsetxattr(
                         &path,
@@ -889,7 +889,7 @@ fn remove_upper_entry(dir: &OwnedFd, name: &CStr) -> std::io::Result<()> {
     let fd = open_dir_at(dir, name)?;
     for (n, v) in ovl_layer::list_xattrs_fd(&fd)? {
         if ovl_layer::makes_opaque(&n, &v) {
-            match rustix::fs::fremovexattr(&fd, n.as_str()) {
+            match rustix::fs::fremovexattr(&fd, n.as_slice()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -48,11 +48,12 @@ pub fn tar_snapshot(tar: &Path) -> Result<Snapshot> {
         if let Some(exts) = entry.pax_extensions()? {
             for ext in exts {
                 let ext = ext?;
-                pax.insert(ext.key()?.to_string(), ext.value_bytes().to_vec());
+                // Keys are bytes: an xattr name need not be UTF-8.
+                pax.insert(ext.key_bytes().to_vec(), ext.value_bytes().to_vec());
             }
         }
         let pax_num = |key: &str| {
-            pax.get(key)
+            pax.get(key.as_bytes())
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
         };
         let kind = match header.entry_type() {
@@ -98,7 +99,10 @@ pub fn tar_snapshot(tar: &Path) -> Result<Snapshot> {
             'l' => link_target.as_ref().map_or(0, |t| t.len() as u64),
             _ => 0,
         };
-        let mtime = match pax.get("mtime").and_then(|v| std::str::from_utf8(v).ok()) {
+        let mtime = match pax
+            .get(b"mtime".as_slice())
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
             Some(m) => parse_pax_time(m).with_context(|| format!("bad PAX mtime {m:?}"))?,
             None => (header.mtime()? as i64, 0),
         };
@@ -113,7 +117,7 @@ pub fn tar_snapshot(tar: &Path) -> Result<Snapshot> {
         };
         let xattrs = pax
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("SCHILY.xattr.")?.to_string(), v.clone())))
+            .filter_map(|(k, v)| Some((k.strip_prefix(b"SCHILY.xattr.")?.to_vec(), v.clone())))
             .collect();
         snap.insert(
             path,

@@ -45,7 +45,7 @@ use crate::root::{Leaf, Root};
 const MAX_OPEN_PLACEHOLDERS: usize = 256;
 
 /// The xattr of a directory's default ACL, which what is made in it inherits.
-const DEFAULT_ACL: &str = "system.posix_acl_default";
+const DEFAULT_ACL: &[u8] = b"system.posix_acl_default";
 
 static OPEN_PLACEHOLDERS: AtomicUsize = AtomicUsize::new(0);
 

@@ -34,6 +34,7 @@ use super::{RESOLVE, UpperError};
 use crate::path::LayerPath;
 use crate::root::Root;
 use crate::whiteout::{self, UpperEntry, key};
+use crate::xattrs::Xattr;
 use crate::xattrs::list_at;
 
 /// A merged directory of the lowers: the real directory of each layer that makes it up, top
@@ -222,7 +223,9 @@ impl Lowers {
         };
         let x = crate::xattrs::list_fd(&fd)?;
         Ok(whiteout::dir_has_xwhiteouts(&|n: &str| {
-            x.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
+            x.iter()
+                .find(|(k, _)| k.as_slice() == n.as_bytes())
+                .map(|(_, v)| v.clone())
         }))
     }
 
@@ -555,7 +558,7 @@ impl Lowers {
             let xwhiteouts = whiteout::dir_has_xwhiteouts(&|n: &str| {
                 dir_xattrs
                     .iter()
-                    .find(|(k, _)| k == n)
+                    .find(|(k, _)| k.as_slice() == n.as_bytes())
                     .map(|(_, v)| v.clone())
             });
             let mut this_layer = Vec::new();
@@ -659,7 +662,7 @@ pub struct LowerEntry {
     pub layer: usize,
     pub path: LayerPath,
     pub st: Stat,
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub xattrs: Vec<Xattr>,
     /// A regular file's bytes: the layer and path of the file holding them (a metacopy file's
     /// data is further down), and its lstat.
     pub data: Option<(usize, LayerPath, Stat)>,

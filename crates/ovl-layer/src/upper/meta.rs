@@ -28,8 +28,11 @@ pub(super) fn meta(
     let mut root_uid_map: Option<&crate::idmap::IdMap> = None;
     // An owner recorded in an xattr (rootless without subordinate ids) is the real one: the
     // file itself belongs to whoever wrote it.
-    let record =
-        crate::owners::recorded(node.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+    let record = crate::owners::recorded(
+        node.xattrs
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice())),
+    );
     if let Some((u, g, m)) = record {
         (uid, gid) = (u, g);
         mode = m.unwrap_or(mode);
@@ -59,7 +62,7 @@ pub(super) fn meta(
                 None => {
                     return Err(UpperError::BadXattr {
                         path: up.display(path),
-                        xattr: name,
+                        xattr: crate::path::display_bytes(&name),
                         value: crate::path::display_bytes(value),
                     });
                 }
@@ -81,9 +84,9 @@ pub(super) fn meta(
 }
 
 /// Dropped from layers: a label of the host's SELinux policy.
-pub(crate) const SELINUX_XATTR: &str = "security.selinux";
+pub(crate) const SELINUX_XATTR: &[u8] = b"security.selinux";
 /// File capabilities: v2, or v3 with the uid of the namespace root they apply in.
-pub(crate) const CAPABILITY_XATTR: &str = "security.capability";
+pub(crate) const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
 const VFS_CAP_REVISION_MASK: u32 = 0xff00_0000;
 pub(super) const VFS_CAP_REVISION_2: u32 = 0x0200_0000;

@@ -46,6 +46,7 @@ use crate::fsops::open_dir_at;
 use crate::idmap::RootlessMaps;
 use crate::path::LayerPath;
 use crate::root::Root;
+use crate::xattrs::Xattr;
 
 #[cfg(test)]
 use meta::layer_capability;
@@ -170,7 +171,7 @@ pub struct Meta {
     /// Bytes of data (regular files only, else 0).
     pub size: u64,
     /// Sorted by name; overlay-private ones removed, escaped ones unescaped.
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub xattrs: Vec<Xattr>,
 }
 
 /// One entry of the merged view that this upper provides.

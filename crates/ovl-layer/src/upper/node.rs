@@ -7,21 +7,21 @@ use std::os::fd::OwnedFd;
 use rustix::fs::{AtFlags, FileType, Stat};
 
 use crate::whiteout::{self, UpperEntry, UpperFacts, XattrNs};
-use crate::xattrs::list_at;
+use crate::xattrs::{Xattr, list_at};
 
 /// One directory child: its name, lstat and xattrs.
 #[derive(Clone)]
 pub(super) struct Node {
     pub(super) name: Vec<u8>,
     pub(super) st: Stat,
-    pub(super) xattrs: Vec<(String, Vec<u8>)>,
+    pub(super) xattrs: Vec<Xattr>,
 }
 
 impl Node {
     pub(super) fn xattr(&self, name: &str) -> Option<Vec<u8>> {
         self.xattrs
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
             .map(|(_, v)| v.clone())
     }
 

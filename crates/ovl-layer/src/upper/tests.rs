@@ -108,8 +108,8 @@ fn kernel_and_fuse_forms_and_hardlinks() {
     assert_eq!(
         f2.meta.xattrs,
         vec![
-            ("user.overlay.keep".to_string(), b"1".to_vec()),
-            ("user.plain".to_string(), b"2".to_vec())
+            (b"user.overlay.keep".to_vec(), b"1".to_vec()),
+            (b"user.plain".to_vec(), b"2".to_vec())
         ]
     );
     let a = changes
