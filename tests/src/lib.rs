@@ -363,6 +363,35 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// What `getfattr` (package attr, a peer of our own listing) shows of each of `files` (names
+/// relative to `dir`, not followed): `name=0xHEX` lines with the name as raw bytes, sorted (a
+/// filesystem lists xattrs in its own order), escaped for printing.
+pub fn getfattr(dir: &Path, files: &[&[u8]]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for f in files {
+        let stdout = run_ok(
+            Command::new("getfattr")
+                .args(["-h", "-d", "-m", "-", "-e", "hex", "--"])
+                .arg(std::ffi::OsStr::from_bytes(f))
+                .current_dir(dir),
+        );
+        let mut lines: Vec<&[u8]> = stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty() && !l.starts_with(b"# file: "))
+            .collect();
+        lines.sort();
+        out.push_str(&ovl_layer::display_bytes(f));
+        out.push_str(":\n");
+        for l in lines {
+            out.push_str("  ");
+            out.push_str(&ovl_layer::display_bytes(l));
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The Alpine minirootfs fixture, fetched when missing (cached in target/fixtures/, checked
 /// against its pinned sha256, from `OVL_FIXTURE_MIRROR` when set, else from upstream). Always
 /// `Some`: a test that needs it fails with the fetch error (which says what to do) instead of

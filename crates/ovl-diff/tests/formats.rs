@@ -462,6 +462,89 @@ fn redirect_dir_and_metacopy_from_a_real_mount() {
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
 
+/// A PAX record `LEN KEY=VALUE\n` (LEN counts itself).
+fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let body = [b" ", key, b"=", value, b"\n"].concat();
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len = len.to_string().len() + body.len();
+    }
+    [len.to_string().as_bytes(), &body].concat()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An upper file's xattrs whose names are not UTF-8 are exported as GNU tar writes them: the
+/// same `SCHILY.xattr.<name bytes>` records and no `hdrcharset` (GNU tar writes none for an
+/// xattr name), which GNU tar reads back to the same names and values (`getfattr`); an escaped
+/// one (`user.overlay.overlay.<bytes>`) is unescaped. Failed before: ovl-diff dropped them
+/// silently.
+#[test]
+fn xattr_names_that_are_not_utf8_are_exported_as_gnu_tar_writes_them() {
+    if !require(
+        "getfattr (package attr)",
+        ovl_tests::which("getfattr").is_some(),
+    ) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let set = |p: &Path, n: &[u8], v: &[u8]| {
+        xattr::set(p, std::ffi::OsStr::from_bytes(n), v).unwrap();
+    };
+    let u = t.path().join("upper");
+    std::fs::create_dir(&u).unwrap();
+    std::fs::write(u.join("f"), b"hi").unwrap();
+    set(&u.join("f"), b"user.\xff\xfe", b"1");
+    set(&u.join("f"), b"user.ok", b"2");
+    set(&u.join("f"), b"user.overlay.overlay.\xfd", b"\x003");
+    // The file as the layer must carry it, archived by GNU tar.
+    let r = t.path().join("ref");
+    std::fs::create_dir(&r).unwrap();
+    std::fs::write(r.join("f"), b"hi").unwrap();
+    set(&r.join("f"), b"user.\xff\xfe", b"1");
+    set(&r.join("f"), b"user.ok", b"2");
+    set(&r.join("f"), b"user.overlay.\xfd", b"\x003");
+    let gnu = run_ok(
+        Command::new("tar")
+            .args(["--format=pax", "--xattrs", "--xattrs-include=*", "-cf", "-"])
+            .arg("-C")
+            .arg(&r)
+            .arg("f"),
+    );
+    let ours = layer_of(&u, &[]);
+    for (k, v) in [
+        (&b"SCHILY.xattr.user.\xff\xfe"[..], &b"1"[..]),
+        (b"SCHILY.xattr.user.ok", b"2"),
+        (b"SCHILY.xattr.user.overlay.\xfd", b"\x003"),
+    ] {
+        let rec = pax_record(k, v);
+        assert!(contains(&gnu, &rec), "GNU tar wrote no {rec:?}");
+        assert!(contains(&ours, &rec), "ovl-diff wrote no {rec:?}");
+    }
+    assert!(!contains(&gnu, b"hdrcharset"), "GNU tar writes hdrcharset");
+    assert!(
+        !contains(&ours, b"hdrcharset"),
+        "ovl-diff writes hdrcharset"
+    );
+
+    let layer = t.path().join("layer.tar");
+    std::fs::write(&layer, &ours).unwrap();
+    let out = t.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    run_ok(
+        Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "-xf"])
+            .arg(&layer)
+            .arg("-C")
+            .arg(&out),
+    );
+    let want = ovl_tests::getfattr(&r, &[b"f"]);
+    assert!(want.contains("user.\\xff\\xfe=0x31"), "{want}");
+    assert_eq!(ovl_tests::getfattr(&out, &[b"f"]), want);
+}
+
 /// The same upper gives the same bytes for every compression and thread count;
 /// SOURCE_DATE_EPOCH clamps mtimes.
 #[test]

@@ -3,7 +3,7 @@
 //!
 //! A tree has files of every size (empty, around the 512-byte block, up to 200 KiB, and sparse
 //! ones with holes of up to 8 MiB), hardlinks, symlinks, fifos, names over 100 bytes and paths
-//! over 255 bytes, non-UTF-8 names, binary xattrs (NUL and newline bytes), setuid/setgid/sticky
+//! over 255 bytes, non-UTF-8 names, binary xattrs (NUL and newline bytes; names not always UTF-8), setuid/setgid/sticky
 //! modes, owners and nanosecond mtimes. Each tree is archived in one of GNU tar's formats: PAX,
 //! GNU, and with `--sparse` PAX 0.0, 0.1, 1.0 and GNU. A fixed seed and 32 cases by default
 //! (it runs in every CI); `OVL_PROPTEST_CASES=N` runs N. Needs root (owners, xattrs) and GNU tar.
@@ -53,7 +53,7 @@ struct Node {
     uid: u32,
     gid: u32,
     mtime: (i64, u32),
-    xattrs: Vec<(String, Vec<u8>)>,
+    xattrs: Vec<ovl_layer::Xattr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -128,10 +128,12 @@ fn content(big: bool) -> impl Strategy<Value = (Vec<(u64, Vec<u8>)>, u64)> {
     ]
 }
 
-fn xattrs() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+fn xattrs() -> impl Strategy<Value = Vec<ovl_layer::Xattr>> {
     prop::collection::vec(
         (
-            "[a-z]{1,8}".prop_map(|s| format!("user.{s}")),
+            // Names are bytes: GNU tar keeps one that is not UTF-8 as it is.
+            prop::collection::vec(prop_oneof![3 => b'a'..=b'z', 1 => 0x80u8..=0xff], 1..8)
+                .prop_map(|s| [b"user.".as_slice(), &s].concat()),
             prop::collection::vec(prop_oneof![Just(0u8), Just(b'\n'), any::<u8>()], 0..64),
         ),
         0..3,
@@ -255,7 +257,7 @@ fn apply(p: &Path, n: &Node) {
     // user.* xattrs exist on files and directories only.
     if matches!(n.kind, Kind::File { .. } | Kind::Dir) {
         for (k, v) in &n.xattrs {
-            xattr::set(p, k, v).unwrap();
+            xattr::set(p, OsStr::from_bytes(k), v).unwrap();
         }
     }
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(n.mode)).unwrap();

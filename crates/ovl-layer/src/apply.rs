@@ -405,6 +405,19 @@ mod tests {
         }
     }
 
+    /// A step names its xattr with its bytes escaped: a name need not be UTF-8 (or printable).
+    #[test]
+    fn steps_escape_xattr_names() {
+        assert_eq!(
+            Step::SetXattr(b"user.\xff\x1b[2J".to_vec()).to_string(),
+            "set xattr user.\\xff\\x1b[2J"
+        );
+        assert_eq!(
+            Step::RemoveXattr(b"user.ok".to_vec()).to_string(),
+            "remove xattr user.ok"
+        );
+    }
+
     /// By name: a symlink keeps its target's mode untouched and gets its own times; a file
     /// gets everything, and `Exact` removes a content xattr it does not list but keeps the
     /// overlay's own.

@@ -3,7 +3,7 @@
 //! Owns the byte format of every layer ovl writes, so the same input always gives the same
 //! bytes: ustar headers with PAX extended headers where ustar falls short (a `path` or
 //! `linkpath` longer than 100 bytes or not UTF-8, ns mtimes, sizes and ids too large for octal,
-//! `SCHILY.xattr.*` for xattrs), empty uname/gname, no atime/ctime, PAX header names that do
+//! `SCHILY.xattr.<name bytes>` for xattrs), empty uname/gname, no atime/ctime, PAX header names that do
 //! not depend on a pid, sparse files as GNU PAX sparse 1.0 (what GNU tar, bsdtar, Go's
 //! archive/tar and our extractor read), and mtimes clamped to `SOURCE_DATE_EPOCH` when asked.
 //! The sha256 of everything written is the layer's diffID.
@@ -276,6 +276,8 @@ impl<W: Write> TarWriter<W> {
         if u64::from(e.gid) > OCTAL_7 {
             pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
         }
+        // The name as its bytes, whether UTF-8 or not, and no `hdrcharset` for it: what GNU tar
+        // writes (POSIX's hdrcharset speaks of path, linkpath, uname and gname only).
         for (k, v) in e.xattrs {
             let key = [b"SCHILY.xattr.", k.as_slice()].concat();
             pax_record(&mut pax, &key, v);
@@ -741,6 +743,43 @@ mod tests {
     }
 
     /// Every kind of entry, read back by tar-rs (which our extractor uses) and by GNU tar.
+    #[test]
+    fn xattr_names_are_bytes_in_their_records() {
+        // What GNU tar 1.34 writes for these (`tar --xattrs --xattrs-include='*'`): the name's
+        // bytes as they are and no `hdrcharset`, which POSIX defines for path, linkpath, uname
+        // and gname only.
+        let xattrs = vec![
+            (b"user.ok".to_vec(), b"2".to_vec()),
+            (b"user.\xff\xfe".to_vec(), b"1".to_vec()),
+        ];
+        let mut e = entry(b"f", TarKind::File { size: 0 });
+        e.xattrs = &xattrs;
+        let mut w = TarWriter::new(Vec::new(), TarOptions::default());
+        w.append(&e, Data::None).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let want = b"26 SCHILY.xattr.user.ok=2\n26 SCHILY.xattr.user.\xff\xfe=1\n";
+        assert_eq!(&bytes[512..512 + want.len()], want);
+        assert_eq!(bytes[512 + want.len()], 0, "no other record");
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut ent = ar.entries().unwrap().next().unwrap().unwrap();
+        let read: Vec<(Vec<u8>, Vec<u8>)> = ent
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|p| {
+                let p = p.unwrap();
+                (p.key_bytes().to_vec(), p.value_bytes().to_vec())
+            })
+            .collect();
+        assert_eq!(
+            read,
+            [
+                (b"SCHILY.xattr.user.ok".to_vec(), b"2".to_vec()),
+                (b"SCHILY.xattr.user.\xff\xfe".to_vec(), b"1".to_vec()),
+            ]
+        );
+    }
+
     #[test]
     fn round_trips_through_tar_readers() {
         let long = vec![b'n'; 150];

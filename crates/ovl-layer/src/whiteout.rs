@@ -321,6 +321,19 @@ mod tests {
             b"user.overlay.overlay.x".as_slice()
         );
         assert_eq!(escape_xattr(b"user.foo"), b"user.foo".as_slice());
+        // Names are bytes: one that is not UTF-8 is escaped and classified all the same.
+        assert_eq!(
+            escape_xattr(b"trusted.overlay.\xff"),
+            b"trusted.overlay.overlay.\xff".as_slice()
+        );
+        assert_eq!(
+            classify_upper_xattr(b"user.overlay.overlay.\xfe"),
+            UpperXattr::Keep(Cow::Borrowed(b"user.overlay.\xfe".as_slice()))
+        );
+        assert_eq!(
+            classify_upper_xattr(b"user.overlay.\xfe"),
+            UpperXattr::Private
+        );
         assert_eq!(
             classify_upper_xattr(b"trusted.overlay.origin"),
             UpperXattr::Private
