@@ -3,9 +3,10 @@
 //! Owns the byte format of every layer ovl writes, so the same input always gives the same
 //! bytes: ustar headers with PAX extended headers where ustar falls short (a `path` or
 //! `linkpath` longer than 100 bytes or not UTF-8, ns mtimes, sizes and ids too large for octal,
-//! `SCHILY.xattr.<name bytes>` for xattrs), empty uname/gname, no atime/ctime, PAX header names that do
-//! not depend on a pid, sparse files as GNU PAX sparse 1.0 (what GNU tar, bsdtar, Go's
-//! archive/tar and our extractor read), and mtimes clamped to `SOURCE_DATE_EPOCH` when asked.
+//! `SCHILY.xattr.<name bytes>` for xattrs), empty uname/gname, no atime/ctime, PAX header
+//! names that do not depend on a pid, sparse files as GNU PAX sparse 1.0 (what GNU tar,
+//! bsdtar, Go's archive/tar and our extractor read), and mtimes clamped to
+//! `SOURCE_DATE_EPOCH` when asked.
 //! The sha256 of everything written is the layer's diffID.
 //!
 //! The order of entries is the caller's (see [`crate::upper`]); this module writes one entry
@@ -742,7 +743,7 @@ mod tests {
         assert!(err.to_string().contains("shrank"), "{err}");
     }
 
-    /// Every kind of entry, read back by tar-rs (which our extractor uses) and by GNU tar.
+    /// Xattr names are written as their bytes, UTF-8 or not.
     #[test]
     fn xattr_names_are_bytes_in_their_records() {
         // What GNU tar 1.34 writes for these (`tar --xattrs --xattrs-include='*'`): the name's
@@ -780,6 +781,7 @@ mod tests {
         );
     }
 
+    /// Every kind of entry, read back by tar-rs (which our extractor uses) and by GNU tar.
     #[test]
     fn round_trips_through_tar_readers() {
         let long = vec![b'n'; 150];
