@@ -351,6 +351,35 @@ pub fn output(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
+/// For a test that changes its whole process (a seccomp filter, a resource limit, a
+/// once-per-process switch): `None` in the test run itself, after running the test `name`
+/// (its full path, `module::tests::name`) again in a child process of this test binary with
+/// `var=case` for each of `cases`, each of which must pass (a child's skip message is shown);
+/// `Some(case)` inside such a child, which then does the work.
+pub fn in_child_process(name: &str, var: &str, cases: &[&str]) -> Option<String> {
+    if let Some(case) = std::env::var_os(var) {
+        return Some(case.to_string_lossy().into_owned());
+    }
+    for case in cases {
+        let out = Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", name, "--test-threads=1"])
+            .env(var, case)
+            .output()
+            .expect("run the test binary again");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{case}: the child failed:\n{text}");
+        assert!(
+            text.contains("1 passed"),
+            "{case}: the child ran no test:\n{text}"
+        );
+        if text.contains("SKIPPED") {
+            eprintln!("{text}");
+        }
+    }
+    None
+}
+
 /// Assert a command succeeded, showing its stderr when not; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     let out = output(cmd);

@@ -716,16 +716,7 @@ mod tests {
     #[test]
     fn a_pool_with_threads_raises_the_soft_open_file_limit() {
         use rustix::process::{Resource, getrlimit, setrlimit};
-        if std::env::var_os(CHILD).is_none() {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", NAME, "--test-threads=1"])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "the child failed:\n{text}");
-            assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        if ovl_tests::in_child_process(NAME, CHILD, &["1"]).is_none() {
             return;
         }
         let mut limit = getrlimit(Resource::Nofile);
@@ -733,16 +724,7 @@ mod tests {
         assert!(hard > 64, "hard limit {hard}");
         limit.current = Some(64);
         setrlimit(Resource::Nofile, limit).unwrap();
-        let policy = MetaPolicy {
-            opts: crate::extract::ExtractOptions {
-                opaque_ns: crate::whiteout::XattrNs::User,
-                owners: crate::extract::OwnerPolicy::Record,
-                shift: None,
-                writers: 2,
-            },
-            creator: None,
-        };
-        let mut pool = Writers::new(2, policy).unwrap();
+        let mut pool = Writers::new(2, policy()).unwrap();
         pool.finish().map_err(|(_, e)| e).unwrap();
         assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
     }

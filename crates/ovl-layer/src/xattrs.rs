@@ -346,25 +346,11 @@ mod tests {
     fn calls_a_seccomp_filter_refuses_fall_back_to_the_proc_path() {
         const LISTXATTRAT: u32 = 465;
         const GETXATTRAT: u32 = 464;
-        let Some(case) = std::env::var_os(CHILD) else {
-            for case in ["both-ENOSYS", "both-EPERM", "get-EPERM"] {
-                let out = std::process::Command::new(std::env::current_exe().unwrap())
-                    .args(["--exact", NAME, "--test-threads=1"])
-                    .env(CHILD, case)
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                    + &String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "{case}: the child failed:\n{text}");
-                assert!(text.contains("1 passed"), "{case}: no test ran:\n{text}");
-                if text.contains("SKIPPED") {
-                    eprintln!("{text}");
-                    return;
-                }
-            }
+        let cases = ["both-ENOSYS", "both-EPERM", "get-EPERM"];
+        let Some(case) = ovl_tests::in_child_process(NAME, CHILD, &cases) else {
             return;
         };
-        let (refused, errno): (&[u32], i32) = match case.to_str().unwrap() {
+        let (refused, errno): (&[u32], i32) = match case.as_str() {
             "both-ENOSYS" => (&[LISTXATTRAT, GETXATTRAT], libc::ENOSYS),
             "both-EPERM" => (&[LISTXATTRAT, GETXATTRAT], libc::EPERM),
             "get-EPERM" => (&[GETXATTRAT], libc::EPERM),
