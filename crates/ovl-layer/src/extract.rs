@@ -1091,28 +1091,11 @@ impl Extractor<'_> {
                 )
                 .map_err(|e| entry_err(&raw, e))?
             } else {
-                // A later entry may have replaced the directory, or a parent of it (even by a
-                // symlink to another directory): its metadata went with it, and must not land
-                // on whatever the path leads to now.
-                let Ok(leaf) = self.root.leaf(&d.path, false) else {
-                    continue;
-                };
-                match leaf.open_dir() {
-                    Ok(fd) => fd,
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
-                        ) =>
-                    {
-                        continue;
-                    }
-                    Err(e) => return Err(entry_err(&raw, e)),
+                match dir_made_at(self.root, &d.path, d.id)? {
+                    Some(fd) => fd,
+                    None => continue,
                 }
             };
-            if dir_id(&fd).map_err(|e| entry_err(&raw, e))? != d.id {
-                continue;
-            }
             let how = How {
                 owner: Owner::Leave,
                 owner_now: None,
@@ -1176,6 +1159,33 @@ fn owner_id(raw: &[u8], what: &str, id: u64) -> Result<u32, ExtractError> {
 fn dir_id(fd: &impl AsFd) -> io::Result<(u64, u64)> {
     let st = rustix::fs::fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
+}
+
+/// The directory made at `path` (its [`dir_id`] was `id`), if it is still there. A later
+/// entry may have replaced it, or a parent of it (even by a symlink to another directory):
+/// metadata deferred for it went with it, and must not land on whatever the path leads to now.
+fn dir_made_at(
+    root: &Root,
+    path: &LayerPath,
+    id: (u64, u64),
+) -> Result<Option<OwnedFd>, ExtractError> {
+    let raw = path.as_bytes();
+    let Ok(leaf) = root.leaf(path, false) else {
+        return Ok(None);
+    };
+    let fd = match leaf.open_dir() {
+        Ok(fd) => fd,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(entry_err(raw, e)),
+    };
+    Ok((dir_id(&fd).map_err(|e| entry_err(raw, e))? == id).then_some(fd))
 }
 
 pub(crate) fn apply_err(raw: &[u8], e: ApplyError) -> ExtractError {

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::fs::{FileType, Mode, OFlags};
 
-use super::{ExtractError, ExtractOptions, ExtractStats, Extractor, dir_id, entry_err};
+use super::{
+    ExtractError, ExtractOptions, ExtractStats, Extractor, dir_id, dir_made_at, entry_err,
+};
 use crate::apply::{Perms, Target};
 use crate::path::LayerPath;
 use crate::root::{Leaf, Root};
@@ -245,24 +247,9 @@ impl Pending {
         for (path, id) in &d.implicit {
             let raw = path.as_bytes();
             // As for the directories' deferred metadata: only on the directory made.
-            let Ok(leaf) = root.leaf(path, false) else {
+            let Some(fd) = dir_made_at(root, path, *id)? else {
                 continue;
             };
-            let fd = match leaf.open_dir() {
-                Ok(fd) => fd,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(entry_err(raw, e)),
-            };
-            if dir_id(&fd).map_err(|e| entry_err(raw, e))? != *id {
-                continue;
-            }
             let meta = ex.implicit_meta(path, raw)?;
             // Files made below the directory would have inherited it.
             if meta.xattrs.iter().any(|(n, _)| n == DEFAULT_ACL) {
