@@ -245,11 +245,24 @@ pub fn test_user() -> Option<TestUser> {
 /// The test user for a rootless test: a loud skip (a failure under `OVL_REQUIRE_ALL`) and
 /// `None` when this is not root (needed to set the user up) or the user cannot be had.
 pub fn require_test_user() -> Option<TestUser> {
+    require_user("the unprivileged test user", test_user)
+}
+
+/// [`require_test_user`] for the user without subordinate ids
+/// ([`test_user_without_subids`]).
+pub fn require_test_user_without_subids() -> Option<TestUser> {
+    require_user(
+        "the unprivileged test user without subordinate ids",
+        test_user_without_subids,
+    )
+}
+
+fn require_user(what: &str, get: fn() -> Option<TestUser>) -> Option<TestUser> {
     if !require("root (to set up the unprivileged test user)", is_root()) {
         return None;
     }
-    let user = test_user();
-    if !require("the unprivileged test user", user.is_some()) {
+    let user = get();
+    if !require(what, user.is_some()) {
         return None;
     }
     let user = user?;

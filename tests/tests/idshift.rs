@@ -1085,6 +1085,34 @@ fn a_persistent_shifted_mount_made_in_a_chroot_lands_inside_it() {
     );
 }
 
+/// `lower` under `b`'s upper (owned by `root`, the container root's host id) mounted on its
+/// merged directory, with the overlay options `opts`.
+fn box_overlay(
+    lower: &Path,
+    b: &Box,
+    root: u32,
+    opts: &str,
+) -> Result<ovl_tests::stack::Mount, String> {
+    for d in [&b.upper, &b.work] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    rustix::fs::chown(
+        &b.upper,
+        Some(rustix::fs::Uid::from_raw(root)),
+        Some(rustix::fs::Gid::from_raw(root)),
+    )
+    .unwrap();
+    ovl_tests::stack::Mount::overlay(
+        &format!(
+            "lowerdir={},upperdir={},workdir={},{opts}",
+            lower.display(),
+            b.upper.display(),
+            b.work.display()
+        ),
+        &b.merged,
+    )
+}
+
 fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOverlay {
     let at = b.merged.with_file_name("idlower");
     std::fs::create_dir_all(&at).unwrap();
@@ -1093,26 +1121,8 @@ fn idmapped_overlay(lower: &Path, b: &Box, map: &str, opts: &str) -> IdmappedOve
     let ns = ovl_layer::UsernsFd::new(&maps).unwrap();
     let tree = ovl_layer::idmapped_clone(lower, &ns).unwrap();
     ovl_layer::attach_idmapped(&tree, &at).unwrap();
-    for d in [&b.upper, &b.work] {
-        std::fs::create_dir_all(d).unwrap();
-    }
     let root = maps.uid.to_host(0).unwrap();
-    rustix::fs::chown(
-        &b.upper,
-        Some(rustix::fs::Uid::from_raw(root)),
-        Some(rustix::fs::Gid::from_raw(root)),
-    )
-    .unwrap();
-    let overlay = ovl_tests::stack::Mount::overlay(
-        &format!(
-            "lowerdir={},upperdir={},workdir={},{opts}",
-            at.display(),
-            b.upper.display(),
-            b.work.display()
-        ),
-        &b.merged,
-    );
-    match overlay {
+    match box_overlay(&at, b, root, opts) {
         Ok(o) => IdmappedOverlay { _overlay: o, at },
         Err(e) => {
             let _ = Command::new("umount").arg("-l").arg(&at).status();
@@ -1259,27 +1269,7 @@ fn redirect_dir_and_metacopy_uppers_map_back() {
                     .current_dir(&b.merged),
             );
         } else {
-            for d in [&b.upper, &b.work] {
-                std::fs::create_dir_all(d).unwrap();
-            }
-            if base != 0 {
-                rustix::fs::chown(
-                    &b.upper,
-                    Some(rustix::fs::Uid::from_raw(base)),
-                    Some(rustix::fs::Gid::from_raw(base)),
-                )
-                .unwrap();
-            }
-            let _m = ovl_tests::stack::Mount::overlay(
-                &format!(
-                    "lowerdir={},upperdir={},workdir={},{opts}",
-                    lower.display(),
-                    b.upper.display(),
-                    b.work.display()
-                ),
-                &b.merged,
-            )
-            .unwrap();
+            let _m = box_overlay(&lower, &b, base, opts).unwrap();
             run_ok(
                 Command::new("/bin/sh")
                     .args(["-c", &script])

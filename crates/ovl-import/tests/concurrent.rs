@@ -500,11 +500,7 @@ fn layers_that_depend_on_lower_layers_import_concurrently_as_in_turn() {
 /// implicit directory or a lower hardlink's copy takes from a lower layer.
 #[test]
 fn rootless_recorded_owners_agree_whatever_the_jobs() {
-    if !require("root (to set up the unprivileged test user)", is_root()) {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user_without_subids() else {
-        require("the unprivileged test user without subordinate ids", false);
+    let Some(user) = ovl_tests::require_test_user_without_subids() else {
         return;
     };
     let t = ovl_tests::user_tempdir(&user);

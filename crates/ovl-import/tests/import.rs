@@ -812,11 +812,7 @@ fn rootless_with_subordinate_ids_keeps_owners_through_the_map() {
 
 #[test]
 fn rootless_without_subordinate_ids_records_owners_in_the_rootlesscontainers_xattr() {
-    if !require("root (to set up the unprivileged test user)", is_root()) {
-        return;
-    }
-    let Some(user) = ovl_tests::test_user_without_subids() else {
-        require("the unprivileged test user without subordinate ids", false);
+    let Some(user) = ovl_tests::require_test_user_without_subids() else {
         return;
     };
     let t = ovl_tests::user_tempdir(&user);
